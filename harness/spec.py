@@ -1,0 +1,191 @@
+"""The experiment spec: one YAML file a user writes, validated before anything runs.
+
+Every model forbids unknown keys, so a typo is an error rather than a silently
+ignored setting. `load()` turns pydantic's errors into one line that names the
+file, the line and the field (`quickstart.yaml:12: lora[1].r: ...`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness import quant
+from harness.errors import SpecError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseRef(Strict):
+    """Where the base model comes from; exactly one of the source keys."""
+
+    model: str | None = Field(None, description="a bundled model name, e.g. smollm2-135m")
+    hf: str | None = Field(None, description="a Hugging Face repo id, read from the local HF cache")
+    path: Path | None = Field(None, description="a local Hugging Face model folder")
+    gguf: Path | None = Field(None, description="a GGUF file, dequantized for training (lossy)")
+    revision: str | None = Field(None, description="HF revision (with hf:)")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseRef:
+        given = [k for k in ("model", "hf", "path", "gguf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of model, hf, path or gguf"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class DataSpec(Strict):
+    """Training data: the built-in seeded arithmetic task or a JSONL file of your own."""
+
+    task: Literal["arithmetic"] | None = None
+    train: Path | None = Field(
+        None, description="JSONL of chat ({messages}) or prompt/completion rows"
+    )
+    n_train: int = Field(400, gt=0)
+    n_eval: int = Field(100, gt=0)
+    seed: int = 1
+    system: str | None = Field(None, description="system prompt added to every training example")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.task is None) == (self.train is None):
+            raise ValueError("give exactly one of task or train")
+        return self
+
+
+class TrainSpec(Strict):
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_seq_len: int = Field(256, gt=8)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware has bf16 units, else fp32"
+    )
+
+
+class LoraSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    def settings(self) -> dict[str, Any]:
+        """What the adapter depends on: everything but its display name."""
+        return self.model_dump(mode="json", exclude={"name"})
+
+
+class TrackingSpec(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins")
+
+
+class Spec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    base: BaseRef
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    lora: list[LoraSpec] = Field(min_length=1)
+    quant: list[str] = Field(min_length=1)
+    control: bool = Field(True, description="also run the untuned base at every quant level")
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("quant")
+    @classmethod
+    def _known_levels(cls, levels: list[str]) -> list[str]:
+        canonical = [quant.check(level) for level in levels]
+        dupes = sorted({lv for lv in canonical if canonical.count(lv) > 1})
+        if dupes:
+            raise ValueError(f"quant level listed twice: {', '.join(dupes)}")
+        return canonical
+
+    @field_validator("lora")
+    @classmethod
+    def _unique_names(cls, loras: list[LoraSpec]) -> list[LoraSpec]:
+        names = [lo.name for lo in loras]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"LoRA name used twice: {', '.join(dupes)}; names must be unique")
+        return loras
+
+
+def load(path: Path | str) -> Spec:
+    """Read and validate a spec; relative paths in it are taken from the spec's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}:1: a spec is a YAML mapping with name, base, data, lora and quant")
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        message = err["msg"].removeprefix("Value error, ")
+        raise SpecError(
+            f"{path}:{_line_of(root, loc)}: {_dotted(loc) or 'spec'}: {message}{more}"
+        ) from None
+    return _resolve_paths(spec, path.parent)
+
+
+def _resolve_paths(spec: Spec, folder: Path) -> Spec:
+    def absolute(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (folder / p).resolve()
+
+    base = spec.base.model_copy(
+        update={"path": absolute(spec.base.path), "gguf": absolute(spec.base.gguf)}
+    )
+    data = spec.data.model_copy(update={"train": absolute(spec.data.train)})
+    return spec.model_copy(update={"base": base, "data": data})
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int:
+    """The 1-based line of the deepest YAML node that `loc` reaches."""
+    line = node.start_mark.line + 1 if node else 1
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            child = next((v for k, v in node.value if k.value == part), None)
+            if child is None:  # unknown key: point at the key itself
+                child = next((k for k, _ in node.value if k.value == part), None)
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            child = node.value[part]
+        if child is None:
+            break
+        node, line = child, child.start_mark.line + 1
+    return line

@@ -1,0 +1,204 @@
+"""train: base + data + one LoRA config -> a peft adapter (safetensors) and its training curve.
+
+Spec keys: `data.*`, `train.*` and one entry of `lora:`.
+
+Built on the transformers `Trainer` rather than TRL's `SFTTrainer`: the only
+SFT feature needed is a loss on the assistant's answer alone, and that is a
+label mask computed here from the model's own chat template (TRL does it only
+for templates carrying `{% generation %}` markers, which most do not). The
+Trainer brings seeding, gradient accumulation, schedulers, mixed precision and
+checkpointing without another dependency.
+
+Speed: batches are grouped by length (less padding) and, where the hardware
+has bf16 units (any CUDA GPU; CPUs with AVX512-BF16 or AMX), the forward and
+backward passes run under bf16 autocast while the weights and optimizer stay
+in fp32. `precision: fp32` turns that off.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from harness import data as datasets
+from harness.errors import StageError
+from harness.stages import Progress
+
+
+def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: Progress) -> dict:
+    train, lora = settings["train"], settings["lora"]
+    base_dir = inputs["base"] / "model"
+    trust = settings["trust_remote_code"]
+    progress("loading the base model", None)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
+    examples = tokenize(tokenizer, datasets.training_set(settings["data"]), train["max_seq_len"])
+
+    torch.manual_seed(train["seed"])
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, trust_remote_code=trust
+    )
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            bias=lora["bias"],
+            task_type="CAUSAL_LM",
+        ),
+    )
+    trainable, total = model.get_nb_trainable_parameters()
+
+    bf16 = use_bf16(train["precision"])
+    collate = Collator(
+        pad_id=tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id
+    )
+    curve = Curve(progress)
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        num_train_epochs=train["epochs"],
+        learning_rate=train["lr"],
+        per_device_train_batch_size=train["batch_size"],
+        gradient_accumulation_steps=train["grad_accum"],
+        warmup_steps=train["warmup_ratio"],
+        weight_decay=train["weight_decay"],
+        seed=train["seed"],
+        data_seed=train["seed"],
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=[curve]
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes through `progress`, not print
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+
+    model.save_pretrained(out / "adapter")
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    if not curve.points or not all(math.isfinite(loss) for _, loss in curve.points):
+        raise StageError("training produced no finite loss; lower train.lr or check the data")
+    return {
+        "train_examples": len(examples),
+        "train_tokens": collate.tokens,
+        "train_padding_fraction": round(
+            collate.padding / max(1, collate.tokens + collate.padding), 4
+        ),
+        "train_seconds": round(seconds, 2),
+        "train_tokens_per_s": round(collate.tokens / seconds, 1),
+        "train_final_loss": curve.points[-1][1],
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_bf16": int(bf16),
+        "loss_curve": curve.points,
+    }
+
+
+def tokenize(tokenizer, conversations: list, max_seq_len: int) -> list[dict[str, list[int]]]:
+    """Token ids with labels only on the final assistant turn (-100 elsewhere).
+
+    The prompt part is the template rendered up to the generation prompt; it
+    must be a prefix of the full rendering, which holds for every sane chat
+    template, and is checked because a template that breaks it would silently
+    train on the wrong tokens.
+    """
+    if not tokenizer.chat_template:
+        raise StageError("the base model's tokenizer has no chat template; use an instruct model")
+    examples = []
+    for conversation in conversations:
+        prompt = _ids(tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True))
+        full = _ids(tokenizer.apply_chat_template(conversation))
+        if full[: len(prompt)] != prompt:
+            raise StageError(
+                "the chat template renders the prompt differently inside the full "
+                "conversation; cannot mask the loss to the answer"
+            )
+        full = full[:max_seq_len]
+        labels = ([-100] * len(prompt) + full[len(prompt) :])[:max_seq_len]
+        if all(label == -100 for label in labels):
+            raise StageError(f"an example's prompt is longer than train.max_seq_len={max_seq_len}")
+        examples.append({"input_ids": full, "labels": labels})
+    return examples
+
+
+def _ids(rendered) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True)
+    return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+
+
+def use_bf16(precision: str) -> bool:
+    if precision != "auto":
+        return precision == "bf16"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class Collator:
+    """Pads a batch to its longest example and counts real vs padding tokens."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.tokens = 0
+        self.padding = 0
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict:
+        width = max(len(ex["input_ids"]) for ex in batch)
+        ids, labels, mask = [], [], []
+        for ex in batch:
+            pad = width - len(ex["input_ids"])
+            ids.append(ex["input_ids"] + [self.pad_id] * pad)
+            labels.append(ex["labels"] + [-100] * pad)
+            mask.append([1] * len(ex["input_ids"]) + [0] * pad)
+            self.tokens += len(ex["input_ids"])
+            self.padding += pad
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "attention_mask": torch.tensor(mask),
+        }
+
+
+class Curve(TrainerCallback):
+    """Records (step, loss) at every logging step and reports progress."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.points: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.points.append((state.global_step, float(logs["loss"])))
+            self.progress(
+                f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.3f}",
+                state.global_step / max(1, state.max_steps),
+            )

@@ -1,0 +1,112 @@
+"""A content-addressed store of stage outputs.
+
+A stage's output folder is named by its key, the hash of everything the output
+depends on (stage name, its settings, its inputs' keys and the versions of the
+tools it runs). A folder is built under a temporary name and renamed into place
+only when complete, with its manifest written last, so a folder that exists is
+a finished output and a crash leaves nothing that could be mistaken for one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+DEFAULT_ROOT = Path(".forgebench") / "store"
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """One stage applied to its settings and inputs: the unit the store caches."""
+
+    stage: str
+    settings: dict[str, Any]
+    inputs: dict[str, StageCall] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def key(self) -> str:
+        payload = {
+            "stage": self.stage,
+            "settings": self.settings,
+            "inputs": {name: call.key for name, call in sorted(self.inputs.items())},
+            "versions": self.versions,
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:20]
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StageCall) and other.key == self.key
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Store:
+    def __init__(self, root: Path | str = DEFAULT_ROOT):
+        self.root = Path(root).absolute()
+
+    def path(self, call: StageCall) -> Path:
+        return self.root / call.stage / call.key
+
+    def has(self, call: StageCall) -> bool:
+        return (self.path(call) / MANIFEST).is_file()
+
+    def manifest(self, call: StageCall) -> dict[str, Any]:
+        return json.loads((self.path(call) / MANIFEST).read_text())
+
+    @contextmanager
+    def building(self, call: StageCall) -> Iterator[Path]:
+        """Yield an empty temporary folder; on success it becomes the call's output.
+
+        The manifest records the inputs, a sha256 of every output file, the
+        time taken and the versions used; it is written last, inside the
+        temporary folder, and the folder is renamed into place atomically.
+        """
+        final = self.path(call)
+        tmp = final.parent / f".tmp-{call.key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        started = time.time()
+        try:
+            yield tmp
+            manifest = {
+                "stage": call.stage,
+                "key": call.key,
+                "settings": call.settings,
+                "inputs": {name: dep.key for name, dep in call.inputs.items()},
+                "versions": call.versions,
+                "seconds": round(time.time() - started, 3),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "outputs": {
+                    str(p.relative_to(tmp)): sha256_file(p)
+                    for p in sorted(tmp.rglob("*"))
+                    if p.is_file()
+                },
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            if final.exists():  # a concurrent builder finished first; theirs is as good
+                shutil.rmtree(tmp)
+            else:
+                os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

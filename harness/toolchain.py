@@ -1,0 +1,137 @@
+"""The llama.cpp toolchain: one revision for converter, quantizer and runtime.
+
+A GGUF written by one llama.cpp revision and read by another can differ in
+tokenizer handling and tensor layout, so the converter is taken from the very
+llama.cpp tree that the installed llama-cpp-python was built from: its source
+distribution carries that tree (`vendor/llama.cpp`). `ensure_source()` fetches
+that source distribution once with pip into a per-version cache folder. Users
+with their own matching llama.cpp checkout point `FORGEBENCH_LLAMA_CPP` at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from harness.errors import ForgebenchError
+
+PACKAGE = "llama-cpp-python"
+CONVERTER = "convert_hf_to_gguf.py"
+
+
+def runtime_version() -> str:
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise ForgebenchError(
+            f"{PACKAGE} is not installed; install forgebench with its dependencies "
+            "(see the README: tox -e quickstart does it for you)"
+        ) from None
+
+
+def cache_root() -> Path:
+    if "FORGEBENCH_CACHE" in os.environ:
+        return Path(os.environ["FORGEBENCH_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "forgebench"
+
+
+def source_dir() -> Path:
+    """Where the llama.cpp tree is (or will be once `ensure_source` ran)."""
+    if own := os.environ.get("FORGEBENCH_LLAMA_CPP"):
+        return Path(own)
+    return cache_root() / "llama.cpp" / f"{PACKAGE}-{runtime_version()}"
+
+
+def revision() -> str:
+    """A name for the llama.cpp revision, recorded in stage keys and lineage.
+
+    The source distribution carries no git metadata, so the vendored tree is
+    named by the llama-cpp-python release that pins it.
+    """
+    if own := os.environ.get("FORGEBENCH_LLAMA_CPP"):
+        head = _git_head(Path(own))
+        return f"llama.cpp@{head}" if head else f"llama.cpp@{own}"
+    return f"llama.cpp vendored in {PACKAGE}=={runtime_version()}"
+
+
+def _git_head(folder: Path) -> str | None:
+    if not (folder / ".git").exists() or shutil.which("git") is None:
+        return None
+    done = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or None
+
+
+def converter() -> Path:
+    path = ensure_source() / CONVERTER
+    if not path.is_file():
+        raise ForgebenchError(
+            f"{path} is missing: FORGEBENCH_LLAMA_CPP must be a llama.cpp checkout"
+        )
+    return path
+
+
+def converter_sha256() -> str:
+    return hashlib.sha256(converter().read_bytes()).hexdigest()
+
+
+def ensure_source(log=print) -> Path:
+    """Return the llama.cpp tree, fetching the pinned source distribution once."""
+    target = source_dir()
+    if (target / CONVERTER).is_file() or "FORGEBENCH_LLAMA_CPP" in os.environ:
+        return target
+    version = runtime_version()
+    log(f"fetching the llama.cpp source of {PACKAGE}=={version} (once) into {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"{PACKAGE}=={version}",
+                "--dest",
+                tmp,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if done.returncode != 0 or not archives:
+            reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no archive"
+            raise ForgebenchError(
+                f"could not fetch the {PACKAGE}=={version} source distribution with pip "
+                f"({reason}); "
+                "set FORGEBENCH_LLAMA_CPP to a llama.cpp checkout of the same revision instead"
+            )
+        staged = Path(tmp) / "llama.cpp"
+        _extract_vendored_tree(archives[0], staged)
+        if not (staged / CONVERTER).is_file():
+            raise ForgebenchError(f"{archives[0].name} carries no vendor/llama.cpp/{CONVERTER}")
+        os.rename(staged, target)
+    return target
+
+
+def _extract_vendored_tree(archive: Path, dest: Path) -> None:
+    with tarfile.open(archive) as tar:
+        members = []
+        for member in tar.getmembers():
+            parts = Path(member.name).parts
+            if len(parts) > 3 and parts[1:3] == ("vendor", "llama.cpp"):
+                member.name = str(Path(*parts[3:]))
+                members.append(member)
+        tar.extractall(dest, members=members, filter="data")

@@ -1,0 +1,158 @@
+"""MLflow, written to from this module only.
+
+One MLflow experiment per spec name; one parent run per invocation, one child
+run per cell, cached or not, so that every invocation's runs are complete on
+their own. Child runs carry the cell's params (base, lora.*, quant, train.*,
+data.*), its metrics (training curve, throughput, GGUF size, stage times) and
+tags (stage keys, what was cached, lineage, llama.cpp revision); the parent
+carries the spec and the run summary as artifacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness import __version__
+
+if TYPE_CHECKING:
+    from harness.pipeline import Cell, CellResult, RunSummary
+    from harness.spec import Spec
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+PARENT = "mlflow.parentRunId"
+
+
+def tracking_uri(spec: Spec) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or DEFAULT_URI
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Nested settings as MLflow params (`train.lr`, `lora.target_modules`)."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, inner in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else key, inner))
+        return out
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    return {prefix: str(value)}
+
+
+class Experiment:
+    """One invocation of a spec: a parent run and a child run per cell."""
+
+    def __init__(self, spec: Spec, spec_path: Path):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.spec, self.spec_path = spec, spec_path
+        self.uri = tracking_uri(spec)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        existing = self.client.get_experiment_by_name(spec.name)
+        self.experiment_id = (
+            existing.experiment_id if existing else self.client.create_experiment(spec.name)
+        )
+        self.parent_id = ""
+
+    def __enter__(self) -> Experiment:
+        parent = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{self.spec.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            tags={
+                "forgebench.version": __version__,
+                "forgebench.kind": "invocation",
+                "forgebench.spec_path": str(self.spec_path),
+            },
+        )
+        self.parent_id = parent.info.run_id
+        self.client.log_artifact(self.parent_id, str(self.spec_path), "spec")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            status = "KILLED" if exc_type is KeyboardInterrupt else "FAILED"
+            self.client.set_terminated(self.parent_id, status)
+
+    def log_cell(self, cell: Cell, result: CellResult, lineage: dict[str, Any]) -> str:
+        from mlflow.entities import Metric, Param, RunTag
+
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=cell.name,
+            tags={PARENT: self.parent_id, "forgebench.kind": "cell"},
+        )
+        run_id = run.info.run_id
+        params = {"cell": cell.name, "adapter": cell.adapter, "quant": cell.quant}
+        params |= flatten("base", self.spec.base.model_dump(mode="json", exclude_none=True))
+        params |= flatten("data", self.spec.data.model_dump(mode="json", exclude_none=True))
+        if cell.lora is not None:
+            params |= flatten("lora", cell.lora.model_dump(mode="json"))
+            params |= flatten("train", self.spec.train.model_dump(mode="json"))
+        tags = {
+            "forgebench.cell": cell.name,
+            "forgebench.adapter": cell.adapter,
+            "forgebench.quant": cell.quant,
+            "forgebench.status": result.status,
+            "forgebench.llama_cpp": lineage.get("llama_cpp", ""),
+        }
+        tags |= flatten(
+            "forgebench.lineage", {k: v for k, v in lineage.items() if k != "llama_cpp"}
+        )
+        now = int(time.time() * 1000)
+        metrics: list[Metric] = []
+        for stage, outcome in result.stages.items():
+            tags[f"forgebench.key.{stage}"] = outcome.key
+            tags[f"forgebench.cached.{stage}"] = str(outcome.cached).lower()
+            metrics.append(Metric(f"time_{stage}_s", round(outcome.seconds, 3), now, 0))
+            metrics += [
+                Metric(k, float(v), now, 0)
+                for k, v in outcome.metrics.items()
+                if isinstance(v, int | float)
+            ]
+        if result.gguf_bytes is not None:
+            tags["forgebench.gguf"] = result.gguf or ""
+            metrics.append(Metric("gguf_bytes", float(result.gguf_bytes), now, 0))
+            metrics.append(Metric("gguf_mb", round(result.gguf_bytes / 2**20, 2), now, 0))
+        if result.error:
+            tags["forgebench.error"] = result.error[:5000]
+        metrics += [Metric("train_loss", loss, now, step) for step, loss in result_curve(result)]
+        self.client.log_batch(
+            run_id,
+            metrics=metrics,
+            params=[Param(k, v[:6000]) for k, v in params.items()],
+            tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
+        )
+        for stage, outcome in result.stages.items():
+            if outcome.traceback:
+                self.client.log_text(run_id, outcome.traceback, f"errors/{stage}.txt")
+        self.client.set_terminated(run_id, "FINISHED" if result.status == "done" else "FAILED")
+        return run_id
+
+    def finish(self, summary: RunSummary) -> None:
+        record = {
+            "version": 1,
+            "spec": self.spec.model_dump(mode="json"),
+            "summary": dataclasses.asdict(summary),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "run_record.json"
+            path.write_text(json.dumps(record, indent=2, default=str))
+            self.client.log_artifact(self.parent_id, str(path))
+        self.client.set_tag(self.parent_id, "forgebench.failed_cells", str(len(summary.failed)))
+        self.client.set_terminated(self.parent_id, "FAILED" if summary.failed else "FINISHED")
+
+
+def result_curve(result: CellResult) -> list[tuple[int, float]]:
+    train = result.stages.get("train")
+    return [tuple(p) for p in train.metrics.get("loss_curve", [])] if train else []
