@@ -153,10 +153,11 @@ def run(spec: SpecArg, store: StoreOpt = DEFAULT_STORE) -> None:
         summary = pipeline.run(loaded, spec, Store(store), reporter)
     console.print(summary_table(summary))
     work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in pipeline.STAGES)
-    console.print(f"work done: {work}")
+    console.print(f"work done: {work}", soft_wrap=True)
     console.print(
         f"results: [bold]{tracking.ui_command(summary.tracking_uri)}[/]"
-        f" (experiment {summary.experiment!r}, run {summary.parent_run_id})"
+        f" (experiment {summary.experiment!r}, run {summary.parent_run_id})",
+        soft_wrap=True,
     )
     if summary.failed:
         raise ForgebenchError(

