@@ -21,16 +21,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from peft import LoraConfig, get_peft_model
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness import data, pipeline, spec  # noqa: E402
-from harness.stages import resolve as resolve_stage  # noqa: E402
-from harness.stages import train  # noqa: E402
-from harness.store import Store  # noqa: E402
+from harness import data, pipeline, spec
+from harness.stages import train
+from harness.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,11 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def base_model(store: Store) -> Path:
     """The quickstart's resolved base, built into the store if it is not there yet."""
     quickstart = spec.load(ROOT / "experiments" / "quickstart.yaml")
-    resolve = pipeline.plan(quickstart)[0].calls["resolve"]
-    if not store.has(resolve):
-        with store.building(resolve) as out:
-            resolve_stage.run(resolve.settings, {}, out, lambda *_: None)
-    return store.path(resolve)
+    return pipeline.ensure(pipeline.plan(quickstart)[0].calls["resolve"], store, pipeline.Quiet())
 
 
 def plain_loop(base_dir: Path, settings: dict) -> float:
@@ -52,9 +47,15 @@ def plain_loop(base_dir: Path, settings: dict) -> float:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base_dir / "model", dtype=torch.float32)
     lora = settings["lora"]
-    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
-                                             target_modules=lora["target_modules"],
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            target_modules=lora["target_modules"],
+            task_type="CAUSAL_LM",
+        ),
+    )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     collate = train.Collator(pad_id=tokenizer.pad_token_id)
@@ -62,7 +63,7 @@ def plain_loop(base_dir: Path, settings: dict) -> float:
     random.Random(0).shuffle(order)
     batch_size = settings["train"]["batch_size"]
     started = time.perf_counter()
-    for epoch in range(int(settings["train"]["epochs"])):
+    for _epoch in range(int(settings["train"]["epochs"])):
         for i in range(0, len(order), batch_size):
             batch = collate([examples[j] for j in order[i : i + batch_size]])
             loss = model(**batch).loss
@@ -95,16 +96,22 @@ def main() -> None:
         metrics = train.run(settings, {"base": base_dir}, Path(out), lambda *_: None)
     ours = metrics["train_tokens_per_s"]
 
-    table = Table(title=f"training throughput, SmolLM2-135M LoRA r16 ({platform.node()}, "
-                        f"{os.cpu_count()} cores, torch {torch.__version__})")
+    table = Table(
+        title=f"training throughput, SmolLM2-135M LoRA r16 ({platform.node()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__})"
+    )
     table.add_column("loop")
     table.add_column("useful tokens/s", justify="right")
     table.add_column("padding", justify="right")
     table.add_column("ratio", justify="right")
     table.add_row("plain peft + PyTorch, fp32", f"{reference:.0f}", "", "1.00x")
     precision = "bf16 autocast" if metrics["train_bf16"] else "fp32"
-    table.add_row(f"forgebench ({precision}, length-grouped)", f"{ours:.0f}",
-                  f"{metrics['train_padding_fraction']:.1%}", f"{ours / reference:.2f}x")
+    table.add_row(
+        f"forgebench ({precision}, length-grouped)",
+        f"{ours:.0f}",
+        f"{metrics['train_padding_fraction']:.1%}",
+        f"{ours / reference:.2f}x",
+    )
     console.print(table)
     console.print(f"CPU: {cpu_name()}; target >= 1.20x")
 

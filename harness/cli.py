@@ -144,6 +144,17 @@ def run(spec: SpecArg, store: StoreOpt = DEFAULT_STORE) -> None:
     loaded = spec_module.load(spec)
     cells = pipeline.plan(loaded)
     toolchain.ensure_source(log=lambda m: console.print(f"[dim]{m}[/]"))
+    if loaded.measure:
+        toolchain.build_tools(log=lambda m: console.print(f"[dim]{m}[/]"))
+    if {"check", "evaluate", "bench"} & set(loaded.measure):
+        console.print(
+            f"serving through [bold]{cells[0].backend}[/]"
+            + (
+                " (no Ollama answered at OLLAMA_HOST)"
+                if loaded.serve.backend == "auto" and cells[0].backend == "llamacpp"
+                else ""
+            )
+        )
     total = len({call.key for c in cells for call in c.calls.values()})
     console.print(
         f"[bold]{loaded.name}[/]: {len(cells)} cells, {total} stage calls, "
@@ -169,11 +180,13 @@ def run(spec: SpecArg, store: StoreOpt = DEFAULT_STORE) -> None:
 @app.command()
 @friendly
 def setup() -> None:
-    """Fetch the llama.cpp source matching the installed runtime (once)."""
+    """Fetch the llama.cpp source matching the installed runtime and build its tools (once)."""
     from harness import toolchain
 
     path = toolchain.ensure_source(log=lambda m: console.print(m))
-    console.print(f"llama.cpp: {toolchain.revision()} at {path}")
+    with console.status("building llama-server, llama-bench, llama-perplexity"):
+        bin_dir = toolchain.build_tools(log=lambda m: console.print(m))
+    console.print(f"llama.cpp: {toolchain.revision()} at {path}; tools in {bin_dir}")
 
 
 # Stages report their own progress; library progress bars would only garble it.

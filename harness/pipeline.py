@@ -1,6 +1,8 @@
 """The chain of stages, the only place that knows their order.
 
-    resolve -> train -> merge -> convert (F16) -> quantize
+    resolve -> train -> merge -> convert (F16) -> quantize       builds the cell's GGUF
+            -> check -> evaluate -> bench                         on the served model
+            -> drift_base (F16, once per adapter) -> drift        llama-perplexity, offline
 
 `plan()` expands a spec into cells (one per LoRA config x quant level, plus
 the untuned base at every level) whose stage calls share keys wherever their
@@ -22,12 +24,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness import quant, sources, toolchain
-from harness.errors import ForgebenchError
+from harness import backends, quant, sources, toolchain
+from harness.errors import ForgebenchError, StageError
 from harness.spec import LoraSpec, Spec
 from harness.store import StageCall, Store, sha256_file
 
-STAGES = ("resolve", "train", "merge", "convert", "quantize")
+BUILD = ("resolve", "train", "merge", "convert", "quantize")
+SERVED = ("check", "evaluate", "bench")
+"""Stages that need the cell's model deployed on a backend."""
+STAGES = (*BUILD, *SERVED, "drift_base", "drift")
 CONTROL = "base"
 """The adapter name of the control cells, which run the untuned base."""
 
@@ -38,6 +43,7 @@ class Cell:
     quant: str
     calls: dict[str, StageCall]
     """stage name -> call, in chain order; only the stages this cell needs."""
+    backend: str = "llamacpp"
 
     @property
     def adapter(self) -> str:
@@ -48,8 +54,14 @@ class Cell:
         return f"{self.adapter}-{self.quant}"
 
     @property
-    def final(self) -> StageCall:
-        return list(self.calls.values())[-1]
+    def gguf(self) -> StageCall:
+        """The call whose output folder holds this cell's model.gguf."""
+        return self.calls.get("quantize") or self.calls["convert"]
+
+    @property
+    def model(self) -> StageCall:
+        """The call whose output holds the HF folder (tokenizer, chat template)."""
+        return self.calls.get("merge") or self.calls["resolve"]
 
 
 def _versions(*packages: str) -> dict[str, str]:
@@ -66,6 +78,7 @@ def plan(spec: Spec) -> list[Cell]:
     )
     llama_cpp = {"llama.cpp": toolchain.revision()}
     data = _data_identity(spec)
+    backend = backends.resolve_name(spec.serve.backend) if set(SERVED) & set(spec.measure) else ""
     adapters: list[LoraSpec | None] = ([None] if spec.control else []) + list(spec.lora)
     cells = []
     for lora in adapters:
@@ -99,8 +112,70 @@ def plan(spec: Spec) -> list[Cell]:
                 cell_calls["quantize"] = StageCall(
                     "quantize", {"level": level}, {"gguf": f16}, llama_cpp
                 )
-            cells.append(Cell(lora, level, cell_calls))
+            cell_calls |= _measurements(spec, cell_calls, model, f16, backend, llama_cpp)
+            cells.append(Cell(lora, level, cell_calls, backend))
     return cells
+
+
+def _measurements(
+    spec: Spec,
+    calls: dict[str, StageCall],
+    model: StageCall,
+    f16: StageCall,
+    backend: str,
+    llama_cpp: dict[str, str],
+) -> dict[str, StageCall]:
+    """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served."""
+    gguf = calls.get("quantize") or f16
+    served = {"serve": spec.serve.model_dump(mode="json"), "backend": backend}
+    if spec.serve.chat_template is not None:
+        if not spec.serve.chat_template.is_file():
+            raise ForgebenchError(
+                f"serve.chat_template: file not found: {spec.serve.chat_template}"
+            )
+        served["chat_template_sha256"] = sha256_file(spec.serve.chat_template)
+    out: dict[str, StageCall] = {}
+    if "check" in spec.measure:
+        out["check"] = StageCall("check", served, {"gguf": gguf, "model": model}, llama_cpp)
+    if "evaluate" in spec.measure:
+        out["evaluate"] = StageCall(
+            "evaluate",
+            {**served, "evaluate": _evaluate_identity(spec), "data": _data_identity(spec)},
+            {"gguf": gguf, "model": model},
+            {**llama_cpp, **_versions("lm-eval")},
+        )
+    if "bench" in spec.measure:
+        out["bench"] = StageCall(
+            "bench",
+            {**served, "bench": spec.bench.model_dump(mode="json"), "machine": machine()},
+            {"gguf": gguf, "model": model},
+            llama_cpp,
+        )
+    if "drift" in spec.measure and gguf is not f16:
+        drift = spec.drift.model_dump(mode="json")
+        out["drift_base"] = StageCall("drift_base", {"drift": drift}, {"gguf": f16}, llama_cpp)
+        out["drift"] = StageCall(
+            "drift", {"drift": drift}, {"gguf": gguf, "reference": out["drift_base"]}, llama_cpp
+        )
+    return out
+
+
+def machine() -> str:
+    """Speed figures belong to the machine that measured them."""
+    import os
+    import platform
+
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores"
+
+
+def _evaluate_identity(spec: Spec) -> dict[str, Any]:
+    evaluate = spec.evaluate.model_dump(mode="json")
+    for task in spec.evaluate.tasks:
+        if not isinstance(task, str):
+            if not task.path.is_file():
+                raise ForgebenchError(f"evaluate.tasks: {task.name}: file not found: {task.path}")
+            evaluate.setdefault("task_sha256", {})[task.name] = sha256_file(task.path)
+    return evaluate
 
 
 def _data_identity(spec: Spec) -> dict[str, Any]:
@@ -114,6 +189,14 @@ def _data_identity(spec: Spec) -> dict[str, Any]:
 
 class Reporter(Protocol):
     """What a front end is told while a run goes on."""
+
+    def stage_started(self, cell: Cell, stage: str, cached: bool) -> None: ...
+    def stage_progress(self, message: str, fraction: float | None) -> None: ...
+    def stage_finished(self, cell: Cell, stage: str, outcome: Outcome) -> None: ...
+
+
+class Quiet:
+    """A reporter that shows nothing, for library use and scripts."""
 
     def stage_started(self, cell: Cell, stage: str, cached: bool) -> None: ...
     def stage_progress(self, message: str, fraction: float | None) -> None: ...
@@ -137,7 +220,7 @@ class CellResult:
     cell: str
     adapter: str
     quant: str
-    status: str  # "done" or "failed"
+    status: str  # "done", "broken" (failed the chat check) or "failed"
     stages: dict[str, Outcome]
     gguf: str | None = None
     gguf_bytes: int | None = None
@@ -169,7 +252,8 @@ def run(spec: Spec, spec_path: Path, store: Store, reporter: Reporter) -> RunSum
     results = []
     with tracking.Experiment(spec, spec_path) as experiment:
         for cell in cells:
-            result = _run_cell(cell, store, reporter, outcomes, executed)
+            with Served(spec, cell, store) as served:
+                result = _run_cell(cell, store, reporter, outcomes, executed, served)
             result.run_id = experiment.log_cell(cell, result, _lineage(store, cell))
             results.append(result)
         summary = RunSummary(
@@ -184,38 +268,95 @@ def run(spec: Spec, spec_path: Path, store: Store, reporter: Reporter) -> RunSum
     return summary
 
 
+class Served:
+    """The cell's model on its backend, deployed only when a served stage has work to do."""
+
+    def __init__(self, spec: Spec, cell: Cell, store: Store):
+        self.spec, self.cell, self.store = spec, cell, store
+        self.backend: backends.Backend | None = None
+        self.deployment: backends.Deployment | None = None
+        self.tokenizer = None
+
+    def __enter__(self) -> Served:
+        return self
+
+    def deploy(self) -> Served:
+        if self.deployment is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                self.store.path(self.cell.model) / "model",
+                trust_remote_code=self.spec.base.trust_remote_code,
+            )
+            config = backends.ServeConfig(
+                model_name=f"forgebench/{self.spec.name}-{self.cell.name}",
+                chat_template=(
+                    self.spec.serve.chat_template.read_text()
+                    if self.spec.serve.chat_template
+                    else self.tokenizer.chat_template or ""
+                ),
+                system=self.spec.serve.system,
+                parameters=dict(self.spec.serve.parameters),
+                slots=self.spec.serve.slots,
+            )
+            self.backend = backends.get(self.cell.backend)
+            self.deployment = self.backend.deploy(
+                self.store.path(self.cell.gguf) / "model.gguf", config
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.backend is not None:
+            try:
+                if self.deployment is not None:
+                    self.backend.remove(self.deployment)
+            finally:
+                self.backend.close()
+
+
 def _run_cell(
-    cell: Cell, store: Store, reporter: Reporter, outcomes: dict[str, Outcome], executed: Counter
+    cell: Cell,
+    store: Store,
+    reporter: Reporter,
+    outcomes: dict[str, Outcome],
+    executed: Counter,
+    served: Served,
 ) -> CellResult:
+    """Run a cell's stages in order; a build failure ends the cell, a failed template
+    check makes it "broken" (not scored), a failed measurement marks it failed."""
     stages: dict[str, Outcome] = {}
+    status, error = "done", None
     for stage, call in cell.calls.items():
+        if stage in SERVED and status == "broken":
+            continue
         if call.key not in outcomes:
             reporter.stage_started(cell, stage, store.has(call))
-            outcomes[call.key] = _execute(call, store, reporter, executed)
+            extra = {"served": served} if stage in SERVED else {}
+            outcomes[call.key] = _execute(call, store, reporter, executed, **extra)
             reporter.stage_finished(cell, stage, outcomes[call.key])
         outcome = stages[stage] = outcomes[call.key]
         if outcome.error:
-            return CellResult(
-                cell.name,
-                cell.adapter,
-                cell.quant,
-                "failed",
-                stages,
-                error=f"{stage}: {outcome.error}",
-            )
-    gguf = store.path(cell.final) / "model.gguf"
+            status, error = "failed", f"{stage}: {outcome.error}"
+            if stage in BUILD:
+                return CellResult(cell.name, cell.adapter, cell.quant, status, stages, error=error)
+        elif stage == "check" and not outcome.metrics.get("check_ok"):
+            status, error = "broken", f"check: {outcome.metrics.get('check_reasons')}"
+    gguf = store.path(cell.gguf) / "model.gguf"
     return CellResult(
         cell.name,
         cell.adapter,
         cell.quant,
-        "done",
+        status,
         stages,
         gguf=str(gguf),
         gguf_bytes=gguf.stat().st_size,
+        error=error,
     )
 
 
-def _execute(call: StageCall, store: Store, reporter: Reporter, executed: Counter) -> Outcome:
+def _execute(
+    call: StageCall, store: Store, reporter: Reporter, executed: Counter, **extra: Any
+) -> Outcome:
     if store.has(call):
         return _cached_outcome(call, store)
     inputs = {name: store.path(dep) for name, dep in call.inputs.items()}
@@ -223,7 +364,7 @@ def _execute(call: StageCall, store: Store, reporter: Reporter, executed: Counte
     started = time.perf_counter()
     try:
         with store.building(call) as out:
-            metrics = module.run(call.settings, inputs, out, reporter.stage_progress)
+            metrics = module.run(call.settings, inputs, out, reporter.stage_progress, **extra)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -238,6 +379,16 @@ def _execute(call: StageCall, store: Store, reporter: Reporter, executed: Counte
         )
     executed[call.stage] += 1
     return Outcome(call.key, False, time.perf_counter() - started, metrics)
+
+
+def ensure(call: StageCall, store: Store, reporter: Reporter) -> Path:
+    """Build one call and what it depends on, unless the store has them; its output folder."""
+    for dep in call.inputs.values():
+        ensure(dep, store, reporter)
+    outcome = _execute(call, store, reporter, Counter())
+    if outcome.error:
+        raise StageError(f"{call.stage}: {outcome.error}")
+    return store.path(call)
 
 
 def _cached_outcome(call: StageCall, store: Store) -> Outcome:

@@ -90,6 +90,50 @@ class LoraSpec(Strict):
         return self.model_dump(mode="json", exclude={"name"})
 
 
+class ServeSpec(Strict):
+    """How every cell is served: Ollama when one answers (auto), else llama.cpp's server."""
+
+    backend: Literal["auto", "ollama", "llamacpp"] = "auto"
+    system: str | None = None
+    chat_template: Path | None = Field(
+        None, description="a Jinja chat template file to serve instead of the model's own"
+    )
+    parameters: dict[str, float | int | str] = Field(
+        default_factory=lambda: {"temperature": 0, "num_ctx": 2048},
+        description="Ollama option names: temperature, num_ctx, top_k, top_p, seed, ...",
+    )
+    slots: int = Field(4, gt=0, description="parallel requests (llama-server -np)")
+
+
+class EvalTaskSpec(Strict):
+    """A user's own question/answer JSONL, scored by exact match."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    path: Path
+
+
+class EvaluateSpec(Strict):
+    tasks: list[Literal["arithmetic", "gsm8k"] | EvalTaskSpec] = Field(
+        default_factory=lambda: ["arithmetic"]
+    )
+    limit: int | None = Field(None, gt=0, description="items per task (all when unset)")
+    concurrency: int = Field(4, gt=0, description="requests in flight (server slots)")
+
+
+class BenchSpec(Strict):
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(1, gt=0, description="passes over the fixed prompt set")
+    max_tokens: int = Field(64, gt=1)
+
+
+class DriftSpec(Strict):
+    ctx: int = Field(512, gt=16)
+    chunks: int = Field(6, gt=0)
+
+
+MEASUREMENTS = ("check", "evaluate", "bench", "drift")
+
+
 class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins")
 
@@ -103,6 +147,14 @@ class Spec(Strict):
     lora: list[LoraSpec] = Field(min_length=1)
     quant: list[str] = Field(min_length=1)
     control: bool = Field(True, description="also run the untuned base at every quant level")
+    measure: list[Literal["check", "evaluate", "bench", "drift"]] = Field(
+        default_factory=lambda: list(MEASUREMENTS),
+        description="what to measure on every cell once its GGUF exists",
+    )
+    serve: ServeSpec = ServeSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    bench: BenchSpec = BenchSpec()
+    drift: DriftSpec = DriftSpec()
     tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("quant")
@@ -118,6 +170,8 @@ class Spec(Strict):
     @classmethod
     def _unique_names(cls, loras: list[LoraSpec]) -> list[LoraSpec]:
         names = [lo.name for lo in loras]
+        if "base" in names:
+            raise ValueError("'base' names the untuned control cells; pick another LoRA name")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"LoRA name used twice: {', '.join(dupes)}; names must be unique")
@@ -162,7 +216,15 @@ def _resolve_paths(spec: Spec, folder: Path) -> Spec:
         update={"path": absolute(spec.base.path), "gguf": absolute(spec.base.gguf)}
     )
     data = spec.data.model_copy(update={"train": absolute(spec.data.train)})
-    return spec.model_copy(update={"base": base, "data": data})
+    tasks = [
+        t if isinstance(t, str) else t.model_copy(update={"path": absolute(t.path)})
+        for t in spec.evaluate.tasks
+    ]
+    evaluate = spec.evaluate.model_copy(update={"tasks": tasks})
+    serve = spec.serve.model_copy(update={"chat_template": absolute(spec.serve.chat_template)})
+    return spec.model_copy(
+        update={"base": base, "data": data, "evaluate": evaluate, "serve": serve}
+    )
 
 
 def _dotted(loc: tuple) -> str:

@@ -24,6 +24,16 @@ from harness.errors import ForgebenchError
 
 PACKAGE = "llama-cpp-python"
 CONVERTER = "convert_hf_to_gguf.py"
+TOOLS = ("llama-server", "llama-bench", "llama-perplexity")
+PORTABLE_FLAGS = (
+    # A native build (-march=native) segfaults on quantized models on CPUs that
+    # advertise AMX; these flags run on any x86-64 with AVX2.
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_BMI2=ON",
+)
 
 
 def runtime_version() -> str:
@@ -135,3 +145,64 @@ def _extract_vendored_tree(archive: Path, dest: Path) -> None:
                 member.name = str(Path(*parts[3:]))
                 members.append(member)
         tar.extractall(dest, members=members, filter="data")
+
+
+def tool(name: str) -> Path:
+    """A llama.cpp program of the pinned revision: PATH or FORGEBENCH_LLAMA_CPP_BIN when the
+    user has one, else the one `build_tools()` made."""
+    if own := os.environ.get("FORGEBENCH_LLAMA_CPP_BIN"):
+        path = Path(own) / name
+    else:
+        path = build_dir() / "bin" / name
+    if not path.is_file():
+        raise ForgebenchError(f"{name} not found at {path}: run `forgebench setup` first")
+    return path
+
+
+def build_dir() -> Path:
+    return source_dir() / "build"
+
+
+def build_tools(log=print, jobs: int | None = None) -> Path:
+    """Build llama-server, llama-bench and llama-perplexity once (portable CPU flags)."""
+    if "FORGEBENCH_LLAMA_CPP_BIN" in os.environ:
+        return Path(os.environ["FORGEBENCH_LLAMA_CPP_BIN"])
+    bin_dir = build_dir() / "bin"
+    if all((bin_dir / name).is_file() for name in TOOLS):
+        return bin_dir
+    if shutil.which("cmake") is None:
+        raise ForgebenchError(
+            "cmake is needed to build llama-server: install it (apt install cmake)"
+            " or set FORGEBENCH_LLAMA_CPP_BIN to a folder with llama-server"
+        )
+    source = ensure_source(log)
+    log(f"building {', '.join(TOOLS)} from {source} (once; a few minutes)")
+    configure = [
+        "cmake",
+        "-S",
+        str(source),
+        "-B",
+        str(build_dir()),
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        *PORTABLE_FLAGS,
+    ]
+    build = [
+        "cmake",
+        "--build",
+        str(build_dir()),
+        "--config",
+        "Release",
+        "-j",
+        str(jobs or os.cpu_count() or 1),
+        "--target",
+        *TOOLS,
+    ]
+    log_file = source.parent / f"{source.name}-build.log"
+    with log_file.open("w") as fh:
+        for command in (configure, build):
+            if subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT).returncode != 0:
+                raise ForgebenchError(f"building llama.cpp failed; see {log_file}")
+    return bin_dir

@@ -104,6 +104,7 @@ class Experiment:
             "forgebench.adapter": cell.adapter,
             "forgebench.quant": cell.quant,
             "forgebench.status": result.status,
+            "forgebench.backend": cell.backend,
             "forgebench.llama_cpp": lineage.get("llama_cpp", ""),
         }
         tags |= flatten(

@@ -10,15 +10,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+from dataclasses import dataclass
+from pathlib import Path
 
-import pytest  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import pytest
+from typer.testing import CliRunner
 
-from harness import pipeline, spec  # noqa: E402
-from harness.cli import app  # noqa: E402
-from harness.store import Store  # noqa: E402
+from harness import pipeline, spec
+from harness.cli import app
+from harness.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,22 +31,10 @@ lora:
   - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
   - {{name: small, r: {small_r}, alpha: 8, target_modules: [q_proj]}}
 quant: [{quant}]
+measure: [{measure}]
 tracking: {{uri: "sqlite:///{db}"}}
 """
 QUANT = ("f16", "q8_0", "q4_k_m", "q2_k")
-
-
-class Silent:
-    """A pipeline reporter that shows nothing."""
-
-    def stage_started(self, cell, stage, cached):
-        pass
-
-    def stage_progress(self, message, fraction):
-        pass
-
-    def stage_finished(self, cell, stage, outcome):
-        pass
 
 
 @dataclass
@@ -58,14 +46,18 @@ class Experiment:
     store: Store
     cli_output: str
 
-    def write_spec(self, name: str, small_r: int = 4, quant: tuple[str, ...] = QUANT) -> Path:
+    def write_spec(
+        self, name: str, small_r: int = 4, quant: tuple[str, ...] = QUANT, measure: str = ""
+    ) -> Path:
+        """The e2e spec, varied; `measure` lists what to measure (nothing by default)."""
         path = self.folder / name
-        path.write_text(E2E_SPEC.format(small_r=small_r, quant=", ".join(quant),
-                                        db=self.folder / "mlflow.db"))
+        db = self.folder / "mlflow.db"
+        text = E2E_SPEC.format(small_r=small_r, quant=", ".join(quant), measure=measure, db=db)
+        path.write_text(text)
         return path
 
     def run(self, spec_path: Path) -> pipeline.RunSummary:
-        return pipeline.run(spec.load(spec_path), spec_path, self.store, Silent())
+        return pipeline.run(spec.load(spec_path), spec_path, self.store, pipeline.Quiet())
 
     def cells(self) -> dict[str, pipeline.Cell]:
         return {c.name: c for c in pipeline.plan(spec.load(self.spec_path))}

@@ -54,8 +54,13 @@ def test_f16_gguf_agrees_with_merged_model(e2e):
     ids = tokenizer(TEXT)["input_ids"]
     with torch.no_grad():
         hf_top = hf_model(merged_dir)(torch.tensor([ids])).logits[0].argmax(-1).numpy()
-    llm = Llama(str(e2e.output("main-f16", "convert") / "model.gguf"), logits_all=True,
-                n_ctx=256, verbose=False, seed=0)
+    llm = Llama(
+        str(e2e.output("main-f16", "convert") / "model.gguf"),
+        logits_all=True,
+        n_ctx=256,
+        verbose=False,
+        seed=0,
+    )
     llm.eval(ids)
     gguf_top = np.asarray(llm.scores[: len(ids)]).argmax(-1)
     agreement = float((gguf_top == hf_top).mean())
@@ -76,14 +81,23 @@ def test_quantized_files_have_the_asked_type_and_shrink(e2e):
 def exact_match(model_dir, conversations) -> float:
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "model", padding_side="left")
     model = hf_model(model_dir)
-    prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
-               for c in conversations]
+    prompts = [
+        tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
+        for c in conversations
+    ]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=8, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return float(np.mean([a.strip() == c[-1]["content"] for a, c in zip(answers, conversations)]))
+        out = model.generate(
+            **batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    answers = tokenizer.batch_decode(
+        out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    return float(
+        np.mean(
+            [a.strip() == c[-1]["content"] for a, c in zip(answers, conversations, strict=True)]
+        )
+    )
 
 
 def test_adapter_raises_heldout_exact_match(e2e):
@@ -98,8 +112,9 @@ def test_adapter_raises_heldout_exact_match(e2e):
 def test_every_cell_is_in_mlflow(e2e):
     client = MlflowClient(f"sqlite:///{e2e.folder / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
-    runs = client.search_runs([experiment.experiment_id], "tags.`forgebench.kind` = 'cell'",
-                              max_results=500)
+    runs = client.search_runs(
+        [experiment.experiment_id], "tags.`forgebench.kind` = 'cell'", max_results=500
+    )
     first = {}
     for run in sorted(runs, key=lambda r: r.info.start_time):
         first.setdefault(run.data.tags["forgebench.cell"], run)

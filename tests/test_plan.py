@@ -61,7 +61,9 @@ def test_adding_a_quant_level_adds_only_quantizations(quickstart):
 
 
 def test_training_settings_reach_the_key(quickstart):
-    slower = quickstart.model_copy(update={"train": quickstart.train.model_copy(update={"lr": 1e-4})})
+    slower = quickstart.model_copy(
+        update={"train": quickstart.train.model_copy(update={"lr": 1e-4})}
+    )
     assert keys(slower)[("r8-qv-f16", "train")] != keys(quickstart)[("r8-qv-f16", "train")]
     assert keys(slower)[("base-f16", "convert")] == keys(quickstart)[("base-f16", "convert")]
 

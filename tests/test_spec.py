@@ -28,7 +28,9 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_specs_validate(path):
     result = invoke("validate", str(path))
     assert result.exit_code == 0, result.output
@@ -36,14 +38,26 @@ def test_shipped_specs_validate(path):
 
 
 BAD = {
-    "unknown key": (GOOD.replace("data: {task: arithmetic}", "data: {task: arithmetic, colour: 1}"),
-                    ":3: data.colour: Extra inputs are not permitted"),
-    "wrong type": (GOOD.replace("r: 8", "r: eight"), ":5: lora[0].r: Input should be a valid integer"),
-    "unknown quant": (GOOD.replace("q4_k_m", "q4_k_mm"), "unknown quant level 'q4_k_mm': did you mean"),
-    "duplicate lora": (GOOD.replace("quant:", "  - {name: a, r: 4, alpha: 8, target_modules: [q]}\nquant:"),
-                       "LoRA name used twice: a"),
-    "two base sources": (GOOD.replace("{model: smollm2-135m}", "{model: x, hf: y/z}"),
-                         ":2: base: give exactly one of model, hf, path or gguf"),
+    "unknown key": (
+        GOOD.replace("data: {task: arithmetic}", "data: {task: arithmetic, colour: 1}"),
+        ":3: data.colour: Extra inputs are not permitted",
+    ),
+    "wrong type": (
+        GOOD.replace("r: 8", "r: eight"),
+        ":5: lora[0].r: Input should be a valid integer",
+    ),
+    "unknown quant": (
+        GOOD.replace("q4_k_m", "q4_k_mm"),
+        "unknown quant level 'q4_k_mm': did you mean",
+    ),
+    "duplicate lora": (
+        GOOD.replace("quant:", "  - {name: a, r: 4, alpha: 8, target_modules: [q]}\nquant:"),
+        "LoRA name used twice: a",
+    ),
+    "two base sources": (
+        GOOD.replace("{model: smollm2-135m}", "{model: x, hf: y/z}"),
+        ":2: base: give exactly one of model, hf, path or gguf",
+    ),
     "missing field": (GOOD.replace("name: t\n", ""), ":1: name: Field required"),
     "bad yaml": (GOOD.replace("quant: [f16, q4_k_m]", "quant: [f16, q4_k_m"), "not valid YAML"),
     "not a mapping": ("- just\n- a list\n", "a spec is a YAML mapping"),
@@ -79,14 +93,37 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_plan_json_lists_every_cell_and_stage(tmp_path):
-    result = invoke("plan", str(ROOT / "experiments" / "quickstart.yaml"),
-                    "--store", str(tmp_path), "--json")
+    result = invoke(
+        "plan", str(ROOT / "experiments" / "quickstart.yaml"), "--store", str(tmp_path), "--json"
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert len(plan["cells"]) == 3 * 4  # (control + 2 LoRA configs) x 4 levels
-    assert plan["todo"] == {"resolve": 1, "train": 2, "merge": 2, "convert": 3, "quantize": 9}
+    assert plan["todo"] == {
+        "resolve": 1,
+        "train": 2,
+        "merge": 2,
+        "convert": 3,
+        "quantize": 9,
+        "check": 12,
+        "evaluate": 12,
+        "bench": 12,
+        "drift_base": 3,
+        "drift": 9,
+    }
     tuned = next(c for c in plan["cells"] if c["cell"] == "r8-qv-q4_k_m")
-    assert list(tuned["stages"]) == ["resolve", "train", "merge", "convert", "quantize"]
+    assert list(tuned["stages"]) == [
+        "resolve",
+        "train",
+        "merge",
+        "convert",
+        "quantize",
+        "check",
+        "evaluate",
+        "bench",
+        "drift_base",
+        "drift",
+    ]
     assert not any(s["cached"] for s in tuned["stages"].values())
 
 

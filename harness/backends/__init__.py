@@ -1,0 +1,124 @@
+"""Serving backends: one small interface, two implementations.
+
+A backend deploys a GGUF with its chat template, stop tokens, system prompt
+and parameters, streams generations, reports load time and memory, and
+removes what it deployed. Stages use this interface, never a backend module
+directly; `get(name)` picks one, with `auto` meaning Ollama when a server
+answers at OLLAMA_HOST and the embedded llama.cpp server otherwise.
+
+Every deployment also exposes an OpenAI-compatible `/v1` endpoint
+(`Deployment.openai_base_url`), which is what lm-eval scores through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What to deploy besides the weights."""
+
+    model_name: str
+    """Name the server will know the model by, e.g. forgebench/quickstart-r8-qv-q4_k_m."""
+    chat_template: str
+    """The model's own Jinja chat template (from its tokenizer / GGUF metadata)."""
+    stop: tuple[str, ...] = ()
+    system: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    """Sampling and context options in Ollama's names (temperature, num_ctx, top_k, ...)."""
+    slots: int = 4
+    """Parallel requests the server should handle (llama-server -np; OLLAMA_NUM_PARALLEL)."""
+
+
+@dataclass
+class Deployment:
+    backend: str
+    model_name: str
+    base_url: str
+    """The server's root URL, e.g. http://127.0.0.1:8081."""
+    load_seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+
+@dataclass
+class Chunk:
+    """One piece of a streamed answer; the last one has `done` and the server's figures."""
+
+    text: str
+    done: bool = False
+    done_reason: str | None = None
+    """"stop" (end-of-turn or a stop string) or "length" (hit max tokens)."""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    prompt_seconds: float | None = None
+    """Server-side prefill time."""
+    decode_seconds: float | None = None
+    """Server-side generation time."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def deploy(self, gguf: Path, config: ServeConfig) -> Deployment: ...
+
+    def chat(
+        self, deployment: Deployment, messages: list[dict[str, str]], max_tokens: int = 256
+    ) -> Iterator[Chunk]: ...
+
+    def memory_bytes(self, deployment: Deployment) -> int | None: ...
+
+    def remove(self, deployment: Deployment) -> None: ...
+
+    def close(self) -> None: ...
+
+
+BACKENDS = ("ollama", "llamacpp")
+
+
+def ollama_host() -> str:
+    """OLLAMA_HOST as the ollama client reads it, with scheme and port filled in."""
+    import os
+
+    host = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434").strip()
+    if "://" not in host:
+        host = f"http://{host}"
+    if host.count(":") < 2:
+        host = f"{host}:11434"
+    return host.rstrip("/")
+
+
+def ollama_answers(timeout: float = 0.5) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{ollama_host()}/api/version", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def resolve_name(choice: str) -> str:
+    """`auto` -> "ollama" when a server answers at OLLAMA_HOST, else "llamacpp"."""
+    if choice != "auto":
+        return choice
+    return "ollama" if ollama_answers() else "llamacpp"
+
+
+def get(name: str) -> Backend:
+    """A backend by name, imported only when used."""
+    if name == "ollama":
+        from harness.backends.ollama import OllamaBackend
+
+        return OllamaBackend()
+    if name == "llamacpp":
+        from harness.backends.llamacpp import LlamaServer
+
+        return LlamaServer()
+    raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")

@@ -1,0 +1,245 @@
+"""The embedded backend: llama.cpp's own `llama-server`, one process per deployed model.
+
+It is the engine Ollama runs, with parallel slots, continuous batching and
+per-response `timings`, built from the same llama.cpp revision as the
+converter and quantizer (`forgebench setup`). Each deployment is a child
+process on a free loopback port, health-checked before use and stopped on
+`remove`/`close`; on Linux the child also gets SIGTERM if this process dies
+(even by `kill -9`), so no server is ever orphaned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from harness import toolchain
+from harness.backends import Chunk, Deployment, ServeConfig
+from harness.errors import ForgebenchError
+
+HEALTH_TIMEOUT_S = 120.0
+PORT_ATTEMPTS = 3
+# Ollama option name -> llama-server request field.
+REQUEST_OPTIONS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repeat_penalty": "repeat_penalty",
+    "repeat_last_n": "repeat_last_n",
+    "seed": "seed",
+    "num_predict": "max_tokens",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the parent dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def server_command(gguf: Path, config: ServeConfig, port: int, template_file: Path) -> list[str]:
+    """The llama-server argument list; context is per slot, as Ollama's num_ctx is."""
+    num_ctx = int(config.parameters.get("num_ctx", 2048))
+    threads = config.parameters.get("num_thread", os.cpu_count() or 1)
+    return [
+        str(toolchain.tool("llama-server")),
+        "--model",
+        str(gguf),
+        "--alias",
+        config.model_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--parallel",
+        str(config.slots),
+        "--ctx-size",
+        str(num_ctx * config.slots),
+        "--threads",
+        str(threads),
+        "--jinja",
+        "--chat-template-file",
+        str(template_file),
+        "--no-webui",
+    ]
+
+
+def request_body(messages: list[dict[str, str]], config: ServeConfig, max_tokens: int) -> dict:
+    """An OpenAI-style chat request carrying the deployment's system prompt and options."""
+    if config.system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": config.system}, *messages]
+    # cache_prompt off: every request is measured from a cold prompt, and the
+    # server's prompt token count is the whole rendered prompt
+    body: dict[str, Any] = {
+        "messages": messages,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "cache_prompt": False,
+    }
+    for name, field in REQUEST_OPTIONS.items():
+        if name in config.parameters:
+            body[field] = config.parameters[name]
+    if config.stop:
+        body["stop"] = list(config.stop)
+    return body
+
+
+def parse_stream(lines: Iterator[str]) -> Iterator[Chunk]:
+    """Server-sent events of /v1/chat/completions -> Chunks; the last carries `timings`."""
+    for line in lines:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[len("data: ") :])
+        choice = (event.get("choices") or [{}])[0]
+        text = (choice.get("delta") or {}).get("content") or ""
+        reason = choice.get("finish_reason")
+        if reason is None:
+            if text:
+                yield Chunk(text)
+            continue
+        timings = event.get("timings") or {}
+        yield Chunk(
+            text,
+            done=True,
+            done_reason=reason,
+            prompt_tokens=timings.get("prompt_n"),
+            completion_tokens=timings.get("predicted_n"),
+            prompt_seconds=timings["prompt_ms"] / 1000 if "prompt_ms" in timings else None,
+            decode_seconds=timings["predicted_ms"] / 1000 if "predicted_ms" in timings else None,
+        )
+
+
+class LlamaServer:
+    name = "llamacpp"
+
+    def __init__(self) -> None:
+        self._servers: dict[str, tuple[subprocess.Popen, ServeConfig, Path]] = {}
+        self._http = httpx.Client(timeout=httpx.Timeout(600.0, connect=5.0))
+
+    def deploy(self, gguf: Path, config: ServeConfig) -> Deployment:
+        self.remove_name(config.model_name)
+        folder = Path(tempfile.mkdtemp(prefix="forgebench-llama-server-"))
+        template_file = folder / "chat_template.jinja"
+        template_file.write_text(config.chat_template)
+        for _ in range(PORT_ATTEMPTS):  # another process may take the port between probe and bind
+            port = free_port()
+            log = folder / f"server-{port}.log"
+            started = time.perf_counter()
+            with log.open("w") as fh:
+                process = subprocess.Popen(
+                    server_command(gguf, config, port, template_file),
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,
+                )
+            self._servers[config.model_name] = (process, config, folder)
+            url = f"http://127.0.0.1:{port}"
+            if self._wait_healthy(process, url, log):
+                return Deployment(
+                    self.name,
+                    config.model_name,
+                    url,
+                    time.perf_counter() - started,
+                    {"pid": process.pid, "port": port, "log": str(log)},
+                )
+            if "bind" not in log.read_text():
+                tail = log.read_text().strip().splitlines()[-3:]
+                self.remove_name(config.model_name)
+                raise ForgebenchError(f"llama-server failed to start: {' | '.join(tail)}")
+        self.remove_name(config.model_name)
+        raise ForgebenchError(f"llama-server could not bind a port after {PORT_ATTEMPTS} tries")
+
+    def _wait_healthy(self, process: subprocess.Popen, url: str, log: Path) -> bool:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                return False
+            try:
+                if self._http.get(f"{url}/health", timeout=2.0).status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise ForgebenchError(f"llama-server not healthy after {HEALTH_TIMEOUT_S:.0f}s; see {log}")
+
+    def chat(
+        self, deployment: Deployment, messages: list[dict[str, str]], max_tokens: int = 256
+    ) -> Iterator[Chunk]:
+        _, config, _ = self._servers[deployment.model_name]
+        body = request_body(messages, config, max_tokens)
+        # one connection per request: llama-server closes kept-alive connections after a
+        # few requests, which would surface as a spurious disconnect mid-benchmark
+        with self._http.stream(
+            "POST",
+            f"{deployment.openai_base_url}/chat/completions",
+            json=body,
+            headers={"Connection": "close"},
+        ) as response:
+            if response.status_code != 200:
+                response.read()
+                raise ForgebenchError(
+                    f"llama-server answered {response.status_code}: {response.text[:300]}"
+                )
+            yield from parse_stream(response.iter_lines())
+
+    def memory_bytes(self, deployment: Deployment) -> int | None:
+        """Peak resident memory of the server process (VmHWM), in bytes."""
+        process, _, _ = self._servers[deployment.model_name]
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return None
+
+    def remove(self, deployment: Deployment) -> None:
+        self.remove_name(deployment.model_name)
+
+    def remove_name(self, model_name: str) -> None:
+        entry = self._servers.pop(model_name, None)
+        if entry is None:
+            return
+        process, _, folder = entry
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        for name in list(self._servers):
+            self.remove_name(name)
+        self._http.close()
+
+    def __enter__(self) -> LlamaServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,104 @@
+"""Serving and measuring on the real small model through llama.cpp's own server:
+template check, accuracy through lm-eval, speed and memory, drift from F16."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+MEASURE_SPEC = """\
+name: e2e
+base: {{model: smollm2-135m}}
+data: {{task: arithmetic, n_train: 400, n_eval: 80, seed: 3}}
+train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0}}
+lora:
+  - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+quant: [f16, q8_0, q4_k_m, q2_k]
+serve: {{backend: llamacpp, slots: 2{template}}}
+evaluate: {{tasks: [arithmetic], limit: 40, concurrency: 2}}
+bench: {{warmup: 1, repeats: 1, max_tokens: 32}}
+drift: {{ctx: 256, chunks: 4}}
+tracking: {{uri: "sqlite:///{db}"}}
+"""
+# A Llama 3 template on a ChatML model: the server renders headers the model never
+# learned, so it does not produce its end-of-turn token.
+WRONG_TEMPLATE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+
+def llama_servers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"]
+
+
+@pytest.fixture(scope="module")
+def measured(e2e):
+    path = e2e.folder / "measure.yaml"
+    path.write_text(MEASURE_SPEC.format(template="", db=e2e.folder / "mlflow.db"))
+    summary = e2e.run(path)
+    return {c.cell: c for c in summary.cells}
+
+
+def metric(cell, stage: str, name: str) -> float:
+    return cell.stages[stage].metrics[name]
+
+
+def test_every_cell_passes_the_chat_check(measured):
+    assert len(measured) == 8
+    for name, cell in measured.items():
+        assert cell.status == "done", (name, cell.error)
+        assert metric(cell, "check", "check_ok") == 1
+
+
+def test_training_shows_through_the_served_model(measured):
+    base = metric(measured["base-q8_0"], "evaluate", "arithmetic_exact_match")
+    tuned = metric(measured["main-q8_0"], "evaluate", "arithmetic_exact_match")
+    assert tuned >= base + 0.15, f"served exact match: base {base:.2f}, tuned {tuned:.2f}"
+
+
+def test_drift_grows_as_bits_shrink(measured):
+    kld = [metric(measured[f"main-{q}"], "drift", "kld_mean") for q in ("q8_0", "q4_k_m", "q2_k")]
+    assert 0 <= kld[0] < kld[1] < kld[2], kld
+    top1 = [metric(measured[f"main-{q}"], "drift", "top1_agreement") for q in ("q8_0", "q2_k")]
+    assert 1.0 >= top1[0] > top1[1] > 0, top1
+    assert "drift" not in measured["main-f16"].stages
+
+
+def test_speed_and_memory_are_measured(measured):
+    for cell in measured.values():
+        bench = cell.stages["bench"].metrics
+        assert bench["decode_tps_p50"] > 0 and bench["stream_tps_p50"] > 0
+        assert 0 < bench["ttft_ms_p50"] <= bench["ttft_ms_p95"]
+        assert bench["memory_mb"] > 0 and bench["load_s"] > 0
+        assert bench["llama_bench_tg_tps"] > 0 and bench["llama_bench_pp_tps"] > 0
+
+
+def test_no_server_outlives_the_run(measured):
+    assert llama_servers() == []
+
+
+def test_measurements_reach_mlflow(measured, e2e):
+    client = MlflowClient(f"sqlite:///{e2e.folder / 'mlflow.db'}")
+    run = client.get_run(measured["main-q4_k_m"].run_id)
+    for name in ("arithmetic_exact_match", "decode_tps_p50", "kld_mean", "memory_mb"):
+        assert name in run.data.metrics, name
+    assert run.data.tags["forgebench.backend"] == "llamacpp"
+
+
+def test_wrong_template_makes_the_cell_broken_and_the_run_goes_on(e2e):
+    template = e2e.folder / "wrong.jinja"
+    template.write_text(WRONG_TEMPLATE)
+    path = e2e.folder / "wrong.yaml"
+    text = MEASURE_SPEC.format(template=f", chat_template: {template}", db=e2e.folder / "mlflow.db")
+    path.write_text(text.replace("quant: [f16, q8_0, q4_k_m, q2_k]", "quant: [q8_0]"))
+    summary = e2e.run(path)
+    assert [c.status for c in summary.cells] == ["broken", "broken"]
+    for cell in summary.cells:
+        assert "evaluate" not in cell.stages and "bench" not in cell.stages
+        assert "the served template differs" in cell.error
+        assert "drift" in cell.stages  # offline measurements still run
+    assert llama_servers() == []
