@@ -131,6 +131,18 @@ class DriftSpec(Strict):
     chunks: int = Field(6, gt=0)
 
 
+class BudgetSpec(Strict):
+    """When a cell is "slow" (misses a speed or memory budget) or "stupid" (loses accuracy
+    against its own F16, significantly, or drifts from it)."""
+
+    decode_tps_min: float | None = Field(None, gt=0, description="slow if p50 decode is below")
+    ttft_ms_p95_max: float | None = Field(None, gt=0, description="slow if p95 TTFT is above")
+    memory_mb_max: float | None = Field(None, gt=0, description="slow if peak memory is above")
+    accuracy_drop_max: float = Field(0.03, ge=0, le=1)
+    significance: float = Field(0.05, gt=0, lt=1)
+    kld_max: float | None = Field(None, gt=0, description="stupid if mean KLD from F16 is above")
+
+
 MEASUREMENTS = ("check", "evaluate", "bench", "drift")
 
 
@@ -155,6 +167,7 @@ class Spec(Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     bench: BenchSpec = BenchSpec()
     drift: DriftSpec = DriftSpec()
+    budgets: BudgetSpec = BudgetSpec()
     tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("quant")

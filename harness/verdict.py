@@ -20,16 +20,7 @@ from dataclasses import dataclass, field
 
 from harness import quant
 from harness.errors import ForgebenchError
-
-
-@dataclass
-class Budgets:
-    decode_tps_min: float | None = None
-    ttft_ms_p95_max: float | None = None
-    memory_mb_max: float | None = None
-    accuracy_drop_max: float = 0.03
-    significance: float = 0.05
-    kld_max: float | None = None
+from harness.spec import BudgetSpec
 
 
 @dataclass
@@ -71,7 +62,7 @@ def mcnemar(reference: dict[str, bool], candidate: dict[str, bool]) -> tuple[int
     return lost, gained, float(binomtest(lost, lost + gained, 0.5).pvalue)
 
 
-def slow_reasons(fig: Figures, budgets: Budgets) -> list[str]:
+def slow_reasons(fig: Figures, budgets: BudgetSpec) -> list[str]:
     reasons = []
     if (
         budgets.decode_tps_min is not None
@@ -94,7 +85,7 @@ def slow_reasons(fig: Figures, budgets: Budgets) -> list[str]:
     return reasons
 
 
-def accuracy_loss(fig: Figures, ref: Figures, budgets: Budgets, label: str) -> list[str]:
+def accuracy_loss(fig: Figures, ref: Figures, budgets: BudgetSpec, label: str) -> list[str]:
     """Tasks on which `fig` is worse than `ref` beyond the budget, significantly."""
     reasons = []
     for task, accuracy in sorted(fig.accuracy.items()):
@@ -109,7 +100,7 @@ def accuracy_loss(fig: Figures, ref: Figures, budgets: Budgets, label: str) -> l
     return reasons
 
 
-def stupid_reasons(fig: Figures, ref: Figures | None, budgets: Budgets) -> list[str]:
+def stupid_reasons(fig: Figures, ref: Figures | None, budgets: BudgetSpec) -> list[str]:
     reasons = []
     if ref is not None and ref is not fig and ref.status == "done":
         reasons += accuracy_loss(fig, ref, budgets, quant.REFERENCE)
@@ -118,7 +109,7 @@ def stupid_reasons(fig: Figures, ref: Figures | None, budgets: Budgets) -> list[
     return reasons
 
 
-def judge(cells: list[Figures], budgets: Budgets, control: str = "base") -> dict[str, Verdict]:
+def judge(cells: list[Figures], budgets: BudgetSpec, control: str = "base") -> dict[str, Verdict]:
     """One verdict per cell. Raises when a cell has no F16 reference to be judged against."""
     by_key = {(c.adapter, c.quant): c for c in cells}
     missing = sorted({c.adapter for c in cells if (c.adapter, quant.REFERENCE) not in by_key})

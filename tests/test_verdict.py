@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import ForgebenchError
-from harness.verdict import Budgets, Figures, judge, mcnemar
+from harness.spec import BudgetSpec
+from harness.verdict import Figures, judge, mcnemar
 
 
 def items(n_right: int, n: int = 100, offset: int = 0) -> dict[str, bool]:
@@ -24,7 +25,7 @@ def cell(adapter: str, level: str, right: int = 70, **kw) -> Figures:
     )
 
 
-BUDGETS = Budgets(
+BUDGETS = BudgetSpec(
     decode_tps_min=40,
     ttft_ms_p95_max=800,
     memory_mb_max=1024,
@@ -68,7 +69,7 @@ def test_a_drop_that_chance_explains_is_not_stupid():
         accuracy={"arith": 0.69},
         items={"arith": {**items(70), "0": False, "1": False, "99": True}},
     )
-    v = judge([ref, cand], Budgets(accuracy_drop_max=0.0))
+    v = judge([ref, cand], BudgetSpec(accuracy_drop_max=0.0))
     assert v["a-q4_0"].verdict == "ok"
 
 
