@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness import data, pipeline, spec
+from harness import data, host, pipeline, spec
 from harness.stages import train
 from harness.store import Store
 
@@ -113,17 +113,7 @@ def main() -> None:
         f"{ours / reference:.2f}x",
     )
     console.print(table)
-    console.print(f"CPU: {cpu_name()}; target >= 1.20x")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    console.print(f"machine: {host.machine()}; target >= 1.20x")
 
 
 if __name__ == "__main__":

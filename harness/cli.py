@@ -177,6 +177,64 @@ def run(spec: SpecArg, store: StoreOpt = DEFAULT_STORE) -> None:
         )
 
 
+ExperimentArg = Annotated[
+    str, typer.Argument(help="experiment name, or the spec file that names it", show_default=False)
+]
+UriOpt = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI"),
+]
+RunOpt = Annotated[str | None, typer.Option("--run", help="parent run id (default: latest)")]
+ByOpt = Annotated[str, typer.Option("--by", help="size (smallest file) or speed (fastest decode)")]
+
+
+def _invocation(experiment: str, uri: str | None, run_id: str | None):
+    from harness import results, tracking
+
+    if experiment.endswith((".yaml", ".yml")) or Path(experiment).is_file():
+        from harness import spec as spec_module
+
+        loaded = spec_module.load(Path(experiment))
+        experiment, uri = loaded.name, uri or tracking.tracking_uri(loaded)
+    return results.load(uri or tracking.DEFAULT_URI, experiment, run_id)
+
+
+@app.command()
+@friendly
+def report(
+    experiment: ExperimentArg,
+    tracking_uri: UriOpt = None,
+    run_id: RunOpt = None,
+    by: ByOpt = "size",
+    out: Annotated[Path, typer.Option("--out", help="reports folder")] = Path("reports"),
+) -> None:
+    """Write reports/<experiment>/index.html and report.md, from MLflow alone."""
+    from harness import report as report_module
+
+    inv = _invocation(experiment, tracking_uri, run_id)
+    index, md = report_module.write(inv, out / inv.experiment, by)
+    console.print(f"report: {index} and {md}", soft_wrap=True)
+
+
+@app.command()
+@friendly
+def best(
+    experiment: ExperimentArg,
+    tracking_uri: UriOpt = None,
+    run_id: RunOpt = None,
+    by: ByOpt = "size",
+) -> None:
+    """The quant level to ship per adapter: the smallest (or fastest) cell that is ok."""
+    from harness.best import choose
+
+    inv = _invocation(experiment, tracking_uri, run_id)
+    for choice in choose(inv.rows, by):
+        mark = "[green]✓[/]" if choice.row else "[red]✗[/]"
+        console.print(f"{mark} [bold]{choice.adapter}[/]: {choice.why}", soft_wrap=True)
+        if choice.front:
+            console.print("   Pareto front: " + ", ".join(r.quant for r in choice.front))
+
+
 @app.command()
 @friendly
 def setup() -> None:

@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness import backends, quant, sources, toolchain
+from harness import backends, host, quant, sources, toolchain
 from harness.errors import ForgebenchError, StageError
 from harness.spec import LoraSpec, Spec
 from harness.store import StageCall, Store, sha256_file
@@ -147,7 +147,7 @@ def _measurements(
     if "bench" in spec.measure:
         out["bench"] = StageCall(
             "bench",
-            {**served, "bench": spec.bench.model_dump(mode="json"), "machine": machine()},
+            {**served, "bench": spec.bench.model_dump(mode="json"), "machine": host.machine()},
             {"gguf": gguf, "model": model},
             llama_cpp,
         )
@@ -158,14 +158,6 @@ def _measurements(
             "drift", {"drift": drift}, {"gguf": gguf, "reference": out["drift_base"]}, llama_cpp
         )
     return out
-
-
-def machine() -> str:
-    """Speed figures belong to the machine that measured them."""
-    import os
-    import platform
-
-    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores"
 
 
 def _evaluate_identity(spec: Spec) -> dict[str, Any]:
@@ -237,6 +229,9 @@ class RunSummary:
     tracking_uri: str
     parent_run_id: str
     store: str
+    verdicts: dict[str, Any] = field(default_factory=dict)
+    """cell name -> harness.verdict.Verdict"""
+    verdict_error: str | None = None
 
     @property
     def failed(self) -> list[CellResult]:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness import __version__
+from harness import __version__, host
 
 if TYPE_CHECKING:
     from harness.pipeline import Cell, CellResult, RunSummary
@@ -64,6 +64,8 @@ class Experiment:
             existing.experiment_id if existing else self.client.create_experiment(spec.name)
         )
         self.parent_id = ""
+        self.cells: dict[str, str] = {}
+        """run id -> cell name, for the tags set once every cell is known."""
 
     def __enter__(self) -> Experiment:
         parent = self.client.create_run(
@@ -138,7 +140,21 @@ class Experiment:
             if outcome.traceback:
                 self.client.log_text(run_id, outcome.traceback, f"errors/{stage}.txt")
         self.client.set_terminated(run_id, "FINISHED" if result.status == "done" else "FAILED")
+        self.cells[run_id] = cell.name
         return run_id
+
+    def tag_verdicts(self, verdicts: dict[str, Any], primary_task: str | None) -> None:
+        """Verdicts need every cell (a cell is judged against its F16), so they come last."""
+        for run_id, cell in self.cells.items():
+            tags = {"forgebench.machine": host.machine()}
+            if primary_task:
+                tags["forgebench.primary_task"] = primary_task
+            if cell in verdicts:
+                tags["forgebench.verdict"] = verdicts[cell].verdict
+                tags["forgebench.verdict_reasons"] = "; ".join(verdicts[cell].reasons)[:5000]
+                tags["forgebench.verdict_notes"] = "; ".join(verdicts[cell].notes)[:5000]
+            for key, value in tags.items():
+                self.client.set_tag(run_id, key, value)
 
     def finish(self, summary: RunSummary) -> None:
         record = {

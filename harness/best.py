@@ -1,0 +1,72 @@
+"""Which quant level to ship, per adapter, and why.
+
+Among an adapter's cells that are neither slow, stupid nor broken, the
+smallest file (or, with `by="speed"`, the fastest decode); beside it, the
+Pareto front of accuracy against decode speed and size, so the trade-off the
+choice makes is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness.results import Row, primary_task
+
+
+@dataclass
+class Choice:
+    adapter: str
+    row: Row | None
+    why: str
+    front: list[Row] = field(default_factory=list)
+
+
+def dominates(a: Row, b: Row, task: str | None) -> bool:
+    """a is at least as accurate, as fast and as small as b, and better in one."""
+    pairs = [
+        (a.accuracy(task), b.accuracy(task)),
+        (a.decode_tps, b.decode_tps),
+        (-(a.size_mb or 0), -(b.size_mb or 0)),
+    ]
+    if any(x is None or y is None for x, y in pairs):
+        return False
+    return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
+
+
+def pareto_front(rows: list[Row], task: str | None) -> list[Row]:
+    done = [r for r in rows if r.status == "done"]
+    return [r for r in done if not any(dominates(o, r, task) for o in done if o is not r)]
+
+
+def choose(rows: list[Row], by: str = "size") -> list[Choice]:
+    task = primary_task(rows)
+    choices = []
+    for adapter in dict.fromkeys(r.adapter for r in rows):
+        mine = [r for r in rows if r.adapter == adapter]
+        ok = [r for r in mine if r.verdict == "ok"]
+        front = pareto_front(mine, task)
+        if not ok:
+            rejected = "; ".join(
+                f"{r.quant} {r.verdict or r.status}" + (f" ({r.reasons})" if r.reasons else "")
+                for r in mine
+            )
+            choices.append(Choice(adapter, None, f"no cell is ok: {rejected}", front))
+            continue
+        if by == "speed":
+            row = max(ok, key=lambda r: r.decode_tps or 0)
+            reason = f"fastest decode ({row.decode_tps or 0:.0f} tok/s p50)"
+        else:
+            row = min(ok, key=lambda r: r.size_mb or float("inf"))
+            reason = f"smallest file ({row.size_mb or 0:.1f} MB)"
+        accuracy = row.accuracy(task)
+        detail = f", {task} {accuracy:.2f}" if accuracy is not None and task else ""
+        choices.append(
+            Choice(
+                adapter,
+                row,
+                f"{row.quant}: {reason} among the {len(ok)} cells neither slow, stupid nor "
+                f"broken{detail}",
+                front,
+            )
+        )
+    return choices
