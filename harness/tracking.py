@@ -173,3 +173,64 @@ class Experiment:
 def result_curve(result: CellResult) -> list[tuple[int, float]]:
     train = result.stages.get("train")
     return [tuple(p) for p in train.metrics.get("loss_curve", [])] if train else []
+
+
+@dataclasses.dataclass
+class RunView:
+    """A run as plain data, so readers of results need not import mlflow."""
+
+    run_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    loss: list[tuple[int, float]]
+
+
+def _view(client: Any, run: Any, with_loss: bool = True) -> RunView:
+    loss: list[tuple[int, float]] = []
+    if with_loss and "train_loss" in run.data.metrics:
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        loss = sorted((m.step, m.value) for m in history)
+    return RunView(
+        run.info.run_id,
+        run.info.run_name,
+        run.info.status,
+        dict(run.data.params),
+        dict(run.data.metrics),
+        dict(run.data.tags),
+        loss,
+    )
+
+
+def invocation(
+    uri: str, experiment: str, run_id: str | None = None
+) -> tuple[RunView, list[RunView]]:
+    """A forgebench invocation (latest unless named) and its cell runs."""
+    from harness.errors import ForgebenchError
+
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ForgebenchError(f"no MLflow experiment {experiment!r} at {uri}; run the spec first")
+    if run_id is None:
+        parents = client.search_runs(
+            [found.experiment_id],
+            "tags.`forgebench.kind` = 'invocation'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not parents:
+            raise ForgebenchError(f"experiment {experiment!r} has no forgebench runs at {uri}")
+        run_id = parents[0].info.run_id
+    children = client.search_runs(
+        [found.experiment_id], f"tags.`{PARENT}` = '{run_id}'", max_results=5000
+    )
+    return _view(client, client.get_run(run_id), False), [_view(client, r) for r in children]
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
