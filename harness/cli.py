@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from harness import __version__
-from harness.errors import ForgebenchError
+from harness.errors import ForgebenchError, InputError
 
 app = typer.Typer(
     help=__doc__.splitlines()[0],
@@ -223,16 +223,102 @@ def best(
     tracking_uri: UriOpt = None,
     run_id: RunOpt = None,
     by: ByOpt = "size",
+    register: Annotated[
+        str | None, typer.Option("--register", help="register the chosen GGUF as this MLflow model")
+    ] = None,
+    alias: Annotated[str, typer.Option("--alias", help="alias for the registered version")] = (
+        "candidate"
+    ),
 ) -> None:
     """The quant level to ship per adapter: the smallest (or fastest) cell that is ok."""
+    from harness import tracking
     from harness.best import choose
 
     inv = _invocation(experiment, tracking_uri, run_id)
+    uri = inv.tracking_uri
     for choice in choose(inv.rows, by):
         mark = "[green]✓[/]" if choice.row else "[red]✗[/]"
         console.print(f"{mark} [bold]{choice.adapter}[/]: {choice.why}", soft_wrap=True)
         if choice.front:
             console.print("   Pareto front: " + ", ".join(r.quant for r in choice.front))
+        if choice.row is None:
+            continue
+        tracking.tag(uri, choice.row.run_id, "forgebench.best", by)
+        if register and choice.adapter != "base":
+            gguf = Path(choice.row.tags["forgebench.gguf"])
+            version = tracking.register(uri, register, choice.row.run_id, gguf, alias)
+            console.print(f"   registered {register} version {version} as @{alias}")
+
+
+@app.command(name="check")
+@friendly
+def check_command(
+    candidate: Annotated[
+        str, typer.Option("--candidate", help="run id, EXPERIMENT:CELL (latest run) or MODEL@ALIAS")
+    ],
+    baseline: Annotated[
+        str,
+        typer.Option(
+            "--baseline",
+            help="run id, EXPERIMENT:CELL or MODEL@ALIAS, e.g. forgebench-math@champion",
+        ),
+    ],
+    tracking_uri: UriOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", help="also write the summary")] = None,
+    accuracy_drop_max: float = 0.02,
+    significance: float = 0.05,
+    speed_drop_pct: float = 10.0,
+    memory_rise_pct: float = 10.0,
+    promote: Annotated[
+        bool,
+        typer.Option("--promote", help="on a pass, move the baseline's alias to the candidate"),
+    ] = False,
+) -> None:
+    """Release gate: exit 0 if the candidate is no worse than the baseline, 1 if it regressed,
+    2 on bad input; prints a Markdown summary."""
+    from harness import gate, tracking
+
+    try:
+        uri = tracking_uri or tracking.DEFAULT_URI
+        cand_id, base_id = _run_ref(uri, candidate), _run_ref(uri, baseline)
+        cand, base = tracking.run_view(uri, cand_id), tracking.run_view(uri, base_id)
+        result = gate.compare(
+            cand,
+            base,
+            tracking.samples(uri, cand_id),
+            tracking.samples(uri, base_id),
+            gate.Tolerances(accuracy_drop_max, significance, speed_drop_pct, memory_rise_pct),
+        )
+    except ForgebenchError as exc:  # for a CI job, 1 means "regressed" and nothing else
+        raise InputError(str(exc)) from None
+    summary = result.markdown(cand, base)
+    print(summary, end="")
+    if output:
+        output.write_text(summary)
+    if result.passed and promote:
+        if "@" not in baseline:
+            raise InputError("--promote needs the baseline given as MODEL@ALIAS")
+        name, alias_name = baseline.removeprefix("models:/").split("@", 1)
+        version = tracking.set_alias(
+            uri, name, alias_name, cand_id, Path(cand.tags["forgebench.gguf"])
+        )
+        err.print(f"promoted: {name}@{alias_name} -> version {version}")
+    raise typer.Exit(0 if result.passed else 1)
+
+
+def _run_ref(uri: str, ref: str) -> str:
+    """EXPERIMENT:CELL -> that cell's run in the latest invocation; else a run id or alias."""
+    from harness import results, tracking
+
+    if ":" in ref and "@" not in ref and not ref.startswith("models:/"):
+        experiment, cell = ref.split(":", 1)
+        rows = {r.cell: r for r in results.load(uri, experiment).rows}
+        if cell not in rows:
+            raise ForgebenchError(
+                f"no cell {cell!r} in the latest run of {experiment!r}; cells: {', '.join(rows)}"
+            )
+        return rows[cell].run_id
+    return tracking.resolve_run(uri, ref)
 
 
 @app.command()

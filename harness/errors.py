@@ -12,10 +12,14 @@ class ForgebenchError(Exception):
     exit_code = 1
 
 
-class SpecError(ForgebenchError):
-    """The experiment spec is invalid; nothing has run yet."""
+class InputError(ForgebenchError):
+    """What the user asked for cannot be read or found; nothing has run yet."""
 
     exit_code = 2
+
+
+class SpecError(InputError):
+    """The experiment spec is invalid."""
 
 
 class StageError(ForgebenchError):

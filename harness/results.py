@@ -43,6 +43,7 @@ class Row:
 @dataclass
 class Invocation:
     experiment: str
+    tracking_uri: str
     run_id: str
     tags: dict[str, str]
     rows: list[Row]
@@ -78,4 +79,4 @@ def load(uri: str, experiment: str, run_id: str | None = None) -> Invocation:
         for run in children
     ]
     rows.sort(key=lambda r: (r.adapter != "base", r.adapter, ORDER.get(r.quant, 99)))
-    return Invocation(experiment, parent.run_id, parent.tags, rows)
+    return Invocation(experiment, uri, parent.run_id, parent.tags, rows)

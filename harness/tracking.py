@@ -10,6 +10,7 @@ carries the spec and the run summary as artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -86,7 +87,13 @@ class Experiment:
             status = "KILLED" if exc_type is KeyboardInterrupt else "FAILED"
             self.client.set_terminated(self.parent_id, status)
 
-    def log_cell(self, cell: Cell, result: CellResult, lineage: dict[str, Any]) -> str:
+    def log_cell(
+        self,
+        cell: Cell,
+        result: CellResult,
+        lineage: dict[str, Any],
+        artifacts: dict[str, Path] | None = None,
+    ) -> str:
         from mlflow.entities import Metric, Param, RunTag
 
         run = self.client.create_run(
@@ -136,6 +143,8 @@ class Experiment:
             params=[Param(k, v[:6000]) for k, v in params.items()],
             tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
         )
+        for folder, path in (artifacts or {}).items():
+            self.client.log_artifact(run_id, str(path), folder)
         for stage, outcome in result.stages.items():
             if outcome.traceback:
                 self.client.log_text(run_id, outcome.traceback, f"errors/{stage}.txt")
@@ -234,3 +243,76 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(uri)
+
+
+def tag(uri: str, run_id: str, key: str, value: str) -> None:
+    _client(uri).set_tag(run_id, key, value)
+
+
+def run_view(uri: str, run_id: str) -> RunView:
+    client = _client(uri)
+    return _view(client, client.get_run(run_id))
+
+
+def resolve_run(uri: str, ref: str) -> str:
+    """A run id from a run id or a registered model alias (`models:/NAME@ALIAS` or `NAME@ALIAS`)."""
+    from harness.errors import ForgebenchError
+
+    client = _client(uri)
+    if "@" in ref:
+        name, alias = ref.removeprefix("models:/").split("@", 1)
+        try:
+            return client.get_model_version_by_alias(name, alias).run_id
+        except Exception as exc:  # mlflow raises its own RestException subclasses
+            raise ForgebenchError(f"no model version {name}@{alias} at {uri}: {exc}") from None
+    try:
+        return client.get_run(ref).info.run_id
+    except Exception:
+        raise ForgebenchError(f"no MLflow run {ref!r} at {uri}") from None
+
+
+def samples(uri: str, run_id: str) -> dict[str, dict[str, bool]]:
+    """Per-item correctness logged by the evaluate stage: task -> item id -> correct."""
+    from mlflow.artifacts import download_artifacts
+
+    client = _client(uri)
+    out: dict[str, dict[str, bool]] = {}
+    for artifact in client.list_artifacts(run_id, "samples"):
+        name = Path(artifact.path).name
+        if not (name.startswith("samples_") and name.endswith(".jsonl")):
+            continue
+        local = Path(
+            download_artifacts(run_id=run_id, artifact_path=artifact.path, tracking_uri=uri)
+        )
+        rows = [json.loads(line) for line in local.read_text().splitlines() if line.strip()]
+        out[name[len("samples_") : -len(".jsonl")]] = {
+            str(r["doc_id"]): bool(r["correct"]) for r in rows
+        }
+    return out
+
+
+def register(uri: str, name: str, run_id: str, gguf: Path, alias: str) -> str:
+    """Register a cell's GGUF (logged to its run) as a model version and point `alias` at it."""
+    client = _client(uri)
+    if not any(a.path == "gguf" for a in client.list_artifacts(run_id)):
+        client.log_artifact(run_id, str(gguf), "gguf")
+    with contextlib.suppress(Exception):  # already registered
+        client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run_id}/gguf", run_id=run_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    client.set_tag(run_id, "forgebench.registered", f"{name}@{alias} v{version.version}")
+    return version.version
+
+
+def set_alias(uri: str, name: str, alias: str, run_id: str, gguf: Path | None) -> str:
+    """Move `alias` to the version registered from `run_id`, registering it first if needed."""
+    client = _client(uri)
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.run_id == run_id:
+            client.set_registered_model_alias(name, alias, version.version)
+            return version.version
+    if gguf is None:
+        from harness.errors import ForgebenchError
+
+        raise ForgebenchError(f"run {run_id} has no GGUF to register as {name}")
+    return register(uri, name, run_id, gguf, alias)
