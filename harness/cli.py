@@ -134,7 +134,13 @@ def pipeline_plan_title(name: str, n_cells: int, todo: Counter) -> str:
 
 @app.command()
 @friendly
-def run(spec: SpecArg, store: StoreOpt = DEFAULT_STORE) -> None:
+def run(
+    spec: SpecArg,
+    store: StoreOpt = DEFAULT_STORE,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="stop at the first failed cell")
+    ] = False,
+) -> None:
     """Run every cell of a spec, reusing cached stages; log everything to MLflow."""
     from harness import pipeline, toolchain, tracking
     from harness import spec as spec_module
@@ -161,7 +167,7 @@ def run(spec: SpecArg, store: StoreOpt = DEFAULT_STORE) -> None:
         f"store {Store(store).root}"
     )
     with RichReporter(console, total) as reporter:
-        summary = pipeline.run(loaded, spec, Store(store), reporter)
+        summary = pipeline.run(loaded, spec, Store(store), reporter, fail_fast)
     console.print(summary_table(summary))
     work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in pipeline.STAGES)
     console.print(f"work done: {work}", soft_wrap=True)

@@ -90,12 +90,13 @@ def plan(spec: Spec) -> list[Cell]:
                 "train",
                 {
                     "lora": lora.settings(),
-                    "train": spec.train.model_dump(mode="json"),
+                    "train": spec.train.model_dump(mode="json", exclude={"checkpoint_every"}),
                     "data": data,
                     "trust_remote_code": trust,
                 },
                 {"base": resolve},
                 _versions("torch", "transformers", "peft"),
+                runtime={"checkpoint_every": spec.train.checkpoint_every},
             )
             model = calls["merge"] = StageCall(
                 "merge",
@@ -238,7 +239,9 @@ class RunSummary:
         return [c for c in self.cells if c.status != "done"]
 
 
-def run(spec: Spec, spec_path: Path, store: Store, reporter: Reporter) -> RunSummary:
+def run(
+    spec: Spec, spec_path: Path, store: Store, reporter: Reporter, fail_fast: bool = False
+) -> RunSummary:
     from harness import tracking
 
     cells = plan(spec)
@@ -249,8 +252,12 @@ def run(spec: Spec, spec_path: Path, store: Store, reporter: Reporter) -> RunSum
         for cell in cells:
             with Served(spec, cell, store) as served:
                 result = _run_cell(cell, store, reporter, outcomes, executed, served)
-            result.run_id = experiment.log_cell(cell, result, _lineage(store, cell))
+            result.run_id = experiment.log_cell(
+                cell, result, _lineage(store, cell), _artifacts(store, cell, result)
+            )
             results.append(result)
+            if fail_fast and result.status != "done":
+                break
         summary = RunSummary(
             spec.name,
             results,
@@ -358,9 +365,14 @@ def _execute(
     module = importlib.import_module(f"harness.stages.{call.stage}")
     started = time.perf_counter()
     try:
-        with store.building(call) as out:
-            metrics = module.run(call.settings, inputs, out, reporter.stage_progress, **extra)
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        with store.lock(call):
+            if store.has(call):  # another process built it while we waited
+                return _cached_outcome(call, store)
+            with store.building(call) as out:
+                if call.runtime.get("checkpoint_every"):
+                    extra |= {"scratch": store.scratch(call), **call.runtime}
+                metrics = module.run(call.settings, inputs, out, reporter.stage_progress, **extra)
+                (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # one cell's failure must not lose the others
@@ -391,6 +403,22 @@ def _cached_outcome(call: StageCall, store: Store) -> Outcome:
     metrics_file = folder / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return Outcome(call.key, True, store.manifest(call)["seconds"], metrics)
+
+
+def _artifacts(store: Store, cell: Cell, result: CellResult) -> list[tuple[str, Path]]:
+    """Files worth keeping beside a cell's run: per-item samples (for paired comparisons
+    later), the chat check's exchange, the Modelfile a user can `ollama create -f`."""
+    wanted = {
+        "evaluate": ("samples", "samples_*.jsonl"),
+        "check": ("check", "verdict.json"),
+        "bench": ("serve", "Modelfile"),
+    }
+    out = []
+    for stage, (folder, pattern) in wanted.items():
+        outcome = result.stages.get(stage)
+        if outcome is not None and not outcome.error:
+            out += [(folder, path) for path in sorted(store.path(cell.calls[stage]).glob(pattern))]
+    return out
 
 
 def _lineage(store: Store, cell: Cell) -> dict[str, Any]:

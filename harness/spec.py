@@ -72,6 +72,9 @@ class TrainSpec(Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
+    checkpoint_every: int = Field(
+        0, ge=0, description="save LoRA weights + optimizer every N steps so a killed run resumes"
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast where the hardware has bf16 units, else fp32"
     )

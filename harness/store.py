@@ -9,6 +9,7 @@ a finished output and a crash leaves nothing that could be mistaken for one.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +35,8 @@ class StageCall:
     settings: dict[str, Any]
     inputs: dict[str, StageCall] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)
+    """Options that change how the stage runs but not what it produces (not in the key)."""
 
     @cached_property
     def key(self) -> str:
@@ -68,11 +71,31 @@ class Store:
     def path(self, call: StageCall) -> Path:
         return self.root / call.stage / call.key
 
+    def scratch(self, call: StageCall) -> Path:
+        """A folder that survives a killed run (checkpoints), removed once the call is built."""
+        return self.root / "scratch" / call.stage / call.key
+
     def has(self, call: StageCall) -> bool:
         return (self.path(call) / MANIFEST).is_file()
 
     def manifest(self, call: StageCall) -> dict[str, Any]:
         return json.loads((self.path(call) / MANIFEST).read_text())
+
+    @contextmanager
+    def lock(self, call: StageCall) -> Iterator[None]:
+        """Hold the call's lock: a second process building the same key waits, then reuses.
+
+        An OS file lock (flock) is released by the kernel when its holder dies,
+        so a killed run never leaves a stale lock behind.
+        """
+        folder = self.root / call.stage
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / f".{call.key}.lock").open("w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     @contextmanager
     def building(self, call: StageCall) -> Iterator[Path]:
@@ -107,6 +130,7 @@ class Store:
                 shutil.rmtree(tmp)
             else:
                 os.rename(tmp, final)
+            shutil.rmtree(self.scratch(call), ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,18 @@ PARENT = "mlflow.parentRunId"
 
 def tracking_uri(spec: Spec) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or DEFAULT_URI
+
+
+def _alive(pid: str | None) -> bool:
+    if not pid or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def ui_command(uri: str) -> str:
@@ -69,6 +82,7 @@ class Experiment:
         """run id -> cell name, for the tags set once every cell is known."""
 
     def __enter__(self) -> Experiment:
+        killed = self._close_killed_runs()
         parent = self.client.create_run(
             self.experiment_id,
             run_name=f"{self.spec.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
@@ -76,11 +90,39 @@ class Experiment:
                 "forgebench.version": __version__,
                 "forgebench.kind": "invocation",
                 "forgebench.spec_path": str(self.spec_path),
+                "forgebench.pid": str(os.getpid()),
+                "forgebench.host": socket.gethostname(),
+                "forgebench.resumes": ",".join(killed),
             },
         )
         self.parent_id = parent.info.run_id
         self.client.log_artifact(self.parent_id, str(self.spec_path), "spec")
         return self
+
+    def _close_killed_runs(self) -> list[str]:
+        """Runs left RUNNING by a process that no longer exists are closed as KILLED.
+
+        A run is only closed when it was started on this host by a process that is
+        gone, so a second forgebench working on the same experiment is left alone.
+        """
+        killed = []
+        running = self.client.search_runs(
+            [self.experiment_id], "attributes.status = 'RUNNING'", max_results=5000
+        )
+        for run in running:
+            tags = run.data.tags
+            if tags.get("forgebench.kind") != "invocation":
+                continue
+            if tags.get("forgebench.host") != socket.gethostname() or _alive(
+                tags.get("forgebench.pid")
+            ):
+                continue
+            for child in running:
+                if child.data.tags.get(PARENT) == run.info.run_id:
+                    self.client.set_terminated(child.info.run_id, "KILLED")
+            self.client.set_terminated(run.info.run_id, "KILLED")
+            killed.append(run.info.run_id)
+        return killed
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -143,7 +185,7 @@ class Experiment:
             params=[Param(k, v[:6000]) for k, v in params.items()],
             tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
         )
-        for folder, path in (artifacts or {}).items():
+        for folder, path in artifacts:
             self.client.log_artifact(run_id, str(path), folder)
         for stage, outcome in result.stages.items():
             if outcome.traceback:

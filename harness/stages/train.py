@@ -33,13 +33,23 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from harness import data as datasets
 from harness.errors import StageError
 from harness.stages import Progress
 
 
-def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: Progress) -> dict:
+def run(
+    settings: dict[str, Any],
+    inputs: dict[str, Path],
+    out: Path,
+    progress: Progress,
+    scratch: Path | None = None,
+    checkpoint_every: int = 0,
+) -> dict:
+    """With `scratch` and `checkpoint_every`, checkpoints (adapter, optimizer, scheduler and
+    RNG states) go to `scratch`, and a rerun after a kill resumes from the latest one."""
     train, lora = settings["train"], settings["lora"]
     base_dir = inputs["base"] / "model"
     trust = settings["trust_remote_code"]
@@ -72,7 +82,7 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
     )
     curve = Curve(progress)
     args = TrainingArguments(
-        output_dir=str(out / "trainer"),
+        output_dir=str(scratch or out / "trainer"),
         num_train_epochs=train["epochs"],
         learning_rate=train["lr"],
         per_device_train_batch_size=train["batch_size"],
@@ -85,7 +95,9 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
         use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length",
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if scratch and checkpoint_every else "no",
+        save_steps=checkpoint_every or 500,
+        save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -95,13 +107,18 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
         model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=[curve]
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through `progress`, not print
+    resume = get_last_checkpoint(str(scratch)) if scratch and scratch.is_dir() else None
+    if resume:
+        progress(f"resuming from {Path(resume).name}", None)
     started = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
 
     model.save_pretrained(out / "adapter")
     shutil.rmtree(out / "trainer", ignore_errors=True)
-    if not curve.points or not all(math.isfinite(loss) for _, loss in curve.points):
+    # the whole curve, including the steps before a resume
+    points = [(e["step"], float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    if not points or not all(math.isfinite(loss) for _, loss in points):
         raise StageError("training produced no finite loss; lower train.lr or check the data")
     return {
         "train_examples": len(examples),
@@ -111,11 +128,12 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
         ),
         "train_seconds": round(seconds, 2),
         "train_tokens_per_s": round(collate.tokens / seconds, 1),
-        "train_final_loss": curve.points[-1][1],
+        "train_final_loss": points[-1][1],
         "trainable_params": trainable,
         "total_params": total,
         "train_bf16": int(bf16),
-        "loss_curve": curve.points,
+        "train_resumed_from_step": int(resume.rsplit("-", 1)[-1]) if resume else 0,
+        "loss_curve": points,
     }
 
 
@@ -189,15 +207,13 @@ class Collator:
 
 
 class Curve(TrainerCallback):
-    """Records (step, loss) at every logging step and reports progress."""
+    """Reports the loss at every logging step as progress."""
 
     def __init__(self, progress: Progress):
         self.progress = progress
-        self.points: list[tuple[int, float]] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.points.append((state.global_step, float(logs["loss"])))
             self.progress(
                 f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.3f}",
                 state.global_step / max(1, state.max_steps),
