@@ -339,6 +339,21 @@ def setup() -> None:
     console.print(f"llama.cpp: {toolchain.revision()} at {path}; tools in {bin_dir}")
 
 
+@app.command()
+@friendly
+def models(
+    hf: Annotated[
+        bool, typer.Option("--hf", help="list the Hugging Face cache and model_dirs instead")
+    ] = False,
+) -> None:
+    """List local Ollama models: GGUF, architecture, size, quant, context, mapped HF base."""
+    from harness import ollama_models
+
+    lines = ollama_models.hf_cache_lines() if hf else ollama_models.model_lines()
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 # Stages report their own progress; library progress bars would only garble it.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -2,7 +2,9 @@
 
 Training needs full-precision weights (seed 000): a quantized GGUF can be
 dequantized for training, but what quantization threw away does not come
-back, so the lineage of such a base says it is lossy.
+back, so the lineage of such a base says it is lossy. An Ollama model
+(`ollama:`) resolves to its GGUF blob and then to the HF base it was made
+from, checked against that GGUF (harness.ollama_models).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def bundled_gguf(name: str) -> Path:
     if name not in BUNDLED:
         raise ForgebenchError(
             f"unknown bundled model {name!r}; known: {', '.join(BUNDLED)} "
-            "(or use base: {hf: ...}, {path: ...} or {gguf: ...})"
+            "(or use base: {hf: ...}, {path: ...}, {gguf: ...} or {ollama: ...})"
         )
     entry = BUNDLED[name]
     spec = importlib.util.find_spec(entry.package)
@@ -53,8 +55,17 @@ def identity(base: dict[str, Any]) -> dict[str, Any]:
     """What the resolved base depends on, cheaply: it goes into the resolve stage's key.
 
     Files are identified by path, size and modification time rather than a
-    full hash, so planning a 14 GB base costs nothing.
+    full hash, so planning a 14 GB base costs nothing. An Ollama model is identified
+    by its manifest digest (a new pull changes it) and by what it resolved to.
     """
+    if base.get("ollama"):
+        from harness import ollama_models
+
+        resolved = ollama_models.resolve_base(base)
+        return {
+            "ollama_digest": resolved.model.digest,
+            "resolved": {**resolved.base, **identity(resolved.base)},
+        }
     if base.get("model"):
         path = bundled_gguf(base["model"])
         package = BUNDLED[base["model"]].package.replace("_", "-")
@@ -70,6 +81,11 @@ def identity(base: dict[str, Any]) -> dict[str, Any]:
 
 def materialize(base: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write the base as an HF model folder into `out`; return its lineage."""
+    if base.get("ollama"):
+        from harness import ollama_models
+
+        resolved = ollama_models.resolve_base(base)
+        return materialize(resolved.base, out) | resolved.lineage
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     if base.get("model") or base.get("gguf"):

@@ -30,17 +30,26 @@ class BaseRef(Strict):
     hf: str | None = Field(None, description="a Hugging Face repo id, read from the local HF cache")
     path: Path | None = Field(None, description="a local Hugging Face model folder")
     gguf: Path | None = Field(None, description="a GGUF file, dequantized for training (lossy)")
-    revision: str | None = Field(None, description="HF revision (with hf:)")
+    ollama: str | None = Field(
+        None, description="an Ollama model, e.g. qwen2.5-coder:7b: trained on its verified HF base"
+    )
+    fallback: Literal["gguf"] | None = Field(
+        None, description="with ollama: no HF base reachable -> its GGUF, dequantized (lossy)"
+    )
+    revision: str | None = Field(None, description="HF revision (with hf: or ollama:)")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> BaseRef:
-        given = [k for k in ("model", "hf", "path", "gguf") if getattr(self, k) is not None]
+        sources = ("model", "hf", "path", "gguf", "ollama")
+        given = [k for k in sources if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of model, hf, path or gguf"
+                "give exactly one of model, hf, path or gguf (or ollama)"
                 + (f" (got {', '.join(given)})" if given else "")
             )
+        if self.fallback and not self.ollama:
+            raise ValueError("fallback: gguf applies to base: {ollama: ...} only")
         return self
 
 
