@@ -71,10 +71,12 @@ def friendly(command):
 @friendly
 def validate(specs: Annotated[list[Path], typer.Argument(help="spec files")]) -> None:
     """Check specs without running anything."""
+    from harness import preflight
     from harness import spec as spec_module
 
     for path in specs:
         loaded = spec_module.load(path)
+        preflight.check(loaded)
         console.print(
             f"[green]ok[/] {path}: {len(loaded.lora)} LoRA configs x "
             f"{len(loaded.quant)} quant levels"
@@ -89,12 +91,13 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
     """Show the matrix and which stages are cached or still to do; runs nothing."""
-    from harness import pipeline
+    from harness import pipeline, preflight
     from harness import spec as spec_module
     from harness.console import plan_table
     from harness.store import Store
 
     loaded = spec_module.load(spec)
+    preflight.check(loaded)
     the_store = Store(store)
     cells = pipeline.plan(loaded)
     rows = [
@@ -142,12 +145,13 @@ def run(
     ] = False,
 ) -> None:
     """Run every cell of a spec, reusing cached stages; log everything to MLflow."""
-    from harness import pipeline, toolchain, tracking
+    from harness import pipeline, preflight, toolchain, tracking
     from harness import spec as spec_module
     from harness.console import RichReporter, summary_table
     from harness.store import Store
 
     loaded = spec_module.load(spec)
+    preflight.check(loaded, Path(store))
     cells = pipeline.plan(loaded)
     toolchain.ensure_source(log=lambda m: console.print(f"[dim]{m}[/]"))
     if loaded.measure:

