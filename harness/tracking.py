@@ -66,13 +66,12 @@ class Experiment:
     """One invocation of a spec: a parent run and a child run per cell."""
 
     def __init__(self, spec: Spec, spec_path: Path):
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
         self.spec, self.spec_path = spec, spec_path
         self.uri = tracking_uri(spec)
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        # an explicit client, never mlflow.set_tracking_uri: that also sets the
+        # MLFLOW_TRACKING_URI environment variable, so the next spec run in the same
+        # process (or any child process) would log to this spec's store
+        self.client = _client(self.uri)
         existing = self.client.get_experiment_by_name(spec.name)
         self.experiment_id = (
             existing.experiment_id if existing else self.client.create_experiment(spec.name)
