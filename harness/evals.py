@@ -1,0 +1,150 @@
+"""Evaluation tasks: lm-eval task configs for the items one experiment scores.
+
+The tasks are defined once, in lm-eval's own YAML format, in `evals/` (plain
+lm-eval runs them unchanged with `--include_path evals`). What changes from one
+experiment to the next is only where the items are: the arithmetic task's
+held-out split follows the spec's seed and sizes, and a spec can name its own
+question/answer JSONL. For each task, then, a small YAML is generated that
+`include:`s the task's definition and sets `dataset_kwargs` to an absolute data
+path. `include:` is lm-eval's own way to derive a task, so prompt, stops and
+scoring stay defined in one place; absolute paths matter because HF datasets
+resolves relative `data_files` against the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness import data
+from harness.errors import ForgebenchError
+
+EVALS = Path(__file__).resolve().parents[1] / "evals"
+"""The task definitions; what lm-eval's TaskManager gets as `include_path`."""
+QA_TEMPLATE = EVALS / "_qa_template_yaml"
+"""Base of question/answer tasks: exact match of the stripped reply."""
+BUILTIN = {
+    "arithmetic": EVALS / "forgebench_arithmetic.yaml",
+    "gsm8k": EVALS / "forgebench_gsm8k.yaml",
+}
+GSM8K_DATA = EVALS / "data" / "gsm8k" / "test.jsonl"
+PRIMARY_FILTER = {"gsm8k": "flexible-extract"}
+"""The filter a task's accuracy is read from, where it has several. For GSM8K the last
+number in the reply: a small model rarely keeps the "#### N" format, so strict match
+would score format adherence alone and leave nothing for a paired comparison."""
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One task as the evaluate stage runs it."""
+
+    name: str
+    """The spec's name for it (`arithmetic`, `gsm8k` or a user task's name)."""
+    config: Path
+    """The lm-eval task YAML to load."""
+    primary_filter: str | None = None
+    """The filter whose score is the task's accuracy; None when it has only one."""
+
+    @property
+    def lm_eval_name(self) -> str:
+        return lm_eval_name(self.name)
+
+
+def lm_eval_name(name: str) -> str:
+    return f"forgebench_{name}"
+
+
+def task_config(name: str, items: Path, base: Path, cache_dir: Path | None = None) -> dict:
+    """An lm-eval task config deriving `base` with its test items read from `items`.
+
+    `cache_dir` keeps HF datasets' Arrow copy of the items out of the user's HF cache.
+    """
+    dataset_kwargs: dict[str, Any] = {"data_files": {"test": str(items.resolve())}}
+    if cache_dir is not None:
+        dataset_kwargs["cache_dir"] = str(cache_dir)
+    return {
+        "include": str(base.resolve()),
+        "task": lm_eval_name(name),
+        "dataset_kwargs": dataset_kwargs,
+    }
+
+
+def user_task_config(name: str, items: Path, cache_dir: Path | None = None) -> dict:
+    """The config of a spec's own question/answer task, after checking its rows."""
+    check_qa_jsonl(items)
+    return task_config(name, items, QA_TEMPLATE, cache_dir)
+
+
+def write_task(config: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{config['task']}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def check_qa_jsonl(path: Path) -> int:
+    """Rows must be {"question": str, "answer": str}: say where one is not, before any
+    server starts, rather than as a template error deep inside lm-eval. Returns the count."""
+    if not path.is_file():
+        raise ForgebenchError(f"{path}: evaluation file not found")
+    count = 0
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ForgebenchError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
+        if not (
+            isinstance(row, dict)
+            and isinstance(row.get("question"), str)
+            and isinstance(row.get("answer"), str)
+        ):
+            raise ForgebenchError(f'{path}:{lineno}: expected {{"question": str, "answer": str}}')
+        count += 1
+    if count == 0:
+        raise ForgebenchError(f"{path}: no evaluation items")
+    return count
+
+
+def arithmetic_items(data_spec: dict[str, Any]) -> list[dict[str, str]]:
+    """The held-out arithmetic problems of a `data:` block as question/answer rows."""
+    return [
+        {"question": conversation[0]["content"], "answer": conversation[-1]["content"]}
+        for conversation in data.held_out(data_spec)
+    ]
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return path
+
+
+def prepare(
+    tasks: list[str | dict[str, str]], data_spec: dict[str, Any], folder: Path
+) -> list[EvalTask]:
+    """Task YAMLs (and the arithmetic items) for the `evaluate.tasks` of a spec, in `folder`."""
+    names = [task if isinstance(task, str) else task["name"] for task in tasks]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise ForgebenchError(f"evaluate.tasks: task named twice: {', '.join(dupes)}")
+    cache_dir = folder / "hf-datasets"
+    prepared = []
+    for task in tasks:
+        if isinstance(task, dict):
+            config = user_task_config(task["name"], Path(task["path"]), cache_dir)
+            prepared.append(EvalTask(task["name"], write_task(config, folder)))
+            continue
+        if task == "arithmetic":
+            items = write_jsonl(arithmetic_items(data_spec), folder / "arithmetic.jsonl")
+        elif task == "gsm8k":
+            items = GSM8K_DATA
+        else:
+            raise ForgebenchError(f"evaluate.tasks: unknown task {task!r}")
+        config = task_config(task, items, BUILTIN[task], cache_dir)
+        prepared.append(EvalTask(task, write_task(config, folder), PRIMARY_FILTER.get(task)))
+    return prepared

@@ -1,0 +1,201 @@
+"""evaluate: accuracy of the served model, scored by lm-eval through its OpenAI endpoint.
+
+Spec keys: `evaluate.*` (`tasks`, `limit`, `concurrency`) and `data` (the
+arithmetic task's held-out split). Each task runs through
+`lm_eval.simple_evaluate` with lm-eval's `local-chat-completions` model against
+the deployment's `/v1/chat/completions`: the server applies the model's own
+chat template, as it does for users, so no tokenizer is loaded (none could be
+downloaded anyway) and requests go out as chat messages, `num_concurrent` at a
+time into the server's parallel slots. Per task and filter the result is the
+exact-match score with a 95% Wilson interval on the per-item scores, under
+MLflow-safe names; every item's prompt, reply, extracted answer and score goes
+to `samples_<task>.jsonl`, keyed by lm-eval's doc id, so that two cells can be
+compared item by item.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from harness import evals
+from harness.evals import EvalTask
+from harness.stages import Progress
+
+METRIC = "exact_match"
+Z_95 = 1.959963984540054
+UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/ ]")
+"""Characters MLflow refuses in a metric name."""
+
+
+def wilson(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a proportion: unlike the normal approximation it stays
+    inside [0, 1] and is honest at 0/n and n/n, which small evals often hit."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # mathematically low <= p <= high; min/max keep it so in floating point at 0/n and n/n
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
+def short_filter(name: str) -> str:
+    """lm-eval's filter name, shortened: "strict-match" -> "strict"."""
+    return name.split("-")[0]
+
+
+def metric_name(task: str, key: str, several_filters: bool) -> str | None:
+    """An lm-eval result key ("exact_match,strict-match") as a forgebench metric name
+    ("gsm8k_exact_match_strict"); None for keys that are not scores (alias, sample_len).
+    The filter is named only where a task has several, so a one-filter task's score
+    keeps one stable name."""
+    metric, comma, filter_name = key.partition(",")
+    if not comma:
+        return None
+    stderr = metric.endswith("_stderr")
+    name = f"{task}_{metric.removesuffix('_stderr')}"
+    if several_filters:
+        name += f"_{short_filter(filter_name)}"
+    return UNSAFE.sub("_", name + ("_stderr" if stderr else ""))
+
+
+def model_args(openai_base_url: str, model_name: str, concurrency: int) -> dict[str, Any]:
+    """lm-eval's chat-completions client with no tokenizer: the server renders the chat
+    template, and lm-eval needs a tokenizer only for loglikelihood tasks, which chat
+    endpoints cannot serve."""
+    return {
+        "base_url": f"{openai_base_url}/chat/completions",
+        "model": model_name,
+        "tokenizer_backend": None,
+        "tokenized_requests": False,
+        "num_concurrent": concurrency,
+    }
+
+
+def sample_rows(samples: list[dict[str, Any]], primary: str | None) -> list[dict[str, Any]]:
+    """lm-eval's logged samples (one per item and filter) as one row per item."""
+    by_doc: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for sample in samples:
+        by_doc[sample["doc_id"]][sample["filter"]] = sample
+    rows = []
+    for doc_id in sorted(by_doc):
+        filters = by_doc[doc_id]
+        main = filters[primary or next(iter(filters))]
+        row = {
+            "doc_id": doc_id,
+            "prompt": json.loads(main["arguments"][0][0][0]),
+            "response": main["resps"][0][0],
+            "target": main["target"],
+            "extracted": main["filtered_resps"][0],
+            "correct": bool(main[METRIC]),
+        }
+        if len(filters) > 1:
+            row["filters"] = {
+                short_filter(name): {
+                    "extracted": s["filtered_resps"][0],
+                    "correct": bool(s[METRIC]),
+                }
+                for name, s in filters.items()
+            }
+        rows.append(row)
+    return rows
+
+
+def task_metrics(
+    task: EvalTask, results: dict[str, Any], samples: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Scores under forgebench names, each with its Wilson interval, and the task's
+    accuracy (its primary filter's score) as `accuracy_<task>`."""
+    filters = sorted({s["filter"] for s in samples})
+    several = len(filters) > 1
+    out: dict[str, float] = {f"{task.name}_items": float(len(samples) // len(filters))}
+    for key, value in results.items():
+        name = metric_name(task.name, key, several)
+        if name is not None and isinstance(value, int | float):
+            out[name] = float(value)
+    for filter_name in filters:
+        scores = [bool(s[METRIC]) for s in samples if s["filter"] == filter_name]
+        low, high = wilson(sum(scores), len(scores))
+        name = metric_name(task.name, f"{METRIC},{filter_name}", several)
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
+        if filter_name == (task.primary_filter or filters[0]):
+            out[f"accuracy_{task.name}"] = sum(scores) / len(scores)
+            out[f"accuracy_{task.name}_ci_low"] = out[f"{name}_ci_low"]
+            out[f"accuracy_{task.name}_ci_high"] = out[f"{name}_ci_high"]
+    return out
+
+
+def write_samples(rows: list[dict[str, Any]], path: Path) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def evaluate(
+    deployment_openai_base_url: str,
+    model_name: str,
+    tasks: list[EvalTask],
+    limit: int | None,
+    concurrency: int,
+    out: Path,
+    system: str | None = None,
+) -> dict[str, float]:
+    """Score `tasks` on a served model; metrics per task and filter, samples into `out`.
+
+    All tasks go through one `simple_evaluate` call: each call also collects torch's
+    environment report (seconds of subprocesses), which per task would weigh on the
+    items/s of a small eval. `system` is the deployment's system prompt: the OpenAI
+    endpoint does not add it, so it is sent the way the backend's own chat requests do.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    started = time.perf_counter()
+    result = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args=model_args(deployment_openai_base_url, model_name, concurrency),
+        tasks=[str(task.config) for task in tasks],
+        limit=limit,
+        apply_chat_template=True,
+        system_instruction=system,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(evals.EVALS), include_defaults=False),
+    )
+    seconds = time.perf_counter() - started
+    metrics: dict[str, float] = {}
+    for task in tasks:
+        samples = result["samples"][task.lm_eval_name]
+        write_samples(sample_rows(samples, task.primary_filter), out / f"samples_{task.name}.jsonl")
+        metrics |= task_metrics(task, result["results"][task.lm_eval_name], samples)
+    items = sum(metrics[f"{task.name}_items"] for task in tasks)
+    metrics["eval_seconds"] = round(seconds, 3)
+    metrics["eval_items_per_s"] = round(items / seconds, 4)
+    return metrics
+
+
+def run(
+    settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: Progress, served
+) -> dict:
+    """The task files are made (and a user's JSONL checked) before the model is deployed;
+    they live in a temporary folder because they name absolute paths, which would not
+    survive this output folder's move into the store."""
+    spec = settings["evaluate"]
+    with tempfile.TemporaryDirectory(prefix="forgebench-eval-") as folder:
+        tasks = evals.prepare(spec["tasks"], settings["data"], Path(folder))
+        served.deploy()
+        progress(f"lm-eval: {', '.join(t.name for t in tasks)}", None)
+        deployment = served.deployment
+        return evaluate(
+            deployment.openai_base_url,
+            deployment.model_name,
+            tasks,
+            spec["limit"],
+            spec["concurrency"],
+            out,
+            system=settings["serve"].get("system"),
+        )
