@@ -275,6 +275,8 @@ class Served:
 
     def __init__(self, spec: Spec, cell: Cell, store: Store):
         self.spec, self.cell, self.store = spec, cell, store
+        self.gguf = store.path(cell.gguf) / "model.gguf"
+        self.config: backends.ServeConfig | None = None
         self.backend: backends.Backend | None = None
         self.deployment: backends.Deployment | None = None
         self.tokenizer = None
@@ -301,10 +303,9 @@ class Served:
                 parameters=dict(self.spec.serve.parameters),
                 slots=self.spec.serve.slots,
             )
+            self.config = config
             self.backend = backends.get(self.cell.backend)
-            self.deployment = self.backend.deploy(
-                self.store.path(self.cell.gguf) / "model.gguf", config
-            )
+            self.deployment = self.backend.deploy(self.gguf, config)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -60,7 +60,10 @@ def one_request(backend: Backend, deployment: Deployment, messages, max_tokens: 
     }
 
 
-def measure(backend: Backend, deployment: Deployment, settings: dict[str, Any], progress) -> dict:
+def measure(
+    backend: Backend, deployment: Deployment, settings: dict[str, Any], progress
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Summary figures and the per-request ones they summarise."""
     prompt_set = prompts()
     for messages in prompt_set[: settings["warmup"]]:
         one_request(backend, deployment, messages, settings["max_tokens"])
@@ -84,7 +87,7 @@ def measure(backend: Backend, deployment: Deployment, settings: dict[str, Any], 
     memory = backend.memory_bytes(deployment)
     if memory is not None:
         metrics["memory_mb"] = round(memory / 2**20, 1)
-    return metrics
+    return metrics, samples
 
 
 def llama_bench(gguf: Path, threads: int | None = None) -> dict[str, float]:
@@ -117,7 +120,8 @@ def llama_bench(gguf: Path, threads: int | None = None) -> dict[str, float]:
 
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, served) -> dict:
     served.deploy()
-    metrics = measure(served.backend, served.deployment, settings["bench"], progress)
+    metrics, samples = measure(served.backend, served.deployment, settings["bench"], progress)
+    (out / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
     threads = int(settings["serve"]["parameters"].get("num_thread", os.cpu_count() or 1))
     progress("llama-bench engine reference", None)
     metrics |= llama_bench(inputs["gguf"] / "model.gguf", threads)

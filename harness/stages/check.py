@@ -87,4 +87,21 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, 
         served.backend, served.deployment, served.tokenizer, settings["serve"].get("system")
     )
     (out / "verdict.json").write_text(json.dumps(asdict(verdict), indent=2))
+    if text := modelfile(served):
+        (out / "Modelfile").write_text(text)
     return {"check_ok": int(verdict.ok), "check_reasons": "; ".join(verdict.reasons)}
+
+
+def modelfile(served) -> str | None:
+    """The deployment as a Modelfile a user can `ollama create -f` by hand, whichever backend
+    served it; None when the template has no Ollama equivalent."""
+    from harness.backends import ollama
+
+    if text := served.deployment.details.get("modelfile"):
+        return text
+    try:
+        template, stops = ollama.go_template(served.config.chat_template)
+        parameters = ollama.create_parameters(served.config, stops)
+        return ollama.modelfile(served.gguf, template, served.config.system, parameters)
+    except ValueError:
+        return None

@@ -1,0 +1,118 @@
+"""kill -9 at several points of a real run, then run again: finished stages are reused,
+the interrupted one restarts cleanly, nothing partial is taken as output, and MLflow
+closes the dead run as KILLED."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from harness import pipeline, spec
+from harness.store import Store
+
+pytestmark = pytest.mark.slow
+
+SPEC = """\
+name: resume
+base: {{model: smollm2-135m}}
+data: {{task: arithmetic, n_train: 96, seed: 5}}
+train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0, checkpoint_every: 4}}
+lora:
+  - {{name: a, r: {r}, alpha: 16, target_modules: [q_proj, v_proj]}}
+quant: [f16, q8_0, q4_k_m]
+control: false
+measure: []
+tracking: {{uri: "sqlite:///{db}"}}
+"""
+
+
+def write(folder: Path, name: str, r: int) -> Path:
+    path = folder / name
+    path.write_text(SPEC.format(r=r, db=folder / "mlflow.db"))
+    return path
+
+
+def kill_when(spec_path: Path, store: Path, ready) -> None:
+    """Start `forgebench run` and kill -9 it as soon as `ready()` is true."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness", "run", str(spec_path), "--store", str(store)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not ready():
+            assert process.poll() is None, "the run ended before the kill point"
+            assert time.monotonic() < deadline, "kill point never reached"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def building(store: Path, stage: str) -> bool:
+    return any((store / stage).glob(".tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, e2e):
+    # reuse the e2e store's resolved base: the same bundled model, already dequantized
+    out = tmp_path_factory.mktemp("resume")
+    (out / "store").mkdir()
+    (out / "store" / "resolve").symlink_to(e2e.store.root / "resolve")
+    return out
+
+
+@pytest.mark.parametrize(("stage", "r"), [("train", 4), ("convert", 6), ("quantize", 10)])
+def test_kill_and_rerun(folder, stage, r):
+    store = folder / "store"
+    spec_path = write(folder, f"{stage}.yaml", r)
+    if stage == "train":
+        scratch = store / "scratch" / "train"
+        kill_when(spec_path, store, lambda: any(scratch.glob("*/checkpoint-*/trainer_state.json")))
+    else:
+        kill_when(spec_path, store, lambda: building(store, stage))
+    cells = pipeline.plan(spec.load(spec_path))
+    assert not Store(store).has(cells[-1].calls[stage]), "a killed stage left an output"
+
+    summary = pipeline.run(spec.load(spec_path), spec_path, Store(store), pipeline.Quiet())
+    assert [c.status for c in summary.cells] == ["done"] * 3
+    assert summary.executed.get(stage, 0) >= 1
+    for cell in summary.cells:  # every output is whole: its files match the manifest
+        for outcome in cell.stages.values():
+            assert outcome.error is None
+    if stage == "train":
+        assert summary.cells[0].stages["train"].metrics["train_resumed_from_step"] >= 4
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    parent = client.get_run(summary.parent_run_id)
+    killed = parent.data.tags["forgebench.resumes"].split(",")
+    assert killed and all(client.get_run(k).info.status == "KILLED" for k in killed)
+
+
+def test_resumed_training_matches_an_uninterrupted_one(folder, tmp_path):
+    resumed = folder / "store"
+    straight = tmp_path / "store"
+    straight.mkdir()
+    (straight / "resolve").symlink_to((resumed / "resolve").resolve())
+    spec_path = write(folder, "train.yaml", 4)
+    loaded = spec.load(spec_path)
+    train = pipeline.plan(loaded)[0].calls["train"]
+    if not Store(resumed).has(train):
+        pytest.skip("needs test_kill_and_rerun[train] first")
+    pipeline.ensure(train, Store(straight), pipeline.Quiet())
+    a = load_file(Store(resumed).path(train) / "adapter" / "adapter_model.safetensors")
+    b = load_file(Store(straight).path(train) / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-4), key
