@@ -1,0 +1,337 @@
+"""The Ollama backend: a GGUF served by an Ollama server, through the official `ollama` client.
+
+Deploying uploads the GGUF as a blob (skipped when the server already holds that digest) and
+creates the model with a Go template derived from the model's own Jinja chat template, so
+Ollama renders prompts as the model was trained to see them, plus its stop strings, system
+prompt and parameters (Ollama's option names); `/api/show` is then read back to confirm what
+the server kept. Chat streams `/api/chat`; the last chunk carries Ollama's own token counts
+and timings (nanoseconds on the wire, seconds here). `modelfile()` writes the same deployment
+as a Modelfile, for `ollama create -f` by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import ollama
+
+from harness.backends import Chunk, Deployment, ServeConfig, ollama_host
+from harness.errors import ForgebenchError
+
+KEEP_ALIVE = "10m"
+"""How long Ollama keeps a deployed model loaded after each request."""
+
+# Turn formats as Ollama's own templates write them (template/chatml.gotmpl,
+# llama3-instruct.gotmpl, gemma3-instruct.gotmpl), with their stop strings; no BOS token,
+# since llama.cpp adds it when the GGUF asks for one.
+CHATML = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+    "{{ end }}<|im_start|>assistant\n"
+)
+CHATML_DEFAULT_SYSTEM = "{{- if .System }}{{ else }}<|im_start|>system\n%s<|im_end|>\n{{ end }}"
+LLAMA3 = (
+    "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+    "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+# Gemma has no system turn: its template puts the system prompt at the top of the first
+# user turn, followed by a blank line.
+GEMMA = (
+    "{{- $system := .System }}{{- range .Messages }}"
+    '{{- if eq .Role "user" }}<start_of_turn>user\n'
+    "{{ if $system }}{{ $system }}\n\n{{ end }}"
+    '{{ $system = "" }}{{ .Content }}<end_of_turn>\n'
+    '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
+    "{{ end }}{{- end }}<start_of_turn>model\n"
+)
+FORMATS = (
+    ("<|start_header_id|>", LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    ("<start_of_turn>", GEMMA, ["<start_of_turn>", "<end_of_turn>"]),
+)
+# A ChatML template's system turn written out as a literal, used when no system message
+# is given (SmolLM2's "You are a helpful AI assistant named SmolLM", Qwen's "You are Qwen").
+DEFAULT_SYSTEM = re.compile(r"""['"]<\|im_start\|>system(?:\n|\\n)([^'"{}]*?)<\|im_end\|>""")
+
+T = TypeVar("T")
+
+
+def go_template(jinja_template: str) -> tuple[str, list[str]]:
+    """The Ollama (Go) template and stop strings equivalent to a model's Jinja chat template.
+
+    Recognises ChatML (SmolLM2, Qwen), Llama 3 and Gemma by their turn markers and raises
+    ValueError for anything else: a guessed template would serve a model that looks fine
+    and answers badly. The derived template renders the same prompt text as the Jinja one
+    for system/user/assistant conversations (Llama 3.1's date preamble aside), so the
+    prompt token count Ollama reports matches the tokenizer's.
+    """
+    if "<|im_start|>" in jinja_template:
+        default = DEFAULT_SYSTEM.search(jinja_template)
+        prefix = CHATML_DEFAULT_SYSTEM % default.group(1).replace("\\n", "\n") if default else ""
+        return prefix + CHATML, ["<|im_start|>", "<|im_end|>"]
+    for marker, template, stops in FORMATS:
+        if marker in jinja_template:
+            return template, list(stops)
+    raise ValueError(
+        "unrecognised chat template: not ChatML (<|im_start|>), Llama 3 (<|start_header_id|>) "
+        "or Gemma (<start_of_turn>); give the model a known template (serve.chat_template) "
+        "or use serve.backend: llamacpp, which runs the Jinja template itself"
+    )
+
+
+def modelfile(
+    gguf_path: Path, template: str, system: str | None, parameters: dict[str, Any]
+) -> str:
+    """The deployment as a Modelfile, for `ollama create NAME -f Modelfile` by hand.
+
+    Quoting follows Ollama's parser (parser/parser.go): TEMPLATE and SYSTEM go in triple
+    quotes, string parameters (stop strings) in quotes, one PARAMETER line per list item.
+    The parser has no escapes, so a value holding three quotes cannot be written.
+    """
+    lines = [f"FROM {_quoted(str(Path(gguf_path).resolve()), bare_ok=True)}"]
+    lines.append(f'TEMPLATE """{_checked(template)}"""')
+    if system:
+        lines.append(f'SYSTEM """{_checked(system)}"""')
+    for name, value in parameters.items():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            lines.append(f"PARAMETER {name} {_parameter(item)}")
+    return "\n".join(lines) + "\n"
+
+
+def _checked(value: str) -> str:
+    if '"""' in value:
+        raise ValueError(f"a Modelfile cannot hold {value[:40]!r}...: it contains three quotes")
+    return value
+
+
+def _quoted(value: str, bare_ok: bool = False) -> str:
+    if bare_ok and not re.search(r'[\s"]', value):
+        return value
+    return f'"{value}"' if '"' not in value else f'"""{_checked(value)}"""'
+
+
+def _parameter(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return _quoted(value) if isinstance(value, str) else str(value)
+
+
+def create_parameters(config: ServeConfig, stops: list[str]) -> dict[str, Any]:
+    """The model's parameters: the config's, with the template's and config's stop strings."""
+    given = config.parameters.get("stop") or []
+    given = [given] if isinstance(given, str) else list(given)
+    merged = list(dict.fromkeys([*stops, *config.stop, *given]))
+    return {**config.parameters, **({"stop": merged} if merged else {})}
+
+
+def sha256_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            sha.update(block)
+    return f"sha256:{sha.hexdigest()}"
+
+
+def chunk_from(part: Any) -> Chunk:
+    """One streamed /api/chat object as a Chunk; the final one's durations, sent in
+    nanoseconds, become seconds."""
+    text = (part.message.content or "") if part.message else ""
+    if not part.done:
+        return Chunk(text)
+    return Chunk(
+        text,
+        done=True,
+        done_reason=part.done_reason,
+        prompt_tokens=part.prompt_eval_count,
+        completion_tokens=part.eval_count or 0,
+        prompt_seconds=_seconds(part.prompt_eval_duration),
+        decode_seconds=_seconds(part.eval_duration),
+    )
+
+
+def _seconds(nanoseconds: int | None) -> float | None:
+    return nanoseconds / 1e9 if nanoseconds is not None else None
+
+
+class OllamaBackend:
+    """Models on one Ollama server. `ServeConfig.slots` is not the client's to set: parallel
+    requests are the server's OLLAMA_NUM_PARALLEL."""
+
+    name = "ollama"
+
+    def __init__(self, host: str | None = None) -> None:
+        """`host` as OLLAMA_HOST takes it (default: OLLAMA_HOST, else 127.0.0.1:11434)."""
+        self.host = ollama_host() if host is None else _base_url(host)
+        self._client = ollama.Client(self.host, timeout=httpx.Timeout(600.0, connect=5.0))
+
+    def deploy(self, gguf: Path, config: ServeConfig) -> Deployment:
+        template, stops = go_template(config.chat_template)
+        parameters = create_parameters(config, stops)
+        version = self._call("report its version", lambda: self._raw("GET", "/api/version").json())
+        digest = sha256_digest(gguf)
+        uploaded = not self._has_blob(digest)
+        if uploaded:
+            sent = self._call(f"take {gguf.name}", lambda: self._client.create_blob(gguf))
+            if sent != digest:
+                raise ForgebenchError(f"{gguf} changed while it was uploaded to Ollama")
+        self._create(config, gguf.name, digest, template, parameters)
+        shown = self._call(
+            f"show {config.model_name}", lambda: self._client.show(config.model_name)
+        )
+        if shown.template != template:
+            raise ForgebenchError(
+                f"Ollama at {self.host} kept another template for {config.model_name} than "
+                "the one it was given; it would not render prompts as the model expects"
+            )
+        details = shown.details
+        return Deployment(
+            self.name,
+            config.model_name,
+            self.host,
+            self._load_seconds(config.model_name),
+            {
+                "ollama_version": version.get("version"),
+                "digest": digest,
+                "blob_uploaded": uploaded,
+                "quantization_level": details.quantization_level if details else None,
+                "parameter_size": details.parameter_size if details else None,
+                "family": details.family if details else None,
+                "template": shown.template,
+                "stop": parameters.get("stop", []),
+                "modelfile": modelfile(gguf, template, config.system, parameters),
+            },
+        )
+
+    def _create(
+        self, config: ServeConfig, filename: str, digest: str, template: str, parameters: dict
+    ) -> None:
+        """Create the model, following the status stream; a failure raises with the
+        server's own words."""
+        name = config.model_name
+
+        def create() -> None:
+            last = ""
+            for progress in self._client.create(
+                name,
+                files={filename: digest},
+                template=template,
+                system=config.system,
+                parameters=parameters,
+                stream=True,
+            ):
+                last = progress.status
+            if last != "success":
+                raise ForgebenchError(f"Ollama ended creating {name} with {last!r}")
+
+        self._call(f"create {name}", create)
+
+    def _has_blob(self, digest: str) -> bool:
+        """HEAD /api/blobs/<digest>: ollama 0.6's create_blob always sends the whole file."""
+
+        def head() -> bool:
+            try:
+                self._raw("HEAD", f"/api/blobs/{digest}")
+            except ollama.ResponseError as exc:
+                if exc.status_code == 404:
+                    return False
+                raise
+            return True
+
+        return self._call(f"look up blob {digest}", head)
+
+    def _raw(self, method: str, path: str) -> httpx.Response:
+        """A request the client has no method for (HEAD /api/blobs, GET /api/version),
+        through the client's own transport, so host, headers and errors stay its own."""
+        return self._client._request_raw(method, path)
+
+    def _load_seconds(self, name: str) -> float:
+        """Unload, then time a one-token generation's load (server-side, as Ollama reports
+        it), which also leaves the model loaded for KEEP_ALIVE."""
+        self._call(f"unload {name}", lambda: self._client.generate(name, "", keep_alive=0))
+        started = time.perf_counter()
+        reply = self._call(
+            f"load {name}",
+            lambda: self._client.generate(
+                name, "Hi", options={"num_predict": 1}, keep_alive=KEEP_ALIVE
+            ),
+        )
+        return _seconds(reply.load_duration) or time.perf_counter() - started
+
+    def chat(
+        self, deployment: Deployment, messages: list[dict[str, str]], max_tokens: int = 256
+    ) -> Iterator[Chunk]:
+        name = deployment.model_name
+        stream = self._call(
+            f"chat with {name}",
+            lambda: self._client.chat(
+                name,
+                messages,
+                stream=True,
+                options={"num_predict": max_tokens},
+                keep_alive=KEEP_ALIVE,
+            ),
+        )
+        parts = iter(stream)
+        while (part := self._call(f"chat with {name}", lambda: next(parts, None))) is not None:
+            yield chunk_from(part)
+
+    def memory_bytes(self, deployment: Deployment) -> int | None:
+        """What Ollama reports the loaded model takes (/api/ps `size`: weights, KV cache
+        and compute buffers); None when it is not loaded."""
+        running = self._call("list running models", self._client.ps)
+        wanted = {deployment.model_name, _tagged(deployment.model_name)}
+        sizes = [m.size for m in running.models if m.model in wanted or m.name in wanted]
+        return int(sizes[0]) if sizes and sizes[0] is not None else None
+
+    def remove(self, deployment: Deployment) -> None:
+        """Unload and delete the model; one already gone is not an error."""
+        name = deployment.model_name
+
+        def remove() -> None:
+            try:
+                self._client.generate(name, "", keep_alive=0)
+                self._client.delete(name)
+            except ollama.ResponseError as exc:
+                if exc.status_code != 404:
+                    raise
+
+        self._call(f"remove {name}", remove)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> OllamaBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        """Run one client call; an unreachable server or an error answer becomes a
+        one-line ForgebenchError, the server's error text kept verbatim."""
+        try:
+            return call()
+        except (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout):
+            raise ForgebenchError(
+                f"no Ollama server answers at {self.host}; start `ollama serve` "
+                "or use serve.backend: llamacpp"
+            ) from None
+        except ollama.ResponseError as exc:
+            status = f" ({exc.status_code})" if exc.status_code > 0 else ""
+            raise ForgebenchError(
+                f"Ollama at {self.host} could not {what}{status}: {exc.error}"
+            ) from exc
+
+
+def _base_url(host: str) -> str:
+    """A host as OLLAMA_HOST gives it, with scheme and port filled in as ollama_host() does."""
+    host = host.strip() if "://" in host else f"http://{host.strip()}"
+    return (host if host.count(":") >= 2 else f"{host}:11434").rstrip("/")
+
+
+def _tagged(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"

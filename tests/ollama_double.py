@@ -1,0 +1,712 @@
+"""A stand-in Ollama server: Ollama's HTTP API, with real llama.cpp inference behind it.
+
+No Ollama server can be installed where forgebench's tests run, so the Ollama backend is
+tested against this. It follows Ollama's source (ollama/ollama: server/routes.go,
+server/create.go, api/types.go, template/template.go, openai/openai.go): the same fields,
+NDJSON streaming, nanosecond durations, error texts and status codes, including errors sent
+inside a 200 stream once it has begun. Prompts are rendered from the Go template given to
+/api/create by a small interpreter for the part of Go's text/template that model templates
+use; anything else is an error, never a guess. Inference is llama-cpp-python on the
+uploaded GGUF, one runner per model file, as Ollama's scheduler keeps one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import itertools
+import json
+import random
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import gguf
+import llama_cpp
+
+VERSION = "0.0.0-double"
+DIGEST = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
+NAME = re.compile(r"^(?:[\w.-]+/)?\w[\w.-]*(?::\w[\w.-]*)?$")
+# fs/ggml/type.go FileType.String(), indexed by general.file_type
+QUANTS = "F32 F16 Q4_0 Q4_1 - - - Q8_0 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S"
+FILE_TYPES = dict(enumerate((QUANTS + " Q5_K_M Q6_K").split())) | {32: "BF16"}
+# api/types.go DefaultOptions; num_ctx 4096 is Ollama's default without a large GPU
+DEFAULTS = {"num_predict": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0}
+DEFAULTS |= {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+DEFAULTS |= {"seed": -1, "num_ctx": 4096}
+SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p"}
+SAMPLING |= {k: k for k in ("repeat_penalty", "presence_penalty", "frequency_penalty")}
+OPENAI = {"max_tokens": "num_predict"} | {k: k for k in ("temperature", "top_p", "stop", "seed")}
+Parts = Iterator[tuple[str, dict | None]]
+"""Streamed text, then "" with the final metrics."""
+UNSUPPORTED = ("format", "tools", "think", "images", "system", "template", "raw", "suffix")
+SAMPLE = [{"role": r, "content": r} for r in ("system", "user", "assistant", "user")]
+
+
+class ApiError(Exception):
+    """An error answer: {"error": message} with this status (Go's default is 500)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+class TemplateError(ValueError):
+    """A template this interpreter cannot render, or that Go itself would reject."""
+
+
+# --- the Go text/template subset that Ollama model templates use ---------------------------
+
+ACTION = re.compile(r"\{\{(-[ \t\r\n])?(.*?)([ \t\r\n]-)?\}\}", re.S)
+TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[^\s"]+')
+SPACE = " \t\r\n"  # what Go's trim markers remove
+
+
+@dataclass
+class Block:
+    kind: str
+    """"if" (branch conditions, None for else) or "range" (one branch: what it ranges over)."""
+    branches: list[tuple[str | None, list]]
+
+
+def parse(source: str) -> list:
+    """Text (str), actions (one-item tuples) and if/range Blocks; trim markers applied as
+    Go's lexer applies them."""
+    root: list = []
+    stack: list[tuple[Block | None, list]] = [(None, root)]
+    pos, trim = 0, False
+    for match in ACTION.finditer(source):
+        text = source[pos : match.start()].lstrip(SPACE if trim else "")
+        if text := text.rstrip(SPACE if match.group(1) else ""):
+            stack[-1][1].append(text)
+        pos, trim = match.end(), bool(match.group(3))
+        expr = match.group(2).strip()
+        head, _, rest = expr.partition(" ")
+        block, body = stack[-1]
+        if head in ("if", "range"):
+            body.append(Block(head, [(rest, [])]))
+            stack.append((body[-1], body[-1].branches[0][1]))
+        elif head == "else" and block and block.kind == "if" and rest[:3] in ("", "if "):
+            block.branches.append((rest[3:] or None, []))
+            stack[-1] = (block, block.branches[-1][1])
+        elif head == "end" and block:
+            stack.pop()
+        elif head in ("else", "end", "with", "define", "template", "block", "break", "continue"):
+            raise TemplateError(f"{{{{ {expr} }}}} here is not supported by the test double")
+        elif not expr.startswith("/*"):
+            body.append((expr,))
+    if len(stack) > 1:
+        raise TemplateError("unexpected EOF: missing {{ end }}")
+    text = source[pos:].lstrip(SPACE if trim else "")
+    return [*root, text] if text else root
+
+
+class _Cut(Exception):
+    """Reached {{ .Response }} in the last turn: Ollama drops everything after it."""
+
+
+def _value(token: str, dot: Any, scope: dict) -> Any:
+    """A string, true/false, or a field path from `.`, `$` or a variable."""
+    if token.startswith('"'):
+        return json.loads(token)
+    if token in ("true", "false"):
+        return token == "true"
+    name, _, path = token.partition(".")
+    if name and name not in scope:
+        raise TemplateError(f"{token!r} is not supported by the test double (or undefined)")
+    value = scope[name] if name else dot
+    for key in filter(None, path.split(".")):
+        if not isinstance(value, dict) or key not in value:
+            raise TemplateError(f"can't evaluate field {key}")
+        value = value[key]
+    return value
+
+
+def _evaluate(expr: str, dot: Any, scope: dict) -> Any:
+    """A value; `eq a b...`; or `$x := v` / `$x = v`, which print nothing."""
+    tokens = TOKEN.findall(expr)
+    if not tokens:
+        raise TemplateError("missing value for command")
+    if len(tokens) > 2 and tokens[1] in (":=", "="):
+        if tokens[1] == "=" and tokens[0] not in scope:
+            raise TemplateError(f'undefined variable "{tokens[0]}"')
+        scope[tokens[0]] = _evaluate(" ".join(tokens[2:]), dot, scope)
+        return None
+    if tokens[0] == "eq" and len(tokens) > 2:
+        first, *others = (_value(t, dot, scope) for t in tokens[1:])
+        return any(first == other for other in others)
+    if len(tokens) == 1:
+        return _value(tokens[0], dot, scope)
+    raise TemplateError(f"{{{{ {expr} }}}}: only values, variables and eq are supported")
+
+
+def _render(nodes: list, dot: Any, scope: dict, out: list[str], cut: bool) -> None:
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, tuple):
+            value = _evaluate(node[0], dot, scope)
+            if value is not None:
+                out.append(str(value).lower() if isinstance(value, bool) else str(value))
+            if cut and ".Response" in TOKEN.findall(node[0]):
+                raise _Cut
+        elif node.kind == "range":
+            for item in _evaluate(node.branches[0][0] or "", dot, scope) or []:
+                _render(node.branches[0][1], item, scope, out, cut)
+        else:
+            for condition, body in node.branches:
+                if condition is None or _evaluate(condition, dot, scope):
+                    _render(body, dot, scope, out, cut)
+                    break
+
+
+def execute(nodes: list, root: dict, cut: bool = False) -> str:
+    out: list[str] = []
+    with contextlib.suppress(_Cut):
+        _render(nodes, root, {"$": root}, out, cut)
+    return "".join(out)
+
+
+def render_prompt(template: str, messages: list[dict]) -> str:
+    """template.go Execute: a template using .Messages gets the collated conversation; an
+    older .System/.Prompt/.Response one runs once per turn, the last cut at .Response."""
+    nodes, think = parse(template), {"Think": False, "ThinkLevel": "", "IsThinkSet": False}
+    turns: list[dict] = []
+    for m in messages:  # collate: consecutive messages of one role are joined
+        if turns and turns[-1]["Role"] == m["role"] != "tool":
+            turns[-1]["Content"] += "\n\n" + m["content"]
+        else:
+            turns.append({"Role": m["role"], "Content": m["content"], "Thinking": ""})
+    if any(re.search(r"\.Messages\b", m.group(2)) for m in ACTION.finditer(template)):
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        return execute(nodes, {"System": system, "Messages": turns, "Tools": [], **think})
+    keys = {"system": "System", "user": "Prompt", "assistant": "Response"}
+    out, values = "", dict.fromkeys(keys.values(), "")
+    for turn in turns:
+        role = turn["Role"]
+        if (role == "system" and (values["Prompt"] or values["Response"])) or (
+            role == "user" and values["Response"]
+        ):
+            out += execute(nodes, values | think)
+            values = dict.fromkeys(keys.values(), "")
+        if role in keys:
+            values[keys[role]] = turn["Content"]
+    return out + execute(nodes, values | think, cut=True)
+
+
+# --- models, runners and what the API says about them -------------------------------------
+
+
+@dataclass
+class Model:
+    name: str
+    digest: str
+    path: Path
+    template: str
+    system: str
+    parameters: dict
+    modified_at: str
+
+
+@dataclass
+class Runner:
+    llm: llama_cpp.Llama
+    num_ctx: int
+    model: Model
+    expires_at: datetime
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _iso(moment: datetime | None = None) -> str:
+    return (moment or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def full_name(name: str) -> str:
+    """Ollama's names default their tag to `latest`."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def keep_alive(value: Any) -> timedelta:
+    """api.Duration: 5 minutes by default, seconds as a number or a Go duration string;
+    negative is forever."""
+    if value is None or str(value).startswith("-"):
+        return timedelta(minutes=5) if value is None else timedelta(days=36500)
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    found = re.findall(r"([\d.]+)(ms|s|m|h)", value)
+    return timedelta(seconds=sum(float(n) * units[u] for n, u in found))
+
+
+def human_number(n: int) -> str:
+    """format.HumanNumber, as /api/show's parameter_size."""
+    for size, unit, decimals in ((10**9, "B", 1), (10**6, "M", 2), (10**3, "K", 0)):
+        if n >= size:
+            return f"{n / size:.{0 if n % size == 0 else decimals}f}{unit}"
+    return str(n)
+
+
+@functools.cache
+def describe(path: Path) -> tuple[dict, dict]:
+    """`details` and `model_info` as Ollama reads them from a GGUF (arrays over 5 emptied)."""
+    reader = gguf.GGUFReader(path)
+    info: dict[str, Any] = {}
+    for key, item in reader.fields.items():
+        if not key.startswith("GGUF.") and key not in ("general.name", "tokenizer.chat_template"):
+            big = item.types[0] == gguf.GGUFValueType.ARRAY and len(item.data) > 5
+            info[key] = [] if big else item.contents()
+    count = info["general.parameter_count"] = sum(int(t.n_elements) for t in reader.tensors)
+    family = info.get("general.architecture", "")
+    details = {"parent_model": "", "format": "gguf", "family": family, "families": [family]}
+    quant = FILE_TYPES.get(info.get("general.file_type", -1), "unknown")
+    return details | {"parameter_size": human_number(count), "quantization_level": quant}, info
+
+
+def kv_cache_bytes(info: dict, num_ctx: int) -> int:
+    """F16 K and V for every layer and context slot, which /api/ps adds to the weights."""
+    arch = info["general.architecture"]
+    heads = info[f"{arch}.attention.head_count"]
+    kv_heads = info.get(f"{arch}.attention.head_count_kv", heads)
+    width = info[f"{arch}.embedding_length"] // heads * kv_heads
+    return 2 * 2 * info[f"{arch}.block_count"] * num_ctx * width
+
+
+def go_quote(s: str) -> str:
+    """parser.quote: how `ollama show --modelfile` writes a value."""
+    if "\n" in s or s.startswith(" ") or s.endswith(" "):
+        return f'"""{s}"""' if '"' in s else f'"{s}"'
+    return s
+
+
+def go_value(v: Any, syntax: bool = False) -> str:
+    """fmt's %v (or %#v) of a JSON-decoded value."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return json.dumps(v, ensure_ascii=False) if syntax and isinstance(v, str) else str(v)
+
+
+def split_utf8(raw: bytes) -> tuple[str, bytes]:
+    """Decode what is complete; keep a character split across tokens for the next one."""
+    for cut in range(len(raw), max(len(raw) - 4, -1), -1):
+        try:
+            return raw[:cut].decode(), raw[cut:]
+        except UnicodeDecodeError:
+            continue
+    return raw.decode(errors="replace"), b""
+
+
+def hold_back(text: str, stops: list[str]) -> tuple[str, str, bool]:
+    """(sendable, kept back, stopped): a stop string ends the text before it, and a tail that
+    may begin one waits, so no stop string ever reaches the client (as in Ollama's runner)."""
+    hits = [text.find(s) for s in stops if s in text]
+    if hits:
+        return text[: min(hits)], "", True
+    keep = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - keep], text[len(text) - keep :], False
+
+
+def generate(runner: Runner, prompt: str, options: dict) -> Parts:
+    """Sample until an end-of-generation token, a stop string or num_predict; the last item
+    carries Ollama's metrics (api.Metrics omits zero values)."""
+    llm = runner.llm
+    tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    room = runner.num_ctx - len(tokens)
+    if room <= 0:
+        raise ApiError(f"the prompt ({len(tokens)} tokens) does not fit num_ctx {runner.num_ctx}")
+    limit = min(room, options["num_predict"]) if options["num_predict"] > 0 else room
+    stops = [s for s in options.get("stop") or [] if s]
+    if options["seed"] >= 0:
+        llm.set_seed(int(options["seed"]))
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    sampled = llm.generate(tokens, **{arg: options[name] for arg, name in SAMPLING.items()})
+    started = first = time.perf_counter()
+    count, reason, held, raw = 0, "length", "", b""
+    for token in sampled:
+        first = first if count else time.perf_counter()
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            reason = "stop"
+            break
+        count += 1
+        text, raw = split_utf8(raw + llm.detokenize([token], special=True))
+        sendable, held, stopped = hold_back(held + text, stops)
+        if sendable:
+            yield sendable, None
+        if stopped or count >= limit:
+            reason = "stop" if stopped else "length"
+            break
+    if held:  # the start of a stop string that never came
+        yield held, None
+    ended = time.perf_counter()
+    metrics = {"done_reason": reason, "prompt_eval_count": len(tokens), "eval_count": count}
+    metrics |= {"prompt_eval_duration": _ns(first - started), "eval_duration": _ns(ended - first)}
+    yield "", {k: v for k, v in metrics.items() if v}
+
+
+def answer_chunk(model: str, key: str, text: str, final: dict | None) -> dict:
+    """One /api/chat ("message") or /api/generate ("response") object; `final` ends it."""
+    content = {"role": "assistant", "content": text} if key == "message" else text
+    chunk = {"model": model, "created_at": _iso(), key: content, "done": final is not None}
+    return chunk | (final or {})
+
+
+class OllamaDouble:
+    """`with OllamaDouble() as double:` serves at `double.host` until the block ends. Loaded
+    models stay loaded until unloaded (keep_alive 0); `expires_at` is only reported."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="ollama-double-"))
+        (self.folder / "blobs").mkdir()
+        self.models: dict[str, Model] = {}
+        self.runners: dict[str, Runner] = {}
+        self.uploads: list[str] = []
+        """Digests received by POST /api/blobs, in order."""
+        self.lock = threading.RLock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server.double = self  # type: ignore[attr-defined]
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> OllamaDouble:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        for runner in self.runners.values():
+            _close(runner)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def blob_path(self, digest: str, status: int = 400) -> Path:
+        if not (match := DIGEST.match(digest)):
+            raise ApiError("invalid digest format", status)
+        return self.folder / "blobs" / f"sha256-{match.group(1)}"
+
+    def blob(self, h: _Handler, digest: str) -> None:
+        path = self.blob_path(digest)
+        if h.command == "POST" and path.exists():  # one it has: 200, the body unused
+            h.read_body(lambda _: None)
+        if h.command == "HEAD" or path.exists():
+            return h.reply(200 if path.exists() else 404, None)
+        sha, partial = hashlib.sha256(), path.with_suffix(".partial")
+        with partial.open("wb") as fh:
+            h.read_body(lambda data: (sha.update(data), fh.write(data)))
+        if (got := f"sha256:{sha.hexdigest()}") != digest:
+            partial.unlink()
+            raise ApiError(f'digest mismatch, expected "{digest}", got "{got}"', 400)
+        partial.rename(path)
+        self.uploads.append(digest)
+        h.reply(201, None)
+
+    def create(self, h: _Handler, body: dict) -> None:
+        name, files = body.get("model") or body.get("name") or "", body.get("files") or {}
+        if not all(files.values()):
+            raise ApiError("invalid digest format", 400)
+        if not NAME.match(name):
+            raise ApiError("invalid model name", 400)
+        if any(body.get(k) for k in ("from", "adapters", "quantize", "messages")) or (
+            len(files) != 1 or not next(iter(files)).endswith(".gguf")
+        ):
+            raise ApiError("the test double creates models from one .gguf file only", 400)
+        steps = self._create(full_name(name), next(iter(files.values())), body)
+        h.stream(steps) if body.get("stream", True) else h.reply(200, list(steps)[-1])
+
+    def _create(self, name: str, digest: str, body: dict) -> Iterator[dict]:
+        """create.go's status lines; errors after the first one go inside the stream."""
+        yield {"status": "parsing GGUF"}
+        path = self.blob_path(digest, status=500)
+        if not path.exists():
+            raise ApiError(f"open {path}: no such file or directory")
+        with path.open("rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ApiError("supplied file was not in GGUF format", 400)
+        yield {"status": f"using existing layer {digest}"}
+        template, system = body.get("template") or "", body.get("system") or ""
+        if not template:
+            raise ApiError("the test double needs a template; it detects none from a GGUF", 400)
+        try:
+            render_prompt(template, SAMPLE)
+        except TemplateError as exc:
+            raise ApiError(f"template error: {exc}", 400) from None
+        parameters = body.get("parameters") or {}
+        for layer in filter(None, (template, system, json.dumps(parameters) if parameters else "")):
+            yield {"status": f"creating new layer sha256:{_sha(layer)}"}
+        yield {"status": "writing manifest"}
+        describe(path)
+        with self.lock:
+            self.models[name] = Model(name, digest, path, template, system, parameters, _iso())
+        yield {"status": "success"}
+
+    def model(self, name: str) -> Model:
+        if full_name(name) not in self.models:
+            raise ApiError(f"model '{name}' not found", 404)
+        return self.models[full_name(name)]
+
+    def show(self, h: _Handler, body: dict) -> None:
+        if not (name := body.get("model") or body.get("name")):
+            raise ApiError("model is required", 400)
+        m = self.model(full_name(name))
+        options = [(k, v) for k, vs in sorted(m.parameters.items()) for v in _listed(vs)]
+        lines = ['# Modelfile generated by "ollama show"']
+        lines += [
+            "# To build a new Modelfile based on this, replace FROM with:",
+            f"# FROM {m.name}",
+        ]
+        lines += ["", f"FROM {m.path}", f"TEMPLATE {go_quote(m.template)}"]
+        lines += [f"SYSTEM {go_quote(m.system)}"] if m.system else []
+        lines += [f"PARAMETER {k} {go_quote(go_value(v))}" for k, v in options]
+        details, info = describe(m.path)
+        reply = {"modelfile": "\n".join(lines) + "\n", "template": m.template, "details": details}
+        reply["parameters"] = "\n".join(f"{k:<30} {go_value(v, True)}" for k, v in options)
+        reply |= {"model_info": info, "capabilities": ["completion"], "modified_at": m.modified_at}
+        h.reply(200, reply | ({"system": m.system} if m.system else {}))
+
+    def tags(self, h: _Handler, body: dict) -> None:
+        listed = []
+        for m in self.models.values():
+            entry = {"name": m.name, "model": m.name, "modified_at": m.modified_at}
+            entry |= {"size": m.path.stat().st_size, "digest": _sha(m.name + m.digest + m.template)}
+            listed.append(entry | {"details": describe(m.path)[0]})
+        h.reply(200, {"models": listed})
+
+    def ps(self, h: _Handler, body: dict) -> None:
+        listed = []
+        for r in self.runners.values():
+            (details, info), size = describe(r.model.path), r.model.path.stat().st_size
+            entry = {"name": r.model.name, "model": r.model.name, "details": details}
+            entry |= {"size": size + kv_cache_bytes(info, r.num_ctx), "size_vram": 0}
+            entry |= {"digest": _sha(r.model.name + r.model.digest + r.model.template)}
+            listed.append(entry | {"expires_at": _iso(r.expires_at), "context_length": r.num_ctx})
+        h.reply(200, {"models": listed})
+
+    def delete(self, h: _Handler, body: dict) -> None:
+        name = body.get("model") or body.get("name") or ""
+        with self.lock:
+            if (model := self.models.pop(full_name(name), None)) is None:
+                raise ApiError(f"model '{name}' not found", 404)
+            if all(m.digest != model.digest for m in self.models.values()):
+                model.path.unlink(missing_ok=True)  # manifest.RemoveLayers: unused blobs go
+        h.reply(200, None)
+
+    def chat(self, h: _Handler, body: dict) -> None:
+        self._answer(h, body, "message", body.get("messages") or [])
+
+    def generate(self, h: _Handler, body: dict) -> None:
+        """/api/generate, with the model's own template and system prompt."""
+        prompt = body.get("prompt")
+        self._answer(h, body, "response", [{"role": "user", "content": prompt}] if prompt else [])
+
+    def _answer(self, h: _Handler, body: dict, key: str, messages: list[dict]) -> None:
+        if unsupported := [k for k in UNSUPPORTED if body.get(k)]:
+            raise ApiError(f"the test double does not support {', '.join(unsupported)}", 400)
+        model = self.model(body.get("model", ""))
+        if not messages:
+            return h.reply(200, answer_chunk(body["model"], key, "", self._load(model, body)))
+        h.answer(self._chat(model, messages, body), body, key)
+
+    def _chat(self, model: Model, messages: list, body: dict) -> Parts:
+        if messages[0]["role"] != "system" and model.system:
+            messages = [{"role": "system", "content": model.system}, *messages]
+        return self._run(model, lambda: render_prompt(model.template, messages), body)
+
+    def openai_chat(self, h: _Handler, body: dict) -> None:
+        """/v1/chat/completions mapped onto /api/chat as openai.FromChatRequest maps it
+        (temperature and top_p default to 1), answered whole: no streaming."""
+        if not body.get("messages"):
+            raise ApiError("[] is too short - 'messages'", 400)
+        texts_only = all(isinstance(m.get("content"), str) for m in body["messages"])
+        if body.get("stream") or not texts_only:
+            raise ApiError("the test double answers string contents, unstreamed, only", 400)
+        options = {"temperature": 1.0, "top_p": 1.0}
+        options |= {name: body[key] for key, name in OPENAI.items() if body.get(key) is not None}
+        if isinstance(options.get("stop"), str):
+            options["stop"] = [options["stop"]]
+        model = self.model(body.get("model", ""))
+        messages = [{"role": m["role"], "content": m["content"]} for m in body["messages"]]
+        texts, finals = zip(*self._chat(model, messages, {"options": options}), strict=True)
+        final, message = finals[-1], {"role": "assistant", "content": "".join(texts)}
+        n, m = final["prompt_eval_count"], final.get("eval_count", 0)
+        usage = {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+        choice = {"index": 0, "message": message, "finish_reason": final["done_reason"]}
+        reply = {"id": f"chatcmpl-{random.randrange(999)}", "object": "chat.completion"}
+        reply |= {"created": int(time.time()), "model": body["model"], "choices": [choice]}
+        h.reply(200, reply | {"system_fingerprint": "fp_ollama", "usage": usage})
+
+    def _load(self, model: Model, body: dict) -> dict:
+        """An empty prompt loads the model, or unloads it when keep_alive is 0."""
+        if keep_alive(body.get("keep_alive")) == timedelta(0):
+            with self.lock:
+                _close(self.runners.pop(model.digest, None))
+            return {"done_reason": "unload"}
+        self._runner(model, DEFAULTS | model.parameters | (body.get("options") or {}), body)
+        return {"done_reason": "load"}
+
+    def _runner(self, model: Model, options: dict, body: dict) -> Runner:
+        """The model file's runner, (re)loaded when absent or its num_ctx changed."""
+        num_ctx = int(options["num_ctx"])
+        with self.lock:
+            runner = self.runners.get(model.digest)
+            if runner is None or runner.num_ctx != num_ctx:
+                _close(runner)
+                llm = llama_cpp.Llama(model_path=str(model.path), n_ctx=num_ctx, verbose=False)
+                llm.eval([llm.token_bos(), llm.token_eos()])  # warm up, as llama-server does
+                llm.reset()
+                runner = self.runners[model.digest] = Runner(llm, num_ctx, model, datetime.now(UTC))
+            runner.model = model
+            runner.expires_at = datetime.now(UTC) + keep_alive(body.get("keep_alive"))
+            return runner
+
+    def _run(self, model: Model, render: Callable[[], str], body: dict) -> Parts:
+        started = time.perf_counter()
+        options = DEFAULTS | model.parameters | (body.get("options") or {})
+        runner = self._runner(model, options, body)
+        loaded = time.perf_counter()
+        try:
+            prompt = render()
+        except TemplateError as exc:
+            raise ApiError(f"template: {exc}") from None
+        with runner.lock:
+            for text, final in generate(runner, prompt, options):
+                if final is not None:
+                    final["total_duration"] = _ns(time.perf_counter() - started)
+                    final["load_duration"] = _ns(loaded - started)
+                yield text, final
+
+
+def _close(runner: Runner | None) -> None:
+    """Free a runner once no request is generating with it."""
+    if runner:
+        with runner.lock:
+            runner.llm.close()
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _listed(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive: JSON bodies in, Gin-style JSON and chunked NDJSON out."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        """Quiet: a failing test shows what matters, not an access log."""
+
+    def route(self) -> None:
+        double: OllamaDouble = self.server.double  # type: ignore[attr-defined]
+        path = self.path.split("?")[0]
+        routes = {
+            ("GET", "/"): lambda h, b: h.reply(200, "Ollama is running"),
+            ("GET", "/api/version"): lambda h, b: h.reply(200, {"version": VERSION}),
+            ("GET", "/api/tags"): double.tags,
+            ("GET", "/api/ps"): double.ps,
+            ("POST", "/api/create"): double.create,
+            ("POST", "/api/show"): double.show,
+            ("DELETE", "/api/delete"): double.delete,
+            ("POST", "/api/chat"): double.chat,
+            ("POST", "/api/generate"): double.generate,
+            ("POST", "/v1/chat/completions"): double.openai_chat,
+        }
+        try:
+            if path.startswith("/api/blobs/") and self.command in ("HEAD", "POST"):
+                return double.blob(self, path.removeprefix("/api/blobs/"))
+            if (self.command, path) not in routes:
+                return self.reply(404, "404 page not found")
+            routes[self.command, path](self, self._json() if self.command != "GET" else {})
+        except ApiError as exc:
+            error: Any = exc.message
+            if path.startswith("/v1/"):  # openai.NewError
+                kind = {400: "invalid_request_error", 404: "not_found_error"}.get(exc.status)
+                error = {"message": exc.message, "type": kind or "api_error", "param": None}
+                error["code"] = None
+            self.reply(exc.status, {"error": error})
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    do_GET = do_HEAD = do_POST = do_DELETE = route
+
+    def _json(self) -> dict:
+        data = bytearray()
+        self.read_body(data.extend)
+        if not data:
+            raise ApiError("missing request body", 400)
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise ApiError(str(exc), 400) from None
+
+    def read_body(self, sink: Callable[[bytes], Any]) -> None:
+        remaining = int(self.headers.get("Content-Length") or 0)
+        while remaining > 0 and (data := self.rfile.read(min(remaining, 1 << 20))):
+            sink(data)
+            remaining -= len(data)
+
+    def reply(self, status: int, obj: Any) -> None:
+        """One whole answer: Gin's JSON (or text); no body for None or HEAD."""
+        data = (obj if isinstance(obj, str) else "" if obj is None else dumps(obj)).encode()
+        self.send_response(status)
+        if obj is not None:
+            kind = "text/plain" if isinstance(obj, str) else "application/json"
+            self.send_header("Content-Type", f"{kind}; charset=utf-8")
+        self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def answer(self, parts: Parts, body: dict, key: str) -> None:
+        """Chat/generate objects streamed; or with "stream": false, the last holding all text."""
+        items = (answer_chunk(body["model"], key, text, final) for text, final in parts)
+        if body.get("stream", True):
+            return self.stream(items)
+        chunks = list(items)
+        text = "".join(c[key]["content"] if key == "message" else c[key] for c in chunks)
+        final = chunks[-1]
+        final[key] = final[key] | {"content": text} if key == "message" else text
+        self.reply(200, final)
+
+    def stream(self, items: Iterator[dict]) -> None:
+        """routes.go streamResponse: an error before the first line is a plain error answer
+        with its status; after it, an {"error": ...} line in the 200 stream."""
+        first = next(items)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for item in itertools.chain([first], items):
+                self._line(item)
+        except ApiError as exc:
+            self._line({"error": exc.message})
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _line(self, item: dict) -> None:
+        data = (dumps(item) + "\n").encode()
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+
+def dumps(obj: Any) -> str:
+    """JSON as Go's encoder writes it, with <, > and & escaped."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
