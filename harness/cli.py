@@ -360,4 +360,5 @@ def models(
 
 # Stages report their own progress; library progress bars would only garble it.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's request bars
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

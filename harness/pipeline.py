@@ -137,7 +137,14 @@ def _measurements(
         served["chat_template_sha256"] = sha256_file(spec.serve.chat_template)
     out: dict[str, StageCall] = {}
     if "check" in spec.measure:
-        out["check"] = StageCall("check", served, {"gguf": gguf, "model": model}, llama_cpp)
+        from harness.stages import check
+
+        out["check"] = StageCall(
+            "check",
+            {**served, "probe": check.CONVERSATION, "max_tokens": check.MAX_TOKENS},
+            {"gguf": gguf, "model": model},
+            llama_cpp,
+        )
     if "evaluate" in spec.measure:
         out["evaluate"] = StageCall(
             "evaluate",
@@ -266,8 +273,64 @@ def run(
             experiment.parent_id,
             str(store.root),
         )
+        summary.verdicts, summary.verdict_error = _verdicts(
+            spec, cells[: len(results)], results, store
+        )
+        experiment.tag_verdicts(summary.verdicts, _primary_task(spec))
         experiment.finish(summary)
     return summary
+
+
+def _primary_task(spec: Spec) -> str | None:
+    if "evaluate" not in spec.measure or not spec.evaluate.tasks:
+        return None
+    first = spec.evaluate.tasks[0]
+    return first if isinstance(first, str) else first.name
+
+
+def _verdicts(
+    spec: Spec, cells: list[Cell], results: list[CellResult], store: Store
+) -> tuple[dict[str, Any], str | None]:
+    """Judge every cell; a spec that cannot be judged (no F16 cell) says why instead."""
+    from harness import verdict
+
+    figures = []
+    for cell, result in zip(cells, results, strict=True):
+        metrics = {k: v for o in result.stages.values() for k, v in o.metrics.items()}
+        fig = verdict.Figures(
+            cell.name,
+            cell.adapter,
+            cell.quant,
+            status=result.status,
+            error=result.error,
+            decode_tps=metrics.get("decode_tps_p50"),
+            ttft_ms_p95=metrics.get("ttft_ms_p95"),
+            memory_mb=metrics.get("memory_mb"),
+            kld_mean=metrics.get("kld_mean"),
+        )
+        evaluate = result.stages.get("evaluate")
+        if evaluate is not None and not evaluate.error:
+            folder = store.path(cell.calls["evaluate"])
+            for task in _task_names(spec):
+                if f"accuracy_{task}" in metrics:
+                    fig.accuracy[task] = metrics[f"accuracy_{task}"]
+                    fig.items[task] = _paired_items(folder / f"samples_{task}.jsonl")
+        figures.append(fig)
+    try:
+        return verdict.judge(figures, spec.budgets), None
+    except ForgebenchError as exc:
+        return {}, str(exc)
+
+
+def _task_names(spec: Spec) -> list[str]:
+    return [t if isinstance(t, str) else t.name for t in spec.evaluate.tasks]
+
+
+def _paired_items(samples: Path) -> dict[str, bool]:
+    if not samples.is_file():
+        return {}
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    return {str(r["doc_id"]): bool(r["correct"]) for r in rows}
 
 
 class Served:

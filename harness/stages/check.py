@@ -19,7 +19,10 @@ from typing import Any
 
 from harness.backends import Backend, Deployment
 
-CONVERSATION = [{"role": "user", "content": "Say hello in one short sentence."}]
+# A question every sane chat model ends quickly: on SmolLM2-135M and its arithmetic
+# adapters, at every level from f16 to q2_k, it stops by itself, where "say hello"
+# sends some of them into an endless run of emoji, a quality problem, not a template one.
+CONVERSATION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 MAX_TOKENS = 96
 ROLE_MARKERS = re.compile(
     r"<\|im_start\|>|<\|im_end\|>|<\|start_header_id\|>|<\|eot_id\|>|<start_of_turn>|"

@@ -53,7 +53,7 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
     progress("KL divergence against F16", None)
     log = perplexity(
         inputs["gguf"] / "model.gguf",
-        settings,
+        settings["drift"],
         ["--kl-divergence-base", str(inputs["reference"] / "logits.bin"), "--kl-divergence"],
         out / "perplexity.log",
     )

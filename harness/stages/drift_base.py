@@ -17,7 +17,7 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
     progress("F16 reference logits", None)
     perplexity(
         inputs["gguf"] / "model.gguf",
-        settings,
+        settings["drift"],
         ["--kl-divergence-base", str(out / "logits.bin")],
         out / "perplexity.log",
     )
