@@ -35,6 +35,20 @@ measure: [{measure}]
 tracking: {{uri: "sqlite:///{db}"}}
 """
 QUANT = ("f16", "q8_0", "q4_k_m", "q2_k")
+MEASURE_SPEC = """\
+name: e2e
+base: {{model: smollm2-135m}}
+data: {{task: arithmetic, n_train: 400, n_eval: 80, seed: 3}}
+train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0}}
+lora:
+  - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+quant: [f16, q8_0, q4_k_m, q2_k]
+serve: {{backend: llamacpp, slots: 2{template}}}
+evaluate: {{tasks: [arithmetic], concurrency: 2}}
+bench: {{warmup: 1, repeats: 1, max_tokens: 32}}
+drift: {{ctx: 256, chunks: 4}}
+tracking: {{uri: "sqlite:///{db}"}}
+"""
 
 
 @dataclass
@@ -45,6 +59,7 @@ class Experiment:
     spec_path: Path
     store: Store
     cli_output: str
+    measured: pipeline.RunSummary | None = None
 
     def write_spec(
         self, name: str, small_r: int = 4, quant: tuple[str, ...] = QUANT, measure: str = ""
@@ -78,3 +93,15 @@ def e2e(tmp_path_factory) -> Experiment:
     assert result.exit_code == 0, result.output
     experiment.cli_output = result.output
     return experiment
+
+
+@pytest.fixture(scope="session")
+def measured(e2e) -> dict[str, pipeline.CellResult]:
+    """The e2e spec measured through llama-server: check, evaluate, bench, drift."""
+    path = e2e.folder / "measure.yaml"
+    path.write_text(MEASURE_SPEC.format(template="", db=e2e.folder / "mlflow.db"))
+    summary = e2e.run(path)
+    e2e.measured = summary
+    for cell in summary.cells:
+        cell.notes = "; ".join(summary.verdicts[cell.cell].notes)
+    return {c.cell: c for c in summary.cells}

@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import psutil
 import pytest
+from conftest import MEASURE_SPEC
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
-MEASURE_SPEC = """\
-name: e2e
-base: {{model: smollm2-135m}}
-data: {{task: arithmetic, n_train: 400, n_eval: 80, seed: 3}}
-train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0}}
-lora:
-  - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
-quant: [f16, q8_0, q4_k_m, q2_k]
-serve: {{backend: llamacpp, slots: 2{template}}}
-evaluate: {{tasks: [arithmetic], concurrency: 2}}
-bench: {{warmup: 1, repeats: 1, max_tokens: 32}}
-drift: {{ctx: 256, chunks: 4}}
-tracking: {{uri: "sqlite:///{db}"}}
-"""
 # A Llama 3 template on a ChatML model: the server renders headers the model never
 # learned, so it does not produce its end-of-turn token.
 WRONG_TEMPLATE = (
@@ -33,17 +20,6 @@ WRONG_TEMPLATE = (
 
 def llama_servers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"]
-
-
-@pytest.fixture(scope="module")
-def measured(e2e):
-    path = e2e.folder / "measure.yaml"
-    path.write_text(MEASURE_SPEC.format(template="", db=e2e.folder / "mlflow.db"))
-    summary = e2e.run(path)
-    for cell in summary.cells:
-        verdict = summary.verdicts[cell.cell]
-        cell.notes = "; ".join(verdict.notes)
-    return {c.cell: c for c in summary.cells}
 
 
 def metric(cell, stage: str, name: str) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import jinja2
 import llama_cpp
 import ollama
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from ollama_double import OllamaDouble, render_prompt
 
 from harness.backends import ServeConfig, ollama_answers, ollama_host
@@ -134,14 +137,15 @@ def test_modelfile_for_a_chatml_model(jinja):
 
 
 def test_modelfile_quoting_follows_ollamas_parser():
-    text = modelfile(Path("/my models/m.gguf"), "{{ .Prompt }}", None, {"stop": ['say "hi"']})
+    text = modelfile(Path("/my models/m.gguf"), "{{ .Prompt }}", None, {"stop": ['say "hi" now']})
     assert text.splitlines() == [
         'FROM "/my models/m.gguf"',
         'TEMPLATE """{{ .Prompt }}"""',
-        'PARAMETER stop """say "hi""""',
+        'PARAMETER stop """say "hi" now"""',
     ]
-    with pytest.raises(ValueError, match="three quotes"):
-        modelfile(Path("/m.gguf"), '{{ .Prompt }}"""', None, {})
+    for bad in ('{{ .Prompt }}"""', '{{ .Prompt }}"'):  # would close the quotes early
+        with pytest.raises(ValueError, match="end the quotes early"):
+            modelfile(Path("/m.gguf"), bad, None, {})
 
 
 def test_parameters_carry_template_and_configured_stops():
@@ -321,3 +325,29 @@ def test_double_answers_whole_and_openai_style(double_http):
     assert openai["choices"][0]["finish_reason"] == "length"
     assert openai["usage"]["completion_tokens"] == 3
     assert openai["usage"]["prompt_tokens"] == reply["prompt_eval_count"]
+
+
+def _system_as_ollama_reads_it(text: str) -> str | None:
+    """SYSTEM's value the way Ollama's parser reads it: after SYSTEM, a triple-quoted value
+    runs to the first closing triple quote (parser/parser.go has no escapes)."""
+    match = re.search(r'^SYSTEM """(.*?)"""$', text, re.DOTALL | re.MULTILINE)
+    return match.group(1) if match else None
+
+
+@given(st.text())
+def test_any_system_prompt_round_trips_or_is_refused(system):
+    try:
+        text = modelfile(Path("/m.gguf"), "{{ .Prompt }}", system, {"temperature": 0})
+    except ValueError:
+        assert '"""' in system or system.endswith('"')
+        return
+    if system:
+        assert _system_as_ollama_reads_it(text) == system
+    # no prompt can smuggle in a directive: the lines outside the quoted values are ours
+    outside = re.sub(r'"""(.*?)"""', "", text, flags=re.DOTALL).splitlines()
+    assert [line.split(" ", 1)[0] for line in outside if line] == [
+        "FROM",
+        "TEMPLATE",
+        *(["SYSTEM"] if system else []),
+        "PARAMETER",
+    ]

@@ -103,8 +103,11 @@ def modelfile(
 
 
 def _checked(value: str) -> str:
-    if '"""' in value:
-        raise ValueError(f"a Modelfile cannot hold {value[:40]!r}...: it contains three quotes")
+    """Ollama's parser ends a triple-quoted value at the first three quotes and knows no
+    escapes: a value holding three quotes, or ending in one (which would merge with the
+    closing three), cannot be written without changing what it says."""
+    if '"""' in value or value.endswith('"'):
+        raise ValueError(f"a Modelfile cannot hold {value[:40]!r}: it would end the quotes early")
     return value
 
 

@@ -1,0 +1,160 @@
+"""What users run forgebench for, on the measured e2e experiment: the report (from MLflow
+alone, rendered in headless Chromium), the best quant level, and the release gate."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from harness import results
+from harness.best import choose
+from harness.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+def uri(e2e) -> str:
+    return f"sqlite:///{e2e.folder / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def report(measured, e2e, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports")
+    result = CliRunner().invoke(
+        app, ["report", "e2e", "--tracking-uri", uri(e2e), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    return out / "e2e"
+
+
+def test_report_markdown_matches_mlflow(report, e2e):
+    md = (report / "report.md").read_text()
+    inv = results.load(uri(e2e), "e2e")
+    assert inv.run_id == e2e.measured.parent_run_id
+    for row in inv.rows:
+        line = next(li for li in md.splitlines() if li.startswith(f"| {row.cell} |"))
+        assert f"| {row.verdict} |" in line
+        assert f"{row.accuracy():.3f}" in line
+        assert f"{row.metrics['gguf_mb']:.1f}" in line
+    assert "## Best quant level per adapter" in md and "- **main**:" in md
+    for name in (
+        "accuracy_vs_size.png",
+        "pareto.png",
+        "decode_tps.png",
+        "training_loss.png",
+        "tuned_vs_base.png",
+    ):
+        assert f"![{name}]({name})" in md and (report / name).stat().st_size > 0
+
+
+def test_report_html_renders_in_chromium(report, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (see .ci/run)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    flags = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,4000",
+    ]
+    page = (report / "index.html").as_uri()
+    dom = subprocess.run(
+        [*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    rows = re.findall(r"<tr class=", dom)
+    assert len(rows) == 8, "one table row per cell"
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', dom)
+    assert len(images) == 5
+    for data in images:
+        width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
+        assert width > 200 and height > 200
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", page], capture_output=True, timeout=120, check=True
+    )
+    picture = Image.open(shot).convert("L")
+    ink = sum(1 for p in picture.getdata() if p < 200) / (picture.width * picture.height)
+    assert ink > 0.02, "the screenshot is (nearly) blank"
+
+
+def test_best_picks_the_smallest_ok_cell_and_registers_it(measured, e2e):
+    result = CliRunner().invoke(
+        app, ["best", "e2e", "--tracking-uri", uri(e2e), "--register", "e2e-main"]
+    )
+    assert result.exit_code == 0, result.output
+    inv = results.load(uri(e2e), "e2e")
+    ok = [r for r in inv.rows if r.adapter == "main" and r.verdict == "ok"]
+    chosen = min(ok, key=lambda r: r.size_mb)
+    assert f"main: {chosen.quant}: smallest file" in result.output
+    assert [c.row.cell for c in choose(inv.rows) if c.adapter == "main"] == [chosen.cell]
+    version = MlflowClient(uri(e2e)).get_model_version_by_alias("e2e-main", "candidate")
+    assert version.run_id == chosen.run_id
+
+
+def gate(e2e, candidate: str, baseline: str, *extra: str):
+    return CliRunner().invoke(
+        app,
+        [
+            "check",
+            "--candidate",
+            candidate,
+            "--baseline",
+            baseline,
+            "--tracking-uri",
+            uri(e2e),
+            *extra,
+        ],
+    )
+
+
+def test_gate_passes_a_build_no_worse_than_the_baseline(measured, e2e, tmp_path):
+    result = gate(
+        e2e,
+        "e2e:main-q8_0",
+        "e2e:main-f16",
+        "--output",
+        str(tmp_path / "gate.md"),
+        "--speed-drop-pct",
+        "100",
+        "--memory-rise-pct",
+        "100",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("## forgebench check: PASS")
+    assert (tmp_path / "gate.md").read_text() == result.output
+
+
+def test_gate_fails_a_regressed_build(measured, e2e):
+    """q2_k loses the adapter's arithmetic (the verdict calls it stupid): the gate says 1."""
+    assert (
+        measured["main-q2_k"].stages["evaluate"].metrics["accuracy_arithmetic"]
+        < (measured["main-f16"].stages["evaluate"].metrics["accuracy_arithmetic"])
+    )
+    result = gate(
+        e2e, "e2e:main-q2_k", "e2e:main-f16", "--speed-drop-pct", "100", "--memory-rise-pct", "100"
+    )
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output and "arithmetic:" in result.output
+
+
+def test_gate_bad_input_is_exit_2(measured, e2e):
+    result = gate(e2e, "e2e:no-such-cell", "e2e:main-f16")
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: no cell 'no-such-cell'")
