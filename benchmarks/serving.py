@@ -1,0 +1,93 @@
+"""Serving benchmarks on the quickstart's r16-qkvo adapter at q4_k_m, through llama-server.
+
+1. Stream timing adds no bias: the decode tokens/s forgebench reports from the client's
+   stream against the server's own figure for the same requests (target: within 5%),
+   beside llama-bench's engine figure for the same GGUF.
+2. Concurrency pays: GSM8K items/s through lm-eval with 4 requests in flight (4 slots)
+   against one at a time (target: >= 2x on 2 cores).
+
+    python benchmarks/serving.py --gsm8k-items 40     (after the quickstart has run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoTokenizer
+
+from harness import evals, host, pipeline, spec
+from harness.backends import ServeConfig, get
+from harness.stages import bench, evaluate
+from harness.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gsm8k-items", type=int, default=40)
+    parser.add_argument("--store", type=Path, default=Path(".forgebench") / "store")
+    args = parser.parse_args()
+
+    quickstart = spec.load(ROOT / "experiments" / "quickstart.yaml")
+    cell = next(c for c in pipeline.plan(quickstart) if c.name == "r16-qkvo-q4_k_m")
+    store = Store(args.store)
+    gguf = pipeline.ensure(cell.gguf, store, pipeline.Quiet()) / "model.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(store.path(cell.model) / "model")
+    config = ServeConfig("bench", tokenizer.chat_template, parameters={"temperature": 0}, slots=4)
+    console = Console()
+    with get("llamacpp") as backend:
+        deployment = backend.deploy(gguf, config)
+        figures, _ = bench.measure(
+            backend, deployment, {"warmup": 1, "repeats": 3, "max_tokens": 128}, lambda *a: None
+        )
+        engine = bench.llama_bench(gguf)
+        rates = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            tasks = evals.prepare(["gsm8k"], quickstart.data.model_dump(mode="json"), Path(tmp))
+            for concurrency in (1, 4):
+                out = Path(tmp) / f"c{concurrency}"
+                out.mkdir()
+                m = evaluate.evaluate(
+                    deployment.openai_base_url,
+                    deployment.model_name,
+                    tasks,
+                    args.gsm8k_items,
+                    concurrency,
+                    out,
+                )
+                rates[concurrency] = m["eval_items_per_s"]
+
+    table = Table(title=f"serving, r16-qkvo q4_k_m via llama-server ({host.machine()})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("ratio", justify="right")
+    stream, server = figures["stream_tps_p50"], figures["decode_tps_p50"]
+    table.add_row("decode tok/s, client stream (p50)", f"{stream:.1f}", f"{stream / server:.3f}")
+    table.add_row("decode tok/s, server timings (p50)", f"{server:.1f}", "1.000")
+    table.add_row(
+        "llama-bench tg tok/s (engine)",
+        f"{engine['llama_bench_tg_tps']:.1f}",
+        f"{engine['llama_bench_tg_tps'] / server:.3f}",
+    )
+    table.add_row(
+        f"GSM8K items/s, 1 request ({args.gsm8k_items} items)", f"{rates[1]:.3f}", "1.00x"
+    )
+    table.add_row(
+        f"GSM8K items/s, 4 concurrent ({args.gsm8k_items} items)",
+        f"{rates[4]:.3f}",
+        f"{rates[4] / rates[1]:.2f}x",
+    )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
