@@ -14,6 +14,7 @@ resolves relative `data_files` against the working directory.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ import yaml
 from harness import data
 from harness.errors import ForgebenchError
 
-EVALS = Path(__file__).resolve().parents[1] / "evals"
-"""The task definitions; what lm-eval's TaskManager gets as `include_path`."""
+EVALS = Path(os.environ.get("FORGEBENCH_EVALS") or Path(__file__).resolve().parents[1] / "evals")
+"""The repository's evals/ folder (task YAML, GSM8K, bench prompts, drift text): forgebench
+runs from a clone (tox installs it editable); FORGEBENCH_EVALS points elsewhere."""
 QA_TEMPLATE = EVALS / "_qa_template_yaml"
 """Base of question/answer tasks: exact match of the stripped reply."""
 BUILTIN = {

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.backends import Backend, Deployment
+from harness.evals import EVALS
 
-PROMPTS = Path(__file__).resolve().parents[2] / "evals" / "bench_prompts.jsonl"
+PROMPTS = EVALS / "bench_prompts.jsonl"
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import StageError
+from harness.evals import EVALS
 from harness.stages import Progress
 
-TEXT = Path(__file__).resolve().parents[2] / "evals" / "drift_text.txt"
+TEXT = EVALS / "drift_text.txt"
 PATTERNS = {
     "kld_mean": r"Mean\s+KLD:\s+([-\d.]+)",
     "kld_p99": r"99\.0%\s+KLD:\s+([-\d.]+)",
@@ -44,8 +45,9 @@ def perplexity(model: Path, settings: dict[str, Any], extra: list[str], log: Pat
     with log.open("w") as fh:
         done = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise StageError(f"llama-perplexity failed (exit {done.returncode}): {tail[0]}")
+        lines = log.read_text().strip().splitlines() or ["(no output)"]
+        reason = next((li for li in lines if "error" in li.lower()), lines[-1])
+        raise StageError(f"llama-perplexity failed (exit {done.returncode}): {reason}; see {log}")
     return log.read_text()
 
 
