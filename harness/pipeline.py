@@ -472,13 +472,14 @@ def _cached_outcome(call: StageCall, store: Store) -> Outcome:
 def _artifacts(store: Store, cell: Cell, result: CellResult) -> list[tuple[str, Path]]:
     """Files worth keeping beside a cell's run: per-item samples (for paired comparisons
     later), the chat check's exchange, the Modelfile a user can `ollama create -f`."""
-    wanted = {
-        "evaluate": ("samples", "samples_*.jsonl"),
-        "check": ("check", "verdict.json"),
-        "bench": ("serve", "Modelfile"),
-    }
+    wanted = [
+        ("evaluate", "samples", "samples_*.jsonl"),
+        ("check", "serve", "verdict.json"),
+        ("check", "serve", "Modelfile"),
+        ("bench", "bench", "requests.jsonl"),
+    ]
     out = []
-    for stage, (folder, pattern) in wanted.items():
+    for stage, folder, pattern in wanted:
         outcome = result.stages.get(stage)
         if outcome is not None and not outcome.error:
             out += [(folder, path) for path in sorted(store.path(cell.calls[stage]).glob(pattern))]

@@ -133,7 +133,7 @@ class Experiment:
         cell: Cell,
         result: CellResult,
         lineage: dict[str, Any],
-        artifacts: dict[str, Path] | None = None,
+        artifacts: list[tuple[str, Path]] = (),
     ) -> str:
         from mlflow.entities import Metric, Param, RunTag
 

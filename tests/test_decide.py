@@ -30,7 +30,17 @@ def uri(e2e) -> str:
 def report(measured, e2e, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
     result = CliRunner().invoke(
-        app, ["report", "e2e", "--tracking-uri", uri(e2e), "--out", str(out)]
+        app,
+        [
+            "report",
+            "e2e",
+            "--tracking-uri",
+            uri(e2e),
+            "--out",
+            str(out),
+            "--run",
+            e2e.measured.parent_run_id,
+        ],
     )
     assert result.exit_code == 0, result.output
     return out / "e2e"
@@ -38,8 +48,7 @@ def report(measured, e2e, tmp_path_factory):
 
 def test_report_markdown_matches_mlflow(report, e2e):
     md = (report / "report.md").read_text()
-    inv = results.load(uri(e2e), "e2e")
-    assert inv.run_id == e2e.measured.parent_run_id
+    inv = results.load(uri(e2e), "e2e", e2e.measured.parent_run_id)
     for row in inv.rows:
         line = next(li for li in md.splitlines() if li.startswith(f"| {row.cell} |"))
         assert f"| {row.verdict} |" in line
@@ -96,10 +105,20 @@ def test_report_html_renders_in_chromium(report, tmp_path):
 
 def test_best_picks_the_smallest_ok_cell_and_registers_it(measured, e2e):
     result = CliRunner().invoke(
-        app, ["best", "e2e", "--tracking-uri", uri(e2e), "--register", "e2e-main"]
+        app,
+        [
+            "best",
+            "e2e",
+            "--tracking-uri",
+            uri(e2e),
+            "--register",
+            "e2e-main",
+            "--run",
+            e2e.measured.parent_run_id,
+        ],
     )
     assert result.exit_code == 0, result.output
-    inv = results.load(uri(e2e), "e2e")
+    inv = results.load(uri(e2e), "e2e", e2e.measured.parent_run_id)
     ok = [r for r in inv.rows if r.adapter == "main" and r.verdict == "ok"]
     chosen = min(ok, key=lambda r: r.size_mb)
     assert f"main: {chosen.quant}: smallest file" in result.output
@@ -127,8 +146,8 @@ def gate(e2e, candidate: str, baseline: str, *extra: str):
 def test_gate_passes_a_build_no_worse_than_the_baseline(measured, e2e, tmp_path):
     result = gate(
         e2e,
-        "e2e:main-q8_0",
-        "e2e:main-f16",
+        measured["main-q8_0"].run_id,
+        measured["main-f16"].run_id,
         "--output",
         str(tmp_path / "gate.md"),
         "--speed-drop-pct",
@@ -148,7 +167,13 @@ def test_gate_fails_a_regressed_build(measured, e2e):
         < (measured["main-f16"].stages["evaluate"].metrics["accuracy_arithmetic"])
     )
     result = gate(
-        e2e, "e2e:main-q2_k", "e2e:main-f16", "--speed-drop-pct", "100", "--memory-rise-pct", "100"
+        e2e,
+        measured["main-q2_k"].run_id,
+        measured["main-f16"].run_id,
+        "--speed-drop-pct",
+        "100",
+        "--memory-rise-pct",
+        "100",
     )
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output and "arithmetic:" in result.output
