@@ -10,7 +10,6 @@ with their own matching llama.cpp checkout point `FORGEBENCH_LLAMA_CPP` at it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -88,10 +87,6 @@ def converter() -> Path:
             f"{path} is missing: FORGEBENCH_LLAMA_CPP must be a llama.cpp checkout"
         )
     return path
-
-
-def converter_sha256() -> str:
-    return hashlib.sha256(converter().read_bytes()).hexdigest()
 
 
 def ensure_source(log=print) -> Path:
