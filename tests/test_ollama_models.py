@@ -144,17 +144,20 @@ def test_discovery_reads_the_store_and_the_gguf(store):
 def test_api_path_through_the_ollama_double(monkeypatch):
     """With a server answering, models come from /api/tags and /api/show, not the disk."""
     import ollama
+    from ollama_double import OllamaDouble
 
-    double_module = pytest.importorskip("ollama_double", reason="tests/ollama_double.py missing")
-    with double_module.OllamaDouble() as double:
+    from harness.backends import ollama_host
+
+    with OllamaDouble() as double:
         monkeypatch.setenv("OLLAMA_HOST", double.host)
         client = ollama.Client(host=double.host)
         digest = client.create_blob(smollm2_gguf())
-        client.create(model="smollm2:135m", files={"model.gguf": digest})
+        # like Ollama, the double needs a template to create a model from a bare GGUF
+        client.create(model="smollm2:135m", files={"model.gguf": digest}, template="{{ .Prompt }}")
         listed = {m.model: m.digest for m in client.list().models}
         found = ollama_models.discover()
         [model] = [m for m in found.models if m.name == "smollm2:135m"]
-        assert found.source == f"the Ollama server at {double.host}"
+        assert found.source == f"the Ollama server at {ollama_host()}"  # with scheme
         assert model.digest == listed["smollm2:135m"]
         assert model.gguf.is_file()  # /api/show's Modelfile: FROM <blob>
         info = ollama_models.model_info(model)
@@ -162,7 +165,8 @@ def test_api_path_through_the_ollama_double(monkeypatch):
         resolved = ollama_models.resolve_base({"ollama": "smollm2:135m", "fallback": "gguf"})
         assert resolved.lineage["ollama_digest"] == listed["smollm2:135m"]
         result = CliRunner().invoke(app, ["models"])
-    assert f"Ollama models from the Ollama server at {double.host}:" in result.output
+        url = ollama_host()
+    assert f"Ollama models from the Ollama server at {url}:" in result.output
     assert f"HF base: {REPO} (not cached)" in result.output
 
 
