@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,14 +238,17 @@ def test_deploy_confirms_quant_level_and_template(backend, deployment, server, j
 
 
 def test_chat_streams_and_stops_by_itself(backend, deployment, jinja, vocab):
+    started = time.perf_counter()
     chunks = list(backend.chat(deployment, HELLO, max_tokens=64))
+    took = time.perf_counter() - started
     *pieces, final = chunks
     assert len(pieces) > 1 and "".join(c.text for c in pieces).strip()
     assert (final.done, final.done_reason) == (True, "stop")
     assert 0 < final.completion_tokens < 64
     expected = vocab.tokenize(render_jinja(jinja, HELLO).encode(), add_bos=True, special=True)
     assert final.prompt_tokens == len(expected)
-    assert 0 < final.prompt_seconds < 60 and 0 < final.decode_seconds < 60
+    # server durations arrive in nanoseconds: converted, they fit inside the call itself
+    assert 0 < final.prompt_seconds + final.decode_seconds <= took
 
 
 def test_a_wrong_template_runs_to_max_tokens(backend, deployment):
