@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -98,6 +99,7 @@ def plan(
 
     loaded = spec_module.load(spec)
     preflight.check(loaded)
+    fetch = preflight.download(loaded)
     the_store = Store(store)
     cells = pipeline.plan(loaded)
     rows = [
@@ -121,6 +123,7 @@ def plan(
                     "store": str(the_store.root),
                     "cells": rows,
                     "todo": dict(todo),
+                    "download": fetch and {"repo": fetch.repo, "bytes": fetch.size},
                 },
                 indent=2,
             )
@@ -128,6 +131,8 @@ def plan(
         return
     console.print(pipeline_plan_title(loaded.name, len(cells), todo))
     console.print(plan_table(rows))
+    if fetch is not None:
+        console.print(f"downloads first: {fetch.describe()}", soft_wrap=True)
 
 
 def pipeline_plan_title(name: str, n_cells: int, todo: Counter) -> str:
@@ -143,6 +148,9 @@ def run(
     fail_fast: Annotated[
         bool, typer.Option("--fail-fast", help="stop at the first failed cell")
     ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="download an uncached base without asking")
+    ] = False,
 ) -> None:
     """Run every cell of a spec, reusing cached stages; log everything to MLflow."""
     from harness import pipeline, preflight, toolchain, tracking
@@ -152,6 +160,7 @@ def run(
 
     loaded = spec_module.load(spec)
     preflight.check(loaded, Path(store))
+    _confirm_download(preflight.download(loaded), yes)
     cells = pipeline.plan(loaded)
     toolchain.ensure_source(log=lambda m: console.print(f"[dim]{m}[/]"))
     if loaded.measure:
@@ -185,6 +194,16 @@ def run(
             f"{len(summary.failed)} of {len(summary.cells)} cells failed: "
             + "; ".join(f"{c.cell} ({c.error})" for c in summary.failed)
         )
+
+
+def _confirm_download(fetch, yes: bool) -> None:
+    """Ask before a large download; unattended runs must say --yes."""
+    if fetch is None or yes:
+        return
+    if not sys.stdin.isatty():
+        raise InputError(f"this run would download {fetch.describe()}: rerun with --yes")
+    if not typer.confirm(f"download {fetch.describe()}?", default=False):
+        raise typer.Exit(1)
 
 
 ExperimentArg = Annotated[
@@ -341,6 +360,29 @@ def setup() -> None:
     with console.status("building llama-server, llama-bench, llama-perplexity"):
         bin_dir = toolchain.build_tools(log=lambda m: console.print(m))
     console.print(f"llama.cpp: {toolchain.revision()} at {path}; tools in {bin_dir}")
+
+
+@app.command()
+@friendly
+def clean(
+    match: Annotated[
+        str, typer.Option("--match", help="only models whose name matches this glob")
+    ] = "forgebench/*",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list, remove nothing")] = False,
+) -> None:
+    """Remove the models forgebench left in Ollama (serve.keep) from the server at OLLAMA_HOST."""
+    from fnmatch import fnmatch
+
+    from harness.backends.ollama import OllamaBackend
+
+    with OllamaBackend() as ollama:
+        names = [n for n in ollama.deployed() if fnmatch(n, match) or fnmatch(n, f"{match}:*")]
+        for name in names:
+            if not dry_run:
+                ollama.delete(name)
+            console.print(f"{'would remove' if dry_run else 'removed'} {name}")
+    if not names:
+        console.print(f"no forgebench models matching {match!r} at {ollama.host}")
 
 
 @app.command()

@@ -5,11 +5,16 @@ costs one line (exit code 2) and leaves the store and MLflow untouched.
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness import data, quant
 from harness.errors import ForgebenchError, InputError
+from harness.ollama_models import GgufInfo
 from harness.spec import Spec
 
 # Linear layers LoRA can target, by architecture (GGUF names and HF model_type).
@@ -42,12 +47,13 @@ BYTES_PER_WEIGHT = {
 def check(spec: Spec, store_root: Path | None = None) -> None:
     """Raise InputError on the first problem found."""
     _data(spec)
-    architecture, parameters = _base(spec)
-    _targets(spec, architecture)
+    info = _base(spec)
+    _targets(spec, info.architecture if info else None)
     _tracking(spec)
     _serving(spec)
-    if store_root is not None:
-        _disk(spec, parameters, store_root)
+    if store_root is not None and info is not None:
+        _disk(spec, info, store_root)
+        _memory(spec, info)
 
 
 def _data(spec: Spec) -> None:
@@ -65,8 +71,8 @@ def _data(spec: Spec) -> None:
         raise InputError(f"serve.chat_template: file not found: {spec.serve.chat_template}")
 
 
-def _base(spec: Spec) -> tuple[str | None, int | None]:
-    """The base's architecture and parameter count, where they can be read cheaply."""
+def _base(spec: Spec) -> Shape | None:
+    """The base's architecture and size, where they can be read without downloading."""
     from harness import ollama_models, sources
 
     base = spec.base
@@ -77,17 +83,66 @@ def _base(spec: Spec) -> tuple[str | None, int | None]:
         with path.open("rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise InputError(f"base.gguf: {path} is not a GGUF file (no GGUF magic)")
-        info = ollama_models.read_gguf(path)
-        return info.architecture, info.parameters
+        return Shape.of_gguf(ollama_models.read_gguf(path))
     if base.path:
         if not (base.path / "config.json").is_file():
             raise InputError(
                 f"base.path: {base.path} is not a Hugging Face model folder (no config.json)"
             )
-        import json
+        return Shape.of_folder(base.path)
+    if base.hf:
+        snapshot = ollama_models.cached_snapshot(base.hf, base.revision)
+        return Shape.of_folder(snapshot) if snapshot else None
+    return None
 
-        return json.loads((base.path / "config.json").read_text()).get("model_type"), None
-    return None, None
+
+@dataclass(frozen=True)
+class Shape:
+    """What the resource estimates need from the base; any part may be unknown."""
+
+    architecture: str | None
+    parameters: int | None
+    layers: int | None = None
+    hidden: int | None = None
+    vocab: int | None = None
+
+    @classmethod
+    def of_gguf(cls, info: GgufInfo) -> Shape:
+        return cls(
+            info.architecture,
+            info.parameters,
+            info.block_count,
+            info.embedding_length,
+            info.vocab_size,
+        )
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> Shape:
+        """From config.json, with the parameter count from the weight files' headers."""
+        config = json.loads((folder / "config.json").read_text())
+        config = {**config, **config.get("text_config", {})}
+        return cls(
+            config.get("model_type"),
+            _safetensors_parameters(folder),
+            config.get("num_hidden_layers"),
+            config.get("hidden_size"),
+            config.get("vocab_size"),
+        )
+
+
+def _safetensors_parameters(folder: Path) -> int | None:
+    """Sum the tensor shapes in each safetensors header (8-byte length + JSON), no weights read."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with path.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        header.pop("__metadata__", None)
+        total += sum(math.prod(t["shape"]) for t in header.values())
+    return total
 
 
 def _targets(spec: Spec, architecture: str | None) -> None:
@@ -129,7 +184,8 @@ def _serving(spec: Spec) -> None:
         )
 
 
-def _disk(spec: Spec, parameters: int | None, store_root: Path) -> None:
+def _disk(spec: Spec, shape: Shape, store_root: Path) -> None:
+    parameters = shape.parameters
     if not parameters:
         return
     adapters = len(spec.lora) + int(spec.control)
@@ -144,4 +200,127 @@ def _disk(spec: Spec, parameters: int | None, store_root: Path) -> None:
             f"not enough disk for the store at {store_root}: about "
             f"{need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free"
         )
-    return []
+
+
+# Memory estimates, in bytes. Training keeps fp32 weights (autocast computes in bf16) and,
+# per layer and token, about 34 x hidden bytes of 16-bit activations for the backward pass
+# (Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models",
+# 2022), counted at fp32 here; the logits, their softmax and its gradient are fp32 over
+# the whole vocabulary. RUNTIME is what torch, transformers and peft take before any model.
+RUNTIME = 700 * 2**20
+ACTIVATION_BYTES_PER_HIDDEN = 34 * 2
+LOGIT_COPIES = 3
+
+
+def training_bytes(shape: Shape, batch_size: int, max_seq_len: int) -> int | None:
+    """Peak memory of one training step, or None when the shape is unknown."""
+    if not (shape.parameters and shape.layers and shape.hidden and shape.vocab):
+        return None
+    tokens = batch_size * max_seq_len
+    weights = 4 * shape.parameters
+    activations = shape.layers * tokens * shape.hidden * ACTIVATION_BYTES_PER_HIDDEN
+    logits = tokens * shape.vocab * 4 * LOGIT_COPIES
+    return RUNTIME + weights + activations + logits
+
+
+def serving_bytes(shape: Shape, n_ctx: int, slots: int) -> int | None:
+    """The largest cell served (its F16 GGUF) plus an f16 KV cache of n_ctx per slot."""
+    if not (shape.parameters and shape.layers and shape.hidden):
+        return None
+    kv_cache = 2 * shape.layers * n_ctx * slots * shape.hidden * 2  # K and V, f16, no GQA saving
+    return int(shape.parameters * BYTES_PER_WEIGHT["f16"]) + kv_cache
+
+
+def _memory(spec: Spec, shape: Shape) -> None:
+    """Refuse a spec whose training or serving will not fit in memory, with the numbers."""
+    import psutil
+
+    ram = psutil.virtual_memory().available, "available"
+    n_ctx = int(spec.serve.parameters.get("num_ctx", 2048))
+    needs = [
+        (
+            "training",
+            training_bytes(shape, spec.train.batch_size, spec.train.max_seq_len),
+            _training_memory() or ram,
+        )
+    ]
+    if {"check", "evaluate", "bench", "drift"} & set(spec.measure) and not _remote_ollama(spec):
+        needs.append(("serving", serving_bytes(shape, n_ctx, spec.serve.slots), ram))
+    for what, need, (available, where) in needs:
+        if need is not None and need > available:
+            fix = (
+                "lower train.batch_size or train.max_seq_len"
+                if what == "training"
+                else "lower serve.slots or serve.parameters.num_ctx"
+            )
+            raise InputError(
+                f"not enough memory for {what}: about {need / 2**30:.1f} GiB needed, "
+                f"{available / 2**30:.1f} GiB {where}; {fix}"
+            )
+
+
+def _training_memory() -> tuple[int, str] | None:
+    """Free GPU memory where training will run on a GPU (the train stage's choice)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return free, "free on the GPU"
+
+
+def _remote_ollama(spec: Spec) -> bool:
+    """Serving memory is the Ollama host's, not ours, when that host is another machine."""
+    from urllib.parse import urlsplit
+
+    from harness import backends
+
+    if backends.resolve_name(spec.serve.backend) != "ollama":
+        return False
+    host = urlsplit(backends.ollama_host()).hostname or ""
+    return host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+# --- what a run would download first ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Download:
+    """Hub files a run must fetch before it can train: `plan` shows it, `run` asks first."""
+
+    repo: str
+    size: int
+
+    def describe(self) -> str:
+        from harness.ollama_models import human_size
+
+        return f"{human_size(self.size)} from the Hugging Face hub ({self.repo})"
+
+
+def download(spec: Spec) -> Download | None:
+    """The base's download, when it is not in the HF cache (or a model_dirs folder)."""
+    from huggingface_hub import is_offline_mode
+
+    from harness import ollama_models
+
+    base = spec.base.model_dump(mode="json")
+    if base.get("ollama"):
+        base = ollama_models.resolve_base(base).base
+    if not base.get("hf"):
+        return None
+    repo, revision = base["hf"], base.get("revision")
+    if ollama_models.cached_snapshot(repo, revision) is not None:
+        return None
+    if is_offline_mode():
+        raise InputError(
+            f"base: {repo} is not in the local Hugging Face cache and downloads are off "
+            f"(HF_HUB_OFFLINE=1): fetch it once (`hf download {repo}`) or point "
+            "base: {path: ...} at a local copy"
+        )
+    size = ollama_models.download_size(repo, revision)
+    if size is None:
+        raise InputError(
+            f"base: {repo} is not in the local Hugging Face cache and the hub cannot be "
+            f"reached: check the network and HF_TOKEN, or fetch it once (`hf download {repo}`)"
+        )
+    return Download(repo, size) if size else None
