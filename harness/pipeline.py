@@ -226,6 +226,8 @@ class CellResult:
     gguf_bytes: int | None = None
     error: str | None = None
     run_id: str | None = None
+    deployed: str | None = None
+    """The Ollama model left in place (serve.keep), for `ollama run`."""
 
 
 @dataclass
@@ -259,6 +261,11 @@ def run(
         for cell in cells:
             with Served(spec, cell, store) as served:
                 result = _run_cell(cell, store, reporter, outcomes, executed, served)
+                if served.kept and result.status == "done":
+                    try:
+                        result.deployed = served.deploy().deployment.model_name
+                    except ForgebenchError as exc:
+                        result.status, result.error = "failed", f"serve.keep: {exc}"
             result.run_id = experiment.log_cell(
                 cell, result, _lineage(store, cell), _artifacts(store, cell, result)
             )
@@ -356,7 +363,12 @@ class Served:
                 trust_remote_code=self.spec.base.trust_remote_code,
             )
             config = backends.ServeConfig(
-                model_name=f"forgebench/{self.spec.name}-{self.cell.name}",
+                model_name=backends.model_name(
+                    self.spec.name,
+                    self.cell.lora.name if self.cell.lora else None,
+                    self.cell.quant,
+                    self.spec.base.ollama,
+                ),
                 chat_template=(
                     self.spec.serve.chat_template.read_text()
                     if self.spec.serve.chat_template
@@ -374,10 +386,16 @@ class Served:
     def __exit__(self, *exc) -> None:
         if self.backend is not None:
             try:
-                if self.deployment is not None:
+                if self.deployment is not None and not self.kept:
                     self.backend.remove(self.deployment)
             finally:
                 self.backend.close()
+
+    @property
+    def kept(self) -> bool:
+        """serve.keep leaves an Ollama model in place for `ollama run`; a llama-server
+        cannot outlive the run."""
+        return self.spec.serve.keep and self.cell.backend == "ollama"
 
 
 def _run_cell(

@@ -115,6 +115,11 @@ class ServeSpec(Strict):
         description="Ollama option names: temperature, num_ctx, top_k, top_p, seed, ...",
     )
     slots: int = Field(4, gt=0, description="parallel requests (llama-server -np)")
+    keep: bool = Field(
+        False,
+        description="leave each cell's model in Ollama after measuring (`forgebench clean` "
+        "removes them); the llama.cpp backend cannot keep a model",
+    )
 
 
 class EvalTaskSpec(Strict):

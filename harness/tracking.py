@@ -171,6 +171,8 @@ class Experiment:
                 for k, v in outcome.metrics.items()
                 if isinstance(v, int | float)
             ]
+        if result.deployed:
+            tags["forgebench.deployed"] = result.deployed
         if result.gguf_bytes is not None:
             tags["forgebench.gguf"] = result.gguf or ""
             metrics.append(Metric("gguf_bytes", float(result.gguf_bytes), now, 0))

@@ -7,6 +7,9 @@ import psutil
 import pytest
 from conftest import MEASURE_SPEC
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from harness.cli import app
 
 pytestmark = pytest.mark.slow
 
@@ -118,3 +121,24 @@ def test_the_same_chain_through_ollama(e2e, monkeypatch):
     assert run.data.tags["forgebench.backend"] == "ollama"
     modelfile = {a.path for a in client.list_artifacts(run.info.run_id, "serve")}
     assert "serve/Modelfile" in modelfile
+
+    # serve.keep leaves every cell's model in Ollama, even when all was cached; clean removes
+    kept = e2e.folder / "ollama-keep.yaml"
+    kept.write_text(path.read_text().replace("backend: ollama", "backend: ollama, keep: true"))
+    with OllamaDouble() as double:
+        monkeypatch.setenv("OLLAMA_HOST", double.host)
+        again = e2e.run(kept)
+        names = [f"forgebench/e2e-{cell}:latest" for cell in cells]
+        assert sorted(double.models) == sorted(names)
+        assert again.executed == {}
+        tags = client.get_run(again.cells[0].run_id).data.tags
+        assert tags["forgebench.deployed"] == f"forgebench/e2e-{again.cells[0].cell}"
+        listed = CliRunner().invoke(app, ["clean", "--match", "forgebench/e2e-main-*", "--dry-run"])
+        assert listed.output.split("\n")[:2] == [
+            "would remove forgebench/e2e-main-f16:latest",
+            "would remove forgebench/e2e-main-q8_0:latest",
+        ]
+        assert len(double.models) == 4
+        cleaned = CliRunner().invoke(app, ["clean"])
+        assert cleaned.exit_code == 0, cleaned.output
+        assert double.models == {}

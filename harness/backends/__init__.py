@@ -12,10 +12,23 @@ Every deployment also exposes an OpenAI-compatible `/v1` endpoint
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+NAMESPACE = "forgebench"
+"""Every model forgebench deploys is named forgebench/..., so `forgebench clean` finds them."""
+
+
+def model_name(experiment: str, adapter: str | None, quant: str, source: str | None) -> str:
+    """forgebench/<experiment>-<adapter>-<quant>; a model made from an Ollama model is named
+    after it: forgebench/<source>-ft-<adapter>-<quant> (the untuned control <source>-<quant>)."""
+    if source is None:
+        return f"{NAMESPACE}/{experiment}-{adapter or 'base'}-{quant}"
+    stem = re.sub(r"[^a-z0-9._-]+", "-", source.rsplit("/", 1)[-1].lower()).strip("-._")
+    return f"{NAMESPACE}/{stem}-ft-{adapter}-{quant}" if adapter else f"{NAMESPACE}/{stem}-{quant}"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import ollama
 
-from harness.backends import Chunk, Deployment, ServeConfig, ollama_host
+from harness.backends import NAMESPACE, Chunk, Deployment, ServeConfig, ollama_host
 from harness.errors import ForgebenchError
 
 KEEP_ALIVE = "10m"
@@ -291,8 +291,10 @@ class OllamaBackend:
         return int(sizes[0]) if sizes and sizes[0] is not None else None
 
     def remove(self, deployment: Deployment) -> None:
-        """Unload and delete the model; one already gone is not an error."""
-        name = deployment.model_name
+        self.delete(deployment.model_name)
+
+    def delete(self, name: str) -> None:
+        """Unload and delete a model; one already gone is not an error."""
 
         def remove() -> None:
             try:
@@ -303,6 +305,11 @@ class OllamaBackend:
                     raise
 
         self._call(f"remove {name}", remove)
+
+    def deployed(self) -> list[str]:
+        """The models forgebench created on this server (its namespace), as Ollama names them."""
+        listed = self._call("list models", self._client.list)
+        return sorted(m.model for m in listed.models if m.model.startswith(f"{NAMESPACE}/"))
 
     def close(self) -> None:
         self._client.close()
