@@ -22,11 +22,16 @@ from harness.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
-E2E_SPEC = """\
+# What every e2e variant shares, so they share the store's trained adapters.
+E2E_BASE = """\
 name: e2e
 base: {{model: smollm2-135m}}
 data: {{task: arithmetic, n_train: 400, n_eval: 80, seed: 3}}
 train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0}}
+"""
+E2E_SPEC = (
+    E2E_BASE
+    + """\
 lora:
   - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
   - {{name: small, r: {small_r}, alpha: 8, target_modules: [q_proj]}}
@@ -34,12 +39,11 @@ quant: [{quant}]
 measure: [{measure}]
 tracking: {{uri: "sqlite:///{db}"}}
 """
+)
 QUANT = ("f16", "q8_0", "q4_k_m", "q2_k")
-MEASURE_SPEC = """\
-name: e2e
-base: {{model: smollm2-135m}}
-data: {{task: arithmetic, n_train: 400, n_eval: 80, seed: 3}}
-train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0}}
+MEASURE_SPEC = (
+    E2E_BASE
+    + """\
 lora:
   - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
 quant: [f16, q8_0, q4_k_m, q2_k]
@@ -49,6 +53,7 @@ bench: {{warmup: 1, repeats: 1, max_tokens: 32}}
 drift: {{ctx: 256, chunks: 4}}
 tracking: {{uri: "sqlite:///{db}"}}
 """
+)
 
 
 @dataclass
