@@ -5,10 +5,12 @@ closes the dead run as KILLED."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from harness import pipeline, spec
-from harness.store import Store
+from harness.store import Store, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -116,3 +118,38 @@ def test_resumed_training_matches_an_uninterrupted_one(folder, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-4), key
+
+
+def test_two_runs_on_one_store_do_each_stage_once(folder, tmp_path):
+    """Started together on one store and one fresh MLflow database: both finish, every
+    stage is built once between them (the second waits on the key's lock, then reuses),
+    and every output matches its manifest."""
+    (tmp_path / "store").mkdir()
+    store = tmp_path / "store"
+    (store / "resolve").symlink_to((folder / "store" / "resolve").resolve())
+    spec_path = tmp_path / "twice.yaml"
+    spec_path.write_text(SPEC.format(r=12, db=tmp_path / "mlflow.db"))
+    command = [sys.executable, "-m", "harness", "run", str(spec_path), "--store", str(store)]
+    runs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=1200)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+
+    done = Counter()
+    for output in outputs:
+        line = next(x for x in output.splitlines() if x.startswith("work done:"))
+        done.update({s: int(n) for s, n in re.findall(r"(\w+) (\d+)", line)})
+    assert (done["train"], done["merge"], done["convert"], done["quantize"]) == (1, 1, 1, 2)
+
+    loaded = Store(store)
+    for call in {c for cell in pipeline.plan(spec.load(spec_path)) for c in cell.calls.values()}:
+        manifest = loaded.manifest(call)
+        for name, digest in manifest["outputs"].items():
+            assert sha256_file(loaded.path(call) / name) == digest, (call.stage, name)
+    assert not list(store.glob("*/.tmp-*"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("resume").experiment_id
+    parents = client.search_runs([experiment], "tags.`forgebench.kind` = 'invocation'")
+    assert sorted(p.info.status for p in parents) == ["FINISHED", "FINISHED"]

@@ -1,0 +1,142 @@
+"""The release gate as a user's CI runs it: a champion adapter registered in MLflow, then
+a new build of that adapter trained on data whose labels were corrupted. The gate must
+stop it (exit 1) and leave the alias alone; a build that is no worse passes and, with
+--promote, becomes the champion. Real training, serving and scoring on SmolLM2-135M."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from harness import data
+from harness.cli import app
+
+pytestmark = pytest.mark.slow
+
+SPEC = """\
+name: {name}
+base: {{model: smollm2-135m}}
+data: {{train: {train}}}
+train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0}}
+lora:
+  - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+quant: [{quant}]
+control: false
+measure: [check, evaluate, bench]
+serve: {{backend: llamacpp, slots: 2}}
+evaluate: {{tasks: [{{name: sums, path: {heldout}}}], concurrency: 2}}
+bench: {{warmup: 1, repeats: 1, max_tokens: 32}}
+tracking: {{uri: "sqlite:///{db}"}}
+"""
+MODEL = "release-math"
+LOOSE = ["--speed-drop-pct", "50", "--memory-rise-pct", "50"]  # a shared CI box is noisy
+
+
+def rows(conversations: list, corrupt: random.Random | None = None) -> list[dict]:
+    """prompt/completion rows; with `corrupt`, every answer is off by 1 to 9."""
+    out = []
+    for conversation in conversations:
+        answer = int(conversation[-1]["content"])
+        if corrupt is not None:
+            answer += corrupt.choice([-1, 1]) * corrupt.randint(1, 9)
+        out.append({"prompt": conversation[0]["content"], "completion": str(answer)})
+    return out
+
+
+def write_jsonl(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("release")
+    train = data.arithmetic(400, seed=3)
+    heldout = [
+        {"question": c[0]["content"], "answer": c[-1]["content"]}
+        for c in data.arithmetic(80, seed=3, offset=400)
+    ]
+    paths = {
+        "good": write_jsonl(folder / "good.jsonl", rows(train)),
+        "corrupted": write_jsonl(folder / "corrupted.jsonl", rows(train, random.Random(0))),
+        "heldout": write_jsonl(folder / "heldout.jsonl", heldout),
+    }
+    db = folder / "mlflow.db"
+
+    def run(name: str, train: str, quant: str) -> None:
+        spec = folder / f"{name}.yaml"
+        spec.write_text(
+            SPEC.format(name=name, train=paths[train], quant=quant, heldout=paths["heldout"], db=db)
+        )
+        result = CliRunner().invoke(app, ["run", str(spec), "--store", str(folder / "store")])
+        assert result.exit_code == 0, result.output
+
+    run("release", "good", "f16, q8_0")
+    registered = CliRunner().invoke(
+        app,
+        [
+            "best",
+            "release",
+            "--tracking-uri",
+            f"sqlite:///{db}",
+            "--register",
+            MODEL,
+            "--alias",
+            "champion",
+        ],
+    )
+    assert registered.exit_code == 0, registered.output
+    run("release-corrupted", "corrupted", "f16")
+    return f"sqlite:///{db}"
+
+
+def check(uri: str, candidate: str, *extra: str):
+    return CliRunner().invoke(
+        app,
+        [
+            "check",
+            "--candidate",
+            candidate,
+            "--baseline",
+            f"{MODEL}@champion",
+            "--tracking-uri",
+            uri,
+            *LOOSE,
+            *extra,
+        ],
+    )
+
+
+def champion(uri: str) -> str:
+    return MlflowClient(uri).get_model_version_by_alias(MODEL, "champion").run_id
+
+
+def test_an_adapter_trained_on_corrupted_labels_fails_the_gate(release):
+    before = champion(release)
+    result = check(release, "release-corrupted:main-f16", "--promote")
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("## forgebench check: FAIL")
+    assert "sums: " in result.output.split("Regressions:")[1]
+    assert champion(release) == before  # a failed gate promotes nothing
+
+
+def test_a_build_no_worse_passes_and_is_promoted(release):
+    client = MlflowClient(release)
+    before = champion(release)
+    cells = {
+        run.data.tags["forgebench.cell"]: run.info.run_id
+        for run in client.search_runs(
+            [client.get_experiment_by_name("release").experiment_id],
+            "tags.`forgebench.kind` = 'cell'",
+        )
+    }
+    other = next(cell for cell, run_id in cells.items() if run_id != before)
+    result = check(release, f"release:{other}", "--promote")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("## forgebench check: PASS")
+    assert champion(release) == cells[other]
