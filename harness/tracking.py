@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import socket
@@ -71,11 +72,12 @@ class Experiment:
         # an explicit client, never mlflow.set_tracking_uri: that also sets the
         # MLFLOW_TRACKING_URI environment variable, so the next spec run in the same
         # process (or any child process) would log to this spec's store
-        self.client = _client(self.uri)
-        existing = self.client.get_experiment_by_name(spec.name)
-        self.experiment_id = (
-            existing.experiment_id if existing else self.client.create_experiment(spec.name)
-        )
+        with _first_use_lock(self.uri):  # the first client creates a sqlite store's tables
+            self.client = _client(self.uri)
+            existing = self.client.get_experiment_by_name(spec.name)
+            self.experiment_id = (
+                existing.experiment_id if existing else self.client.create_experiment(spec.name)
+            )
         self.parent_id = ""
         self.cells: dict[str, str] = {}
         """run id -> cell name, for the tags set once every cell is known."""
@@ -280,6 +282,23 @@ def invocation(
         [found.experiment_id], f"tags.`{PARENT}` = '{run_id}'", max_results=5000
     )
     return _view(client, client.get_run(run_id), False), [_view(client, r) for r in children]
+
+
+@contextlib.contextmanager
+def _first_use_lock(uri: str):
+    """Two runs started together on a new sqlite store would both create its tables and
+    the experiment, and one would fail; an OS lock beside the database file serializes
+    that first use (released by the kernel if its holder dies)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    with lock.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _client(uri: str):
