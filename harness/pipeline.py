@@ -128,7 +128,8 @@ def _measurements(
 ) -> dict[str, StageCall]:
     """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served."""
     gguf = calls.get("quantize") or f16
-    served = {"serve": spec.serve.model_dump(mode="json"), "backend": backend}
+    # keep decides what happens after measuring, not what is measured
+    served = {"serve": spec.serve.model_dump(mode="json", exclude={"keep"}), "backend": backend}
     if spec.serve.chat_template is not None:
         if not spec.serve.chat_template.is_file():
             raise ForgebenchError(

@@ -61,6 +61,14 @@ def test_adding_a_quant_level_adds_only_quantizations(quickstart):
     assert new_stages == {"quantize", "check", "evaluate", "bench", "drift"}
 
 
+def test_keeping_deployments_changes_no_key(quickstart):
+    """serve.keep acts after measuring: turning it on must not redo any measurement."""
+    kept = quickstart.model_copy(
+        update={"serve": quickstart.serve.model_copy(update={"keep": True})}
+    )
+    assert keys(kept) == keys(quickstart)
+
+
 def test_training_settings_reach_the_key(quickstart):
     slower = quickstart.model_copy(
         update={"train": quickstart.train.model_copy(update={"lr": 1e-4})}
