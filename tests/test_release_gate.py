@@ -120,7 +120,7 @@ def test_an_adapter_trained_on_corrupted_labels_fails_the_gate(release):
     before = champion(release)
     result = check(release, "release-corrupted:main-f16", "--promote")
     assert result.exit_code == 1, result.output
-    assert result.output.startswith("## forgebench check: FAIL")
+    assert result.stdout.startswith("## forgebench check: FAIL")
     assert "sums: " in result.output.split("Regressions:")[1]
     assert champion(release) == before  # a failed gate promotes nothing
 
@@ -138,5 +138,6 @@ def test_a_build_no_worse_passes_and_is_promoted(release):
     other = next(cell for cell, run_id in cells.items() if run_id != before)
     result = check(release, f"release:{other}", "--promote")
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("## forgebench check: PASS")
+    assert result.stdout.startswith("## forgebench check: PASS")
+    assert result.stderr.startswith("promoted: release-math@champion -> version 2")
     assert champion(release) == cells[other]
