@@ -26,7 +26,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+# Logs and CI get Rich's 80 columns when not on a terminal, which truncates the
+# matrix tables to ellipses; give them room unless COLUMNS says otherwise.
+LOG_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+console = Console(width=LOG_WIDTH)
 err = Console(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="experiment spec (YAML)", show_default=False)]
