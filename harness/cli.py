@@ -103,6 +103,7 @@ def plan(
     loaded = spec_module.load(spec)
     preflight.check(loaded)
     fetch = preflight.download(loaded)
+    needs = preflight.needs(loaded)
     the_store = Store(store)
     cells = pipeline.plan(loaded)
     rows = [
@@ -127,6 +128,7 @@ def plan(
                     "cells": rows,
                     "todo": dict(todo),
                     "download": fetch and {"repo": fetch.repo, "bytes": fetch.size},
+                    "needs": {need.what: need.bytes for need in needs},
                 },
                 indent=2,
             )
@@ -134,6 +136,8 @@ def plan(
         return
     console.print(pipeline_plan_title(loaded.name, len(cells), todo))
     console.print(plan_table(rows))
+    if needs:
+        console.print("estimated: " + ", ".join(n.describe() for n in needs), soft_wrap=True)
     if fetch is not None:
         console.print(f"downloads first: {fetch.describe()}", soft_wrap=True)
 

@@ -51,9 +51,8 @@ def check(spec: Spec, store_root: Path | None = None) -> None:
     _targets(spec, info.architecture if info else None)
     _tracking(spec)
     _serving(spec)
-    if store_root is not None and info is not None:
-        _disk(spec, info, store_root)
-        _memory(spec, info)
+    if store_root is not None:
+        _fits(needs(spec, info), store_root)
 
 
 def _data(spec: Spec) -> None:
@@ -184,22 +183,65 @@ def _serving(spec: Spec) -> None:
         )
 
 
-def _disk(spec: Spec, shape: Shape, store_root: Path) -> None:
-    parameters = shape.parameters
-    if not parameters:
-        return
+@dataclass(frozen=True)
+class Need:
+    """One resource a run will take, estimated before it starts."""
+
+    what: str
+    bytes: int
+    fix: str
+
+    def describe(self) -> str:
+        return f"{self.what} about {self.bytes / 2**30:.1f} GiB"
+
+
+def needs(spec: Spec, shape: Shape | None = None) -> list[Need]:
+    """Disk for the store and memory for training and serving: `plan` shows them, `run`
+    refuses a spec that will not fit. Empty when the base's size cannot be read offline."""
+    shape = shape or _base(spec)
+    if shape is None or not shape.parameters:
+        return []
     adapters = len(spec.lora) + int(spec.control)
     per_adapter = 4.0 + sum(BYTES_PER_WEIGHT.get(q, 2.0) for q in {*spec.quant, quant.REFERENCE})
-    need = parameters * (per_adapter * adapters + 4.0)  # + the dequantized base
+    disk = int(shape.parameters * (per_adapter * adapters + 4.0))  # + the dequantized base
+    if "drift" in spec.measure and shape.vocab:
+        # llama-perplexity keeps the F16 logits of the scored half of every chunk, 2 bytes each
+        disk += adapters * spec.drift.chunks * spec.drift.ctx // 2 * shape.vocab * 2
+    out = [Need("disk for the store", disk, "free some disk or use --store elsewhere")]
+    training = training_bytes(shape, spec.train.batch_size, spec.train.max_seq_len)
+    if training is not None:
+        out.append(
+            Need("memory for training", training, "lower train.batch_size or train.max_seq_len")
+        )
+    n_ctx = int(spec.serve.parameters.get("num_ctx", 2048))
+    serving = serving_bytes(shape, n_ctx, spec.serve.slots)
+    served = {"check", "evaluate", "bench", "drift"} & set(spec.measure)
+    if serving is not None and served and not _remote_ollama(spec):
+        out.append(
+            Need("memory for serving", serving, "lower serve.slots or serve.parameters.num_ctx")
+        )
+    return out
+
+
+def _fits(needs: list[Need], store_root: Path) -> None:
+    import psutil
+
+    ram = psutil.virtual_memory().available, "available"
     folder = store_root
     while not folder.exists():
         folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if need > free:
-        raise InputError(
-            f"not enough disk for the store at {store_root}: about "
-            f"{need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free"
-        )
+    room = {
+        "disk for the store": (shutil.disk_usage(folder).free, f"free at {folder}"),
+        "memory for training": _training_memory() or ram,
+        "memory for serving": ram,
+    }
+    for need in needs:
+        available, where = room[need.what]
+        if need.bytes > available:
+            raise InputError(
+                f"not enough {need.what}: about {need.bytes / 2**30:.1f} GiB needed, "
+                f"{available / 2**30:.1f} GiB {where}; {need.fix}"
+            )
 
 
 # Memory estimates, in bytes. Training keeps fp32 weights (autocast computes in bf16) and,
@@ -229,34 +271,6 @@ def serving_bytes(shape: Shape, n_ctx: int, slots: int) -> int | None:
         return None
     kv_cache = 2 * shape.layers * n_ctx * slots * shape.hidden * 2  # K and V, f16, no GQA saving
     return int(shape.parameters * BYTES_PER_WEIGHT["f16"]) + kv_cache
-
-
-def _memory(spec: Spec, shape: Shape) -> None:
-    """Refuse a spec whose training or serving will not fit in memory, with the numbers."""
-    import psutil
-
-    ram = psutil.virtual_memory().available, "available"
-    n_ctx = int(spec.serve.parameters.get("num_ctx", 2048))
-    needs = [
-        (
-            "training",
-            training_bytes(shape, spec.train.batch_size, spec.train.max_seq_len),
-            _training_memory() or ram,
-        )
-    ]
-    if {"check", "evaluate", "bench", "drift"} & set(spec.measure) and not _remote_ollama(spec):
-        needs.append(("serving", serving_bytes(shape, n_ctx, spec.serve.slots), ram))
-    for what, need, (available, where) in needs:
-        if need is not None and need > available:
-            fix = (
-                "lower train.batch_size or train.max_seq_len"
-                if what == "training"
-                else "lower serve.slots or serve.parameters.num_ctx"
-            )
-            raise InputError(
-                f"not enough memory for {what}: about {need / 2**30:.1f} GiB needed, "
-                f"{available / 2**30:.1f} GiB {where}; {fix}"
-            )
 
 
 def _training_memory() -> tuple[int, str] | None:

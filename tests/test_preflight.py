@@ -6,6 +6,8 @@ file metadata (`download_size`) and for an empty cache, nothing else."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import huggingface_hub
 import pytest
 from typer.testing import CliRunner
@@ -14,6 +16,7 @@ from harness import ollama_models
 from harness.backends import model_name
 from harness.cli import app
 
+ROOT = Path(__file__).resolve().parents[1]
 SPEC = """\
 name: fetch
 base: {hf: HuggingFaceTB/SmolLM2-135M-Instruct}
@@ -75,6 +78,15 @@ def test_a_cached_base_needs_no_confirmation(monkeypatch, tmp_path):
     path = tmp_path / "fetch.yaml"
     path.write_text(SPEC)
     assert preflight.download(spec.load(path)) is None
+
+
+def test_plan_shows_what_the_run_will_take():
+    result = CliRunner().invoke(app, ["plan", str(ROOT / "experiments" / "quickstart.yaml")])
+    assert result.exit_code == 0, result.output
+    assert (
+        "estimated: disk for the store about 4.0 GiB, memory for training about 4.6 GiB, "
+        "memory for serving about 0.8 GiB" in result.output
+    )
 
 
 @pytest.mark.parametrize(
