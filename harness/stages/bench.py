@@ -58,6 +58,9 @@ def one_request(backend: Backend, deployment: Deployment, messages, max_tokens: 
         else 0.0,
         "decode_tps": tokens / final.decode_seconds if final.decode_seconds else 0.0,
         "completion_tokens": tokens,
+        # the same stretch timed by each side: first token to the end of the answer
+        "stream_s": ended - first,
+        "decode_s": final.decode_seconds or 0.0,
     }
 
 
