@@ -100,12 +100,17 @@ class Store:
     @contextmanager
     def building(self, call: StageCall) -> Iterator[Path]:
         """Yield an empty temporary folder; on success it becomes the call's output.
+        Hold `lock(call)` around it.
 
         The manifest records the inputs, a sha256 of every output file, the
         time taken and the versions used; it is written last, inside the
         temporary folder, and the folder is renamed into place atomically.
         """
         final = self.path(call)
+        # Call it holding the key's lock: every other builder of this key is then dead,
+        # and what a killed one left half-written is only taking up disk.
+        for stale in final.parent.glob(f".tmp-{call.key}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = final.parent / f".tmp-{call.key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         started = time.time()

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -32,19 +33,22 @@ lora:
   - {{name: a, r: {r}, alpha: 16, target_modules: [q_proj, v_proj]}}
 quant: [f16, q8_0, q4_k_m]
 control: false
-measure: []
+measure: [{measure}]
+serve: {{backend: llamacpp, slots: 2}}
+evaluate: {{tasks: [arithmetic], limit: 40, concurrency: 2}}
 tracking: {{uri: "sqlite:///{db}"}}
 """
 
 
-def write(folder: Path, name: str, r: int) -> Path:
+def write(folder: Path, name: str, r: int, measure: str = "") -> Path:
     path = folder / name
-    path.write_text(SPEC.format(r=r, db=folder / "mlflow.db"))
+    path.write_text(SPEC.format(r=r, db=folder / "mlflow.db", measure=measure))
     return path
 
 
-def kill_when(spec_path: Path, store: Path, ready) -> None:
-    """Start `forgebench run` and kill -9 it as soon as `ready()` is true."""
+def kill_when(spec_path: Path, store: Path, ready, group: bool = True) -> None:
+    """Start `forgebench run` and kill -9 it as soon as `ready()` is true: with its whole
+    process group, or (`group=False`) the run alone, as `kill -9 PID` does."""
     process = subprocess.Popen(
         [sys.executable, "-m", "harness", "run", str(spec_path), "--store", str(store)],
         stdout=subprocess.DEVNULL,
@@ -58,7 +62,7 @@ def kill_when(spec_path: Path, store: Path, ready) -> None:
             assert time.monotonic() < deadline, "kill point never reached"
             time.sleep(0.05)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        (os.killpg if group else os.kill)(process.pid, signal.SIGKILL)
         process.wait()
 
 
@@ -75,13 +79,38 @@ def folder(tmp_path_factory, e2e):
     return out
 
 
-@pytest.mark.parametrize(("stage", "r"), [("train", 4), ("convert", 6), ("quantize", 10)])
-def test_kill_and_rerun(folder, stage, r):
+def servers_of(store: Path) -> list[psutil.Process]:
+    """llama-server processes serving a model from this store."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if process.info["name"] == "llama-server" and str(store) in cmdline:
+            found.append(process)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("stage", "r", "measure"),
+    [("train", 4, ""), ("convert", 6, ""), ("quantize", 10, ""), ("evaluate", 4, "evaluate")],
+)
+def test_kill_and_rerun(folder, stage, r, measure):
     store = folder / "store"
-    spec_path = write(folder, f"{stage}.yaml", r)
+    spec_path = write(folder, f"{stage}.yaml", r, measure)
+    servers: list[psutil.Process] = []
     if stage == "train":
         scratch = store / "scratch" / "train"
         kill_when(spec_path, store, lambda: any(scratch.glob("*/checkpoint-*/trainer_state.json")))
+    elif stage == "evaluate":  # killed while a model is served and scored
+
+        def scoring() -> bool:
+            servers[:] = servers_of(store)
+            return building(store, stage) and bool(servers)
+
+        kill_when(spec_path, store, scoring, group=False)
+        _, alive = psutil.wait_procs(servers, timeout=10)
+        for orphan in alive:
+            orphan.kill()
+        assert not alive, f"the killed run left its llama-server running: {alive}"
     else:
         kill_when(spec_path, store, lambda: building(store, stage))
     cells = pipeline.plan(spec.load(spec_path))
@@ -90,6 +119,7 @@ def test_kill_and_rerun(folder, stage, r):
     summary = pipeline.run(spec.load(spec_path), spec_path, Store(store), pipeline.Quiet())
     assert [c.status for c in summary.cells] == ["done"] * 3
     assert summary.executed.get(stage, 0) >= 1
+    assert not list(store.glob(f"{stage}/.tmp-*")), "the killed build's folder was left behind"
     for cell in summary.cells:  # every output is whole: its files match the manifest
         for outcome in cell.stages.values():
             assert outcome.error is None
@@ -128,7 +158,7 @@ def test_two_runs_on_one_store_do_each_stage_once(folder, tmp_path):
     store = tmp_path / "store"
     (store / "resolve").symlink_to((folder / "store" / "resolve").resolve())
     spec_path = tmp_path / "twice.yaml"
-    spec_path.write_text(SPEC.format(r=12, db=tmp_path / "mlflow.db"))
+    spec_path.write_text(SPEC.format(r=12, db=tmp_path / "mlflow.db", measure=""))
     command = [sys.executable, "-m", "harness", "run", str(spec_path), "--store", str(store)]
     runs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
