@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from harness import data as datasets
 from harness.errors import StageError
 from harness.stages import Progress
+
+# peft still reads a property transformers 5 deprecates: a warning the user can do
+# nothing about, printed into the middle of the progress display
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def run(
