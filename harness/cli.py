@@ -103,8 +103,8 @@ def plan(
     loaded = spec_module.load(spec)
     preflight.check(loaded)
     fetch = preflight.download(loaded)
-    needs = preflight.needs(loaded)
     the_store = Store(store)
+    needs = preflight.needs(loaded, store=the_store)
     cells = pipeline.plan(loaded)
     rows = [
         {

@@ -12,10 +12,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import data, quant
+from harness import data
 from harness.errors import ForgebenchError, InputError
 from harness.ollama_models import GgufInfo
 from harness.spec import Spec
+from harness.store import Store
 
 # Linear layers LoRA can target, by architecture (GGUF names and HF model_type).
 LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -52,7 +53,7 @@ def check(spec: Spec, store_root: Path | None = None) -> None:
     _tracking(spec)
     _serving(spec)
     if store_root is not None:
-        _fits(needs(spec, info), store_root)
+        _fits(needs(spec, info, Store(store_root)), store_root)
 
 
 def _data(spec: Spec) -> None:
@@ -195,18 +196,14 @@ class Need:
         return f"{self.what} about {self.bytes / 2**30:.1f} GiB"
 
 
-def needs(spec: Spec, shape: Shape | None = None) -> list[Need]:
-    """Disk for the store and memory for training and serving: `plan` shows them, `run`
-    refuses a spec that will not fit. Empty when the base's size cannot be read offline."""
+def needs(spec: Spec, shape: Shape | None = None, store: Store | None = None) -> list[Need]:
+    """Disk for the store (what is not in `store` yet) and memory for training and serving:
+    `plan` shows them, `run` refuses a spec that will not fit. Empty when the base's size
+    cannot be read offline."""
     shape = shape or _base(spec)
     if shape is None or not shape.parameters:
         return []
-    adapters = len(spec.lora) + int(spec.control)
-    per_adapter = 4.0 + sum(BYTES_PER_WEIGHT.get(q, 2.0) for q in {*spec.quant, quant.REFERENCE})
-    disk = int(shape.parameters * (per_adapter * adapters + 4.0))  # + the dequantized base
-    if "drift" in spec.measure and shape.vocab:
-        # llama-perplexity keeps the F16 logits of the scored half of every chunk, 2 bytes each
-        disk += adapters * spec.drift.chunks * spec.drift.ctx // 2 * shape.vocab * 2
+    disk = _disk_bytes(spec, shape, store)
     out = [Need("disk for the store", disk, "free some disk or use --store elsewhere")]
     training = training_bytes(shape, spec.train.batch_size, spec.train.max_seq_len)
     if training is not None:
@@ -221,6 +218,29 @@ def needs(spec: Spec, shape: Shape | None = None) -> list[Need]:
             Need("memory for serving", serving, "lower serve.slots or serve.parameters.num_ctx")
         )
     return out
+
+
+# What each stage writes, in bytes per weight of the base: an fp32 HF folder, an F16 GGUF.
+OUTPUT_BYTES_PER_WEIGHT = {"resolve": 4.0, "merge": 4.0, "convert": BYTES_PER_WEIGHT["f16"]}
+
+
+def _disk_bytes(spec: Spec, shape: Shape, store: Store | None) -> int:
+    """The outputs still to build, by stage, from the parameter count."""
+    from harness import pipeline
+
+    calls = {call.key: call for cell in pipeline.plan(spec) for call in cell.calls.values()}
+    total = 0.0
+    for call in calls.values():
+        if store is not None and store.has(call):
+            continue
+        if call.stage in OUTPUT_BYTES_PER_WEIGHT:
+            total += shape.parameters * OUTPUT_BYTES_PER_WEIGHT[call.stage]
+        elif call.stage == "quantize":
+            total += shape.parameters * BYTES_PER_WEIGHT.get(call.settings["level"], 2.0)
+        elif call.stage == "drift_base" and shape.vocab:
+            # llama-perplexity keeps the F16 logits of the scored half of each chunk, 2 bytes each
+            total += spec.drift.chunks * spec.drift.ctx // 2 * shape.vocab * 2
+    return int(total)
 
 
 def _fits(needs: list[Need], store_root: Path) -> None:

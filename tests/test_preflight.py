@@ -84,7 +84,7 @@ def test_plan_shows_what_the_run_will_take():
     result = CliRunner().invoke(app, ["plan", str(ROOT / "experiments" / "quickstart.yaml")])
     assert result.exit_code == 0, result.output
     assert (
-        "estimated: disk for the store about 4.0 GiB, memory for training about 4.6 GiB, "
+        "estimated: disk for the store about 3.5 GiB, memory for training about 4.6 GiB, "
         "memory for serving about 0.8 GiB" in result.output
     )
 
@@ -108,3 +108,24 @@ def test_plan_shows_what_the_run_will_take():
 def test_deploy_names(experiment, adapter, quant, source, name):
     """After the source model when there is one (seed 000), else after the experiment."""
     assert model_name(experiment, adapter, quant, source) == name
+
+
+def test_disk_counts_only_what_the_store_lacks(tmp_path):
+    """A rerun over a full store needs no new disk; a fresh store needs every output."""
+    from harness import pipeline, preflight, spec
+    from harness.store import Store
+
+    quickstart = spec.load(ROOT / "experiments" / "quickstart.yaml")
+    store = Store(tmp_path / "store")
+    disk = {n.what: n.bytes for n in preflight.needs(quickstart, store=store)}
+    fresh = disk["disk for the store"]
+    for cell in pipeline.plan(quickstart):  # pretend everything but the quantizations is built
+        for call in cell.calls.values():
+            if call.stage != "quantize":
+                (store.path(call)).mkdir(parents=True, exist_ok=True)
+                (store.path(call) / "manifest.json").write_text("{}")
+    left = {n.what: n.bytes for n in preflight.needs(quickstart, store=store)}
+    params = 134_515_008
+    quants = sum(preflight.BYTES_PER_WEIGHT[q] for q in ("q8_0", "q4_k_m", "q2_k")) * 3 * params
+    assert left["disk for the store"] == pytest.approx(quants, rel=1e-6)
+    assert fresh > 3 * left["disk for the store"]
