@@ -23,6 +23,7 @@ COLUMNS = (
     ("top1_agreement", "top-1"),
     ("ttft_ms_p50", "TTFT p50 ms"),
     ("decode_tps_p50", "decode tok/s"),
+    ("llama_bench_tg_tps", "llama-bench tg tok/s"),
     ("memory_mb", "memory MB"),
     ("gguf_mb", "size MB"),
 )
@@ -49,6 +50,7 @@ def cell_values(row: Row, task: str | None) -> dict[str, str]:
         "top1_agreement": num("top1_agreement", ".3f"),
         "ttft_ms_p50": num("ttft_ms_p50", ".0f"),
         "decode_tps_p50": num("decode_tps_p50", ".1f"),
+        "llama_bench_tg_tps": num("llama_bench_tg_tps", ".1f"),
         "memory_mb": num("memory_mb", ".0f"),
         "gguf_mb": num("gguf_mb", ".1f"),
     }
