@@ -101,11 +101,11 @@ def plan(
     from harness.store import Store
 
     loaded = spec_module.load(spec)
-    preflight.check(loaded)
+    shape = preflight.check(loaded)
     fetch = preflight.download(loaded)
     the_store = Store(store)
-    needs = preflight.needs(loaded, store=the_store)
     cells = pipeline.plan(loaded)
+    needs = preflight.needs(loaded, shape, cells, the_store)
     rows = [
         {
             "cell": c.name,
@@ -166,9 +166,11 @@ def run(
     from harness.store import Store
 
     loaded = spec_module.load(spec)
-    preflight.check(loaded, Path(store))
-    _confirm_download(preflight.download(loaded), yes)
+    shape = preflight.check(loaded)
     cells = pipeline.plan(loaded)
+    the_store = Store(store)
+    preflight.fits(preflight.needs(loaded, shape, cells, the_store), the_store)
+    _confirm_download(preflight.download(loaded), yes)
     toolchain.ensure_source(log=lambda m: console.print(f"[dim]{m}[/]"))
     if loaded.measure:
         toolchain.build_tools(log=lambda m: console.print(f"[dim]{m}[/]"))
@@ -183,11 +185,10 @@ def run(
         )
     total = len({call.key for c in cells for call in c.calls.values()})
     console.print(
-        f"[bold]{loaded.name}[/]: {len(cells)} cells, {total} stage calls, "
-        f"store {Store(store).root}"
+        f"[bold]{loaded.name}[/]: {len(cells)} cells, {total} stage calls, store {the_store.root}"
     )
     with RichReporter(console, total) as reporter:
-        summary = pipeline.run(loaded, spec, Store(store), reporter, fail_fast)
+        summary = pipeline.run(loaded, spec, the_store, reporter, fail_fast)
     console.print(summary_table(summary))
     work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in pipeline.STAGES)
     console.print(f"work done: {work}", soft_wrap=True)

@@ -11,12 +11,16 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness import data
 from harness.errors import ForgebenchError, InputError
 from harness.ollama_models import GgufInfo
 from harness.spec import Spec
 from harness.store import Store
+
+if TYPE_CHECKING:
+    from harness.pipeline import Cell
 
 # Linear layers LoRA can target, by architecture (GGUF names and HF model_type).
 LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,15 +49,15 @@ BYTES_PER_WEIGHT = {
 }
 
 
-def check(spec: Spec, store_root: Path | None = None) -> None:
-    """Raise InputError on the first problem found."""
+def check(spec: Spec) -> Shape | None:
+    """Raise InputError on the first problem found; return the base's shape, as far as it
+    could be read, for `needs`."""
     _data(spec)
-    info = _base(spec)
-    _targets(spec, info.architecture if info else None)
+    shape = _base(spec)
+    _targets(spec, shape.architecture if shape else None)
     _tracking(spec)
     _serving(spec)
-    if store_root is not None:
-        _fits(needs(spec, info, Store(store_root)), store_root)
+    return shape
 
 
 def _data(spec: Spec) -> None:
@@ -196,14 +200,13 @@ class Need:
         return f"{self.what} about {self.bytes / 2**30:.1f} GiB"
 
 
-def needs(spec: Spec, shape: Shape | None = None, store: Store | None = None) -> list[Need]:
-    """Disk for the store (what is not in `store` yet) and memory for training and serving:
-    `plan` shows them, `run` refuses a spec that will not fit. Empty when the base's size
-    cannot be read offline."""
-    shape = shape or _base(spec)
+def needs(spec: Spec, shape: Shape | None, cells: list[Cell], store: Store) -> list[Need]:
+    """Disk for the outputs of `cells` not in `store` yet, and memory for training and
+    serving: `plan` shows them, `run` refuses (`fits`) a spec that will not fit. Empty when
+    the base's size cannot be read offline."""
     if shape is None or not shape.parameters:
         return []
-    disk = _disk_bytes(spec, shape, store)
+    disk = _disk_bytes(spec, shape, cells, store)
     out = [Need("disk for the store", disk, "free some disk or use --store elsewhere")]
     training = training_bytes(shape, spec.train.batch_size, spec.train.max_seq_len)
     if training is not None:
@@ -213,7 +216,7 @@ def needs(spec: Spec, shape: Shape | None = None, store: Store | None = None) ->
     n_ctx = int(spec.serve.parameters.get("num_ctx", 2048))
     serving = serving_bytes(shape, n_ctx, spec.serve.slots)
     served = {"check", "evaluate", "bench", "drift"} & set(spec.measure)
-    if serving is not None and served and not _remote_ollama(spec):
+    if serving is not None and served and not _remote_ollama(cells[0].backend):
         out.append(
             Need("memory for serving", serving, "lower serve.slots or serve.parameters.num_ctx")
         )
@@ -224,14 +227,12 @@ def needs(spec: Spec, shape: Shape | None = None, store: Store | None = None) ->
 OUTPUT_BYTES_PER_WEIGHT = {"resolve": 4.0, "merge": 4.0, "convert": BYTES_PER_WEIGHT["f16"]}
 
 
-def _disk_bytes(spec: Spec, shape: Shape, store: Store | None) -> int:
+def _disk_bytes(spec: Spec, shape: Shape, cells: list[Cell], store: Store) -> int:
     """The outputs still to build, by stage, from the parameter count."""
-    from harness import pipeline
-
-    calls = {call.key: call for cell in pipeline.plan(spec) for call in cell.calls.values()}
+    calls = {call.key: call for cell in cells for call in cell.calls.values()}
     total = 0.0
     for call in calls.values():
-        if store is not None and store.has(call):
+        if store.has(call):
             continue
         if call.stage in OUTPUT_BYTES_PER_WEIGHT:
             total += shape.parameters * OUTPUT_BYTES_PER_WEIGHT[call.stage]
@@ -243,11 +244,12 @@ def _disk_bytes(spec: Spec, shape: Shape, store: Store | None) -> int:
     return int(total)
 
 
-def _fits(needs: list[Need], store_root: Path) -> None:
+def fits(needs: list[Need], store: Store) -> None:
+    """Raise InputError, with the numbers, for the first need this machine cannot meet."""
     import psutil
 
     ram = psutil.virtual_memory().available, "available"
-    folder = store_root
+    folder = store.root
     while not folder.exists():
         folder = folder.parent
     room = {
@@ -303,13 +305,13 @@ def _training_memory() -> tuple[int, str] | None:
     return free, "free on the GPU"
 
 
-def _remote_ollama(spec: Spec) -> bool:
+def _remote_ollama(backend: str) -> bool:
     """Serving memory is the Ollama host's, not ours, when that host is another machine."""
     from urllib.parse import urlsplit
 
     from harness import backends
 
-    if backends.resolve_name(spec.serve.backend) != "ollama":
+    if backend != "ollama":
         return False
     host = urlsplit(backends.ollama_host()).hostname or ""
     return host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0")

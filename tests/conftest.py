@@ -110,3 +110,9 @@ def measured(e2e) -> dict[str, pipeline.CellResult]:
     for cell in summary.cells:
         cell.notes = "; ".join(summary.verdicts[cell.cell].notes)
     return {c.cell: c for c in summary.cells}
+
+
+def release_gate(uri: str, candidate: str, baseline: str, *extra: str):
+    """`forgebench check` as a user's CI job calls it."""
+    command = ["check", "--candidate", candidate, "--baseline", baseline, "--tracking-uri", uri]
+    return CliRunner().invoke(app, [*command, *extra])

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import release_gate
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -131,19 +132,7 @@ def test_best_picks_the_smallest_ok_cell_and_registers_it(measured, e2e):
 
 
 def gate(e2e, candidate: str, baseline: str, *extra: str):
-    return CliRunner().invoke(
-        app,
-        [
-            "check",
-            "--candidate",
-            candidate,
-            "--baseline",
-            baseline,
-            "--tracking-uri",
-            uri(e2e),
-            *extra,
-        ],
-    )
+    return release_gate(uri(e2e), candidate, baseline, *extra)
 
 
 def test_gate_passes_a_build_no_worse_than_the_baseline(measured, e2e, tmp_path):

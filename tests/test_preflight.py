@@ -117,14 +117,15 @@ def test_disk_counts_only_what_the_store_lacks(tmp_path):
 
     quickstart = spec.load(ROOT / "experiments" / "quickstart.yaml")
     store = Store(tmp_path / "store")
-    disk = {n.what: n.bytes for n in preflight.needs(quickstart, store=store)}
+    shape, cells = preflight.check(quickstart), pipeline.plan(quickstart)
+    disk = {n.what: n.bytes for n in preflight.needs(quickstart, shape, cells, store)}
     fresh = disk["disk for the store"]
-    for cell in pipeline.plan(quickstart):  # pretend everything but the quantizations is built
+    for cell in cells:  # pretend everything but the quantizations is built
         for call in cell.calls.values():
             if call.stage != "quantize":
                 (store.path(call)).mkdir(parents=True, exist_ok=True)
                 (store.path(call) / "manifest.json").write_text("{}")
-    left = {n.what: n.bytes for n in preflight.needs(quickstart, store=store)}
+    left = {n.what: n.bytes for n in preflight.needs(quickstart, shape, cells, store)}
     params = 134_515_008
     quants = sum(preflight.BYTES_PER_WEIGHT[q] for q in ("q8_0", "q4_k_m", "q2_k")) * 3 * params
     assert left["disk for the store"] == pytest.approx(quants, rel=1e-6)

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import release_gate
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -96,20 +97,7 @@ def release(tmp_path_factory):
 
 
 def check(uri: str, candidate: str, *extra: str):
-    return CliRunner().invoke(
-        app,
-        [
-            "check",
-            "--candidate",
-            candidate,
-            "--baseline",
-            f"{MODEL}@champion",
-            "--tracking-uri",
-            uri,
-            *LOOSE,
-            *extra,
-        ],
-    )
+    return release_gate(uri, candidate, f"{MODEL}@champion", *LOOSE, *extra)
 
 
 def champion(uri: str) -> str:
