@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import platform
 from pathlib import Path
 
-from harness.best import Choice, choose, pareto_front
+from harness.best import Choice, choose
+from harness.report_plots import blamed, chain, chain_name, chain_tasks, plots
 from harness.results import Invocation, Row, primary_task
 
 COLUMNS = (
@@ -22,6 +22,7 @@ COLUMNS = (
     ("kld_mean", "KLD"),
     ("top1_agreement", "top-1"),
     ("ttft_ms_p50", "TTFT p50 ms"),
+    ("decode_tps_p5", "decode tok/s p5"),
     ("decode_tps_p50", "decode tok/s"),
     ("llama_bench_tg_tps", "llama-bench tg tok/s"),
     ("memory_mb", "memory MB"),
@@ -49,133 +50,12 @@ def cell_values(row: Row, task: str | None) -> dict[str, str]:
         "kld_mean": num("kld_mean", ".4f"),
         "top1_agreement": num("top1_agreement", ".3f"),
         "ttft_ms_p50": num("ttft_ms_p50", ".0f"),
+        "decode_tps_p5": num("decode_tps_p5", ".1f"),
         "decode_tps_p50": num("decode_tps_p50", ".1f"),
         "llama_bench_tg_tps": num("llama_bench_tg_tps", ".1f"),
         "memory_mb": num("memory_mb", ".0f"),
         "gguf_mb": num("gguf_mb", ".1f"),
     }
-
-
-def plots(rows: list[Row], task: str | None) -> dict[str, bytes]:
-    """Each plot as PNG bytes, keyed by file name; a plot with no data is left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out: dict[str, bytes] = {}
-    adapters = list(dict.fromkeys(r.adapter for r in rows))
-
-    def save(name: str, fig) -> None:
-        buffer = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        out[name] = buffer.getvalue()
-
-    def points(adapter: str, x: str, y: str):
-        mine = [r for r in rows if r.adapter == adapter and r.status == "done"]
-        return [
-            (
-                getattr(r, x) if x != "accuracy" else r.accuracy(task),
-                r.accuracy(task) if y == "accuracy" else getattr(r, y),
-                r.quant,
-            )
-            for r in mine
-        ]
-
-    if task and any(r.accuracy(task) is not None for r in rows):
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for adapter in adapters:
-            pts = [
-                (x, y, q)
-                for x, y, q in points(adapter, "size_mb", "accuracy")
-                if None not in (x, y)
-            ]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=adapter)
-                for x, y, q in pts:
-                    ax.annotate(q, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel="GGUF size (MB)", ylabel=f"{task} accuracy", title="Accuracy vs file size")
-        ax.legend()
-        save("accuracy_vs_size.png", fig)
-
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for adapter in adapters:
-            mine = [r for r in rows if r.adapter == adapter]
-            front = {r.cell for r in pareto_front(mine, task)}
-            pts = [
-                (r.decode_tps, r.accuracy(task), r.cell in front)
-                for r in mine
-                if r.decode_tps is not None and r.accuracy(task) is not None
-            ]
-            if pts:
-                line = ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=adapter)
-                best = sorted((p for p in pts if p[2]), key=lambda p: p[0])
-                ax.plot(
-                    [p[0] for p in best], [p[1] for p in best], "--", color=line.get_facecolor()[0]
-                )
-        ax.set(
-            xlabel="decode tok/s (p50)",
-            ylabel=f"{task} accuracy",
-            title="Pareto front: accuracy vs decode speed (dashed)",
-        )
-        ax.legend()
-        save("pareto.png", fig)
-
-        base = {r.quant: r.accuracy(task) for r in rows if r.adapter == "base"}
-        tuned = [a for a in adapters if a != "base"]
-        levels = [q for q in dict.fromkeys(r.quant for r in rows)]
-        if base and tuned:
-            fig, ax = plt.subplots(figsize=(6.4, 4))
-            width = 0.8 / (len(tuned) + 1)
-            for i, adapter in enumerate(["base", *tuned]):
-                acc = {r.quant: r.accuracy(task) for r in rows if r.adapter == adapter}
-                ax.bar(
-                    [j + i * width for j in range(len(levels))],
-                    [acc.get(q) or 0 for q in levels],
-                    width,
-                    label=adapter,
-                )
-            ax.set_xticks([j + width * len(tuned) / 2 for j in range(len(levels))], levels)
-            ax.set(ylabel=f"{task} accuracy", title="Tuned vs untuned base per quant level")
-            ax.legend()
-            save("tuned_vs_base.png", fig)
-
-    if any(r.decode_tps for r in rows):
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        levels = list(dict.fromkeys(r.quant for r in rows))
-        width = 0.8 / max(1, len(adapters))
-        for i, adapter in enumerate(adapters):
-            tps = {r.quant: r.decode_tps for r in rows if r.adapter == adapter}
-            ax.bar(
-                [j + i * width for j in range(len(levels))],
-                [tps.get(q) or 0 for q in levels],
-                width,
-                label=adapter,
-            )
-        engine = {r.quant: r.metrics.get("llama_bench_tg_tps") for r in rows}
-        ax.plot(
-            [j + 0.4 - width / 2 for j in range(len(levels))],
-            [engine.get(q) or 0 for q in levels],
-            "k_",
-            markersize=20,
-            label="llama-bench tg",
-        )
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], levels)
-        ax.set(ylabel="decode tok/s (p50)", title="Decode speed per quant level")
-        ax.legend()
-        save("decode_tps.png", fig)
-
-    curves = {r.adapter: r.loss for r in rows if r.loss}
-    if curves:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for adapter, loss in curves.items():
-            ax.plot([s for s, _ in loss], [v for _, v in loss], label=adapter)
-        ax.set(xlabel="step", ylabel="training loss", title="Training loss")
-        ax.legend()
-        save("training_loss.png", fig)
-    return out
 
 
 def lineage(rows: list[Row]) -> list[tuple[str, str]]:
@@ -214,6 +94,29 @@ def slow_or_stupid(rows: list[Row]) -> list[str]:
     ]
 
 
+def quality_chain(rows: list[Row]) -> list[tuple[str, list[str]]]:
+    """Per adapter whose cells logged the chain: its chart's file name and one line per task,
+    the blamed step marked on the task the chart marks."""
+    tasks = chain_tasks(rows, primary_task(rows))
+    out = []
+    for adapter in dict.fromkeys(r.adapter for r in rows):
+        points = chain(rows, adapter, tasks)
+        if not points:
+            continue
+        marks = {i: t for i, _, t in blamed(points, tasks)}
+        lines = []
+        for t in tasks:
+            steps = []
+            for i, p in enumerate(points):
+                acc = p.accuracy.get(t)
+                mark = f" ✗ {p.step} lost" if marks.get(i) == t else ""
+                steps.append(f"{p.label} {'-' if acc is None else f'{acc:.3f}'}{mark}")
+            guard = "" if t == tasks[0] else "guard "
+            lines.append(f"{adapter}, {guard}{t}: " + " → ".join(steps))
+        out.append((chain_name(adapter), lines))
+    return out
+
+
 def markdown(inv: Invocation, choices: list[Choice], images: list[str]) -> str:
     task = primary_task(inv.rows)
     lines = [
@@ -233,10 +136,16 @@ def markdown(inv: Invocation, choices: list[Choice], images: list[str]) -> str:
         lines.append("| " + " | ".join(values[key] for key, _ in COLUMNS) + " |")
     lines += ["", "## Best quant level per adapter", ""]
     lines += [f"- **{c.adapter}**: {c.why}" for c in choices]
-    lines += ["", "## Slow or stupid", ""]
+    chains = quality_chain(inv.rows)
+    if chains:
+        lines += ["", "## Where the quality went"]
+        for name, text in chains:
+            lines += ["", *(f"- {line}" for line in text), "", f"![{name}]({name})"]
+    lines += ["", "## Not ok", ""]
     lines += [f"- {line}" for line in slow_or_stupid(inv.rows)] or ["- none"]
     lines += ["", "## Lineage", ""] + [f"- {k}: {v}" for k, v in lineage(inv.rows)]
-    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
+    shown = {name for name, _ in chains}
+    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images if name not in shown]
     return "\n".join(lines) + "\n"
 
 
@@ -248,7 +157,7 @@ def page(inv: Invocation, choices: list[Choice], images: dict[str, bytes]) -> st
     body = ""
     for row in inv.rows:
         values = cell_values(row, task)
-        cls = esc(values["verdict"].replace("+", "-"))
+        cls = esc(values["verdict"].split(" (")[0].replace("+", "-"))
         body += (
             f'<tr class="{cls}">'
             + "".join(f"<td>{esc(values[key])}</td>" for key, _ in COLUMNS)
@@ -257,11 +166,22 @@ def page(inv: Invocation, choices: list[Choice], images: dict[str, bytes]) -> st
     best = "".join(f"<li><b>{esc(c.adapter)}</b>: {esc(c.why)}</li>" for c in choices)
     flagged = "".join(f"<li>{esc(s)}</li>" for s in slow_or_stupid(inv.rows)) or "<li>none</li>"
     lin = "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in lineage(inv.rows))
-    figs = "".join(
-        f'<figure><img alt="{esc(name)}" src="data:image/png;base64,'
-        f'{base64.b64encode(png).decode()}"><figcaption>{esc(name)}</figcaption></figure>'
-        for name, png in images.items()
+
+    def figure(name: str) -> str:
+        return (
+            f'<figure><img alt="{esc(name)}" src="data:image/png;base64,'
+            f'{base64.b64encode(images[name]).decode()}"><figcaption>{esc(name)}</figcaption>'
+            "</figure>"
+        )
+
+    chains = [(name, text) for name, text in quality_chain(inv.rows) if name in images]
+    where = "".join(
+        f'<div class="chain">{"".join(f"<p>{esc(line)}</p>" for line in text)}{figure(name)}</div>'
+        for name, text in chains
     )
+    where = f'<h2>Where the quality went</h2><div id="chain">{where}</div>' if where else ""
+    shown = {name for name, _ in chains}
+    figs = "".join(figure(name) for name in images if name not in shown)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>forgebench: {esc(inv.experiment)}</title>
 <style>
@@ -269,6 +189,8 @@ body {{ font-family: sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; }}
 tr.slow td {{ background: #fff4d6; }} tr.stupid td {{ background: #fde2e1; }}
 tr.slow-stupid td {{ background: #f9d0c4; }} tr.broken td, tr.failed td {{ background: #eee; }}
+tr.unjudged td {{ background: #eef0ff; }}
+#cells td:nth-child(2) {{ white-space: nowrap; }} .chain p {{ margin: 0.2em 0; font-size: 90%; }}
 figure {{ display: inline-block; margin: 1em; }} img {{ max-width: 640px; }}
 </style></head><body>
 <h1>forgebench report: {esc(inv.experiment)}</h1>
@@ -276,7 +198,8 @@ figure {{ display: inline-block; margin: 1em; }} img {{ max-width: 640px; }}
 <h2>Cells</h2><table id="cells"><tr>{head}</tr>
 {body}</table>
 <h2>Best quant level per adapter</h2><ul id="best">{best}</ul>
-<h2>Slow or stupid</h2><ul>{flagged}</ul>
+{where}
+<h2>Not ok</h2><ul>{flagged}</ul>
 <h2>Lineage</h2><ul>{lin}</ul>
 <h2>Plots</h2>{figs}
 </body></html>

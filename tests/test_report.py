@@ -1,0 +1,211 @@
+"""The report's blame chain ("where the quality went"), on cells built here as MLflow would
+hold them, so it needs no training: the chart and the text mark the step the verdict blames,
+and the page renders in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from harness import report, report_plots
+from harness.results import Invocation, Row
+
+LEVELS = ("f16", "q8_0", "q4_k_m", "q2_k")
+
+
+def cell(adapter: str, level: str, accuracy: dict[str, float], **extra) -> Row:
+    """One cell's run: `extra` holds metrics, and `verdict`, `steps` and `reasons` tags."""
+    verdict, steps = extra.pop("verdict", "ok"), extra.pop("steps", "")
+    reasons = extra.pop("reasons", "")
+    tags = {
+        "forgebench.primary_task": "arithmetic",
+        "forgebench.guard_tasks": "general",
+        "forgebench.verdict": verdict,
+        "forgebench.steps_lost": steps,
+    }
+    metrics = {f"accuracy_{t}": a for t, a in accuracy.items()}
+    metrics |= {"gguf_mb": 270.0 / (1 + LEVELS.index(level)), "decode_tps_p50": 40.0, **extra}
+    return Row(
+        f"{adapter}-{level}", adapter, level, "done", verdict, reasons, metrics, {}, tags, "r" * 32
+    )
+
+
+def chain_metrics(base: dict[str, float], tuned: dict[str, float] | None, f16: dict[str, float]):
+    out = {f"chain_hf_base_{t}": a for t, a in base.items()}
+    out |= {f"chain_hf_tuned_{t}": a for t, a in (tuned or {}).items()}
+    return out | {f"chain_f16_{t}": a for t, a in f16.items()}
+
+
+def rows() -> list[Row]:
+    """`main` loses arithmetic at q2_k; `forgetful` loses the guard task in training; the
+    control `base` has no tuned model; `main-q4_k_m` dips, but its verdict says ok."""
+    base, general = {"arithmetic": 0.2, "general": 0.6}, {"arithmetic": 0.8, "general": 0.6}
+    main = chain_metrics(base, general, general)
+    main_acc = {
+        "f16": general,
+        "q8_0": general,
+        "q4_k_m": {"arithmetic": 0.75, "general": 0.58},
+        "q2_k": {"arithmetic": 0.45, "general": 0.5},
+    }
+    forgetful = chain_metrics(
+        base, {"arithmetic": 0.85, "general": 0.3}, {"arithmetic": 0.85, "general": 0.3}
+    )
+    forgetting = {
+        "link_training_general_drop": 0.3,
+        "link_training_general_p": 0.0001,
+        "link_training_arithmetic_drop": -0.65,
+        "link_training_arithmetic_p": 1e-9,
+    }
+    out = [cell("base", q, base, **chain_metrics(base, None, base)) for q in LEVELS]
+    for q in LEVELS:
+        extra = dict(main)
+        if q == "q2_k":
+            extra |= {
+                "link_quantization_arithmetic_drop": 0.35,
+                "link_quantization_arithmetic_p": 2e-6,
+            }
+            extra |= {"verdict": "stupid (quantization)", "steps": "quantization"}
+            extra["reasons"] = "quantization: arithmetic 0.450 vs F16 0.800 (p=2e-06)"
+        if q == "q4_k_m":
+            extra |= {
+                "link_quantization_arithmetic_drop": 0.05,
+                "link_quantization_arithmetic_p": 0.3,
+            }
+        out.append(cell("main", q, main_acc[q], **extra))
+    for q in LEVELS:
+        reasons = "training: general 0.300 vs untuned 0.600 (p=1e-04)"
+        out.append(
+            cell(
+                "forgetful",
+                q,
+                {"arithmetic": 0.85, "general": 0.3},
+                verdict="stupid (training: forgetting)",
+                steps="training",
+                reasons=reasons,
+                **forgetful,
+                **forgetting,
+            )
+        )
+    return out
+
+
+def test_chain_runs_from_untuned_base_to_smallest_quant_and_blames_the_verdicts_step():
+    points = report_plots.chain(rows(), "main", ["arithmetic", "general"])
+    assert [p.label for p in points] == ["untuned HF", "tuned HF", "F16 GGUF", *LEVELS[1:]]
+    assert [p.accuracy["arithmetic"] for p in points] == [0.2, 0.8, 0.8, 0.8, 0.75, 0.45]
+    # q4_k_m dipped but its verdict is ok: only the step the verdict names is marked
+    assert [p.label for p in points if p.lost] == ["q2_k"]
+    control = report_plots.chain(rows(), "base", ["arithmetic"])
+    assert [p.label for p in control][:2] == ["untuned HF", "F16 GGUF"]
+    assert control[1].step == "export" and not any(p.lost for p in control)
+
+
+def test_no_chain_figures_means_no_chain():
+    plain = [r for r in rows() if r.adapter == "main"]
+    for r in plain:
+        r.metrics = {k: v for k, v in r.metrics.items() if not k.startswith("chain_")}
+    assert report_plots.chain(plain, "main", ["arithmetic"]) == []
+    assert report.quality_chain(plain) == []
+
+
+def test_chart_marks_the_blamed_link_on_the_task_that_lost():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = ["arithmetic", "general"]
+    for adapter, where in (("main", (5, 0.45)), ("forgetful", (1, 0.3))):
+        points = report_plots.chain(rows(), adapter, tasks)
+        fig = report_plots.chain_plot(plt, adapter, points, tasks)
+        marks = [
+            (line.get_xdata()[0], line.get_ydata()[0])
+            for line in fig.axes[0].get_lines()
+            if line.get_marker() == "X"
+        ]
+        plt.close(fig)
+        # forgetful: the guard task lost in training (arithmetic gained), so the guard is marked
+        assert marks == [where], adapter
+
+
+def test_report_text_shows_each_adapters_chain_and_the_verdict_with_its_step(tmp_path):
+    inv = Invocation("chain", "sqlite:///x.db", "p" * 32, {}, rows())
+    _, md = report.write(inv, tmp_path)
+    text = md.read_text()
+    line = next(li for li in text.splitlines() if li.startswith("| main-q2_k |"))
+    assert "| stupid (quantization) |" in line
+    assert (
+        "- main, arithmetic: untuned HF 0.200 → tuned HF 0.800 → F16 GGUF 0.800 → q8_0 0.800"
+        " → q4_k_m 0.750 → q2_k 0.450 ✗ quantization lost"
+    ) in text
+    forgetful = [li for li in text.splitlines() if li.startswith("- forgetful,")]
+    assert "✗ training lost" in forgetful[1] and "guard general" in forgetful[1]
+    assert "✗" not in forgetful[0]
+    base = next(li for li in text.splitlines() if li.startswith("- base, arithmetic:"))
+    assert "tuned HF" not in base.replace("untuned HF", "")
+    for adapter in ("base", "main", "forgetful"):
+        name = f"chain_{adapter}.png"
+        assert f"![{name}]({name})" in text
+        assert Image.open(tmp_path / name).size[0] > 200
+    assert text.count("![chain_main.png]") == 1, "a chain chart is shown once, in its section"
+
+
+def render(page: Path, tmp_path: Path) -> tuple[str, Image.Image]:
+    """The page as headless Chromium sees it: its DOM, and a screenshot."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (see .ci/run)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    flags = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,4000",
+    ]
+    dom = subprocess.run(
+        [*flags, "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    return dom, Image.open(shot)
+
+
+def test_chain_report_renders_in_chromium(tmp_path):
+    inv = Invocation("chain", "sqlite:///x.db", "p" * 32, {}, rows())
+    index, _ = report.write(inv, tmp_path / "report")
+    dom, shot = render(index, tmp_path)
+    assert len(re.findall(r"<tr class=", dom)) == 12, "one table row per cell"
+    assert '<tr class="stupid">' in dom, "the verdict's step does not change the row's colour"
+    section = dom.split("Where the quality went", 1)[1].split("<h2>", 1)[0]
+    charts = re.findall(r'src="data:image/png;base64,([^"]+)"', section)
+    assert len(charts) == 3, "one chain chart per adapter"
+    for data in charts:
+        width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
+        assert width > 200 and height > 200
+    picture = shot.convert("L")
+    ink = sum(1 for p in picture.getdata() if p < 200) / (picture.width * picture.height)
+    assert ink > 0.02, "the screenshot is (nearly) blank"
