@@ -1,9 +1,11 @@
 """Which quant level to ship, per adapter, and why.
 
-Among an adapter's cells that are neither slow, stupid nor broken, the
+Among an adapter's cells that finished and whose verdict is exactly "ok", the
 smallest file (or, with `by="speed"`, the fastest decode); beside it, the
 Pareto front of accuracy against decode speed and size, so the trade-off the
-choice makes is visible.
+choice makes is visible. Every other verdict (slow, stupid, broken, unjudged,
+or none at all, whatever follows it in parentheses) rules a cell out: a cell
+that was not judged ok is never shipped.
 """
 
 from __future__ import annotations
@@ -38,18 +40,27 @@ def pareto_front(rows: list[Row], task: str | None) -> list[Row]:
     return [r for r in done if not any(dominates(o, r, task) for o in done if o is not r)]
 
 
+def is_ok(row: Row) -> bool:
+    return row.status == "done" and row.verdict == "ok"
+
+
+def rejection(row: Row) -> str:
+    """`main-q2_k: stupid (quantization): accuracy 0.41 < 0.60`; a cell that did not finish
+    says its status too."""
+    verdict = row.verdict or "no verdict"
+    status = "" if row.status == "done" else f" (status {row.status or 'unknown'})"
+    return f"{row.cell}: {verdict}{status}: {row.reasons or 'no reasons recorded'}"
+
+
 def choose(rows: list[Row], by: str = "size") -> list[Choice]:
     task = primary_task(rows)
     choices = []
     for adapter in dict.fromkeys(r.adapter for r in rows):
         mine = [r for r in rows if r.adapter == adapter]
-        ok = [r for r in mine if r.verdict == "ok"]
+        ok = [r for r in mine if is_ok(r)]
         front = pareto_front(mine, task)
         if not ok:
-            rejected = "; ".join(
-                f"{r.quant} {r.verdict or r.status}" + (f" ({r.reasons})" if r.reasons else "")
-                for r in mine
-            )
+            rejected = "; ".join(rejection(r) for r in mine)
             choices.append(Choice(adapter, None, f"no cell is ok: {rejected}", front))
             continue
         if by == "speed":
@@ -64,8 +75,7 @@ def choose(rows: list[Row], by: str = "size") -> list[Choice]:
             Choice(
                 adapter,
                 row,
-                f"{row.quant}: {reason} among the {len(ok)} cells neither slow, stupid nor "
-                f"broken{detail}",
+                f"{row.quant}: {reason} among the {len(ok)} cells judged ok{detail}",
                 front,
             )
         )
