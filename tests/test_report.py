@@ -46,7 +46,8 @@ def chain_metrics(base: dict[str, float], tuned: dict[str, float] | None, f16: d
 
 def rows() -> list[Row]:
     """`main` loses arithmetic at q2_k; `forgetful` loses the guard task in training; the
-    control `base` has no tuned model; `main-q4_k_m` dips, but its verdict says ok."""
+    control `base` has no tuned model; `main-q4_k_m` dips significantly, but by less than the
+    spec allows, so its verdict says ok."""
     base, general = {"arithmetic": 0.2, "general": 0.6}, {"arithmetic": 0.8, "general": 0.6}
     main = chain_metrics(base, general, general)
     main_acc = {
@@ -77,7 +78,7 @@ def rows() -> list[Row]:
         if q == "q4_k_m":
             extra |= {
                 "link_quantization_arithmetic_drop": 0.05,
-                "link_quantization_arithmetic_p": 0.3,
+                "link_quantization_arithmetic_p": 0.01,
             }
         out.append(cell("main", q, main_acc[q], **extra))
     for q in LEVELS:
@@ -101,7 +102,7 @@ def test_chain_runs_from_untuned_base_to_smallest_quant_and_blames_the_verdicts_
     points = report_plots.chain(rows(), "main", ["arithmetic", "general"])
     assert [p.label for p in points] == ["untuned HF", "tuned HF", "F16 GGUF", *LEVELS[1:]]
     assert [p.accuracy["arithmetic"] for p in points] == [0.2, 0.8, 0.8, 0.8, 0.75, 0.45]
-    # q4_k_m dipped but its verdict is ok: only the step the verdict names is marked
+    # q4_k_m's dip is significant but its verdict is ok: only the step the verdict names is marked
     assert [p.label for p in points if p.lost] == ["q2_k"]
     control = report_plots.chain(rows(), "base", ["arithmetic"])
     assert [p.label for p in control][:2] == ["untuned HF", "F16 GGUF"]
