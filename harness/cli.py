@@ -310,9 +310,20 @@ def check_command(
         bool,
         typer.Option("--promote", help="on a pass, move the baseline's alias to the candidate"),
     ] = False,
+    skip: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--skip",
+            metavar="FIGURE",
+            help="gate without this figure (accuracy, decode or memory), which otherwise "
+            "fails the gate when it is not measured on both runs or, for decode and memory, "
+            "was measured on another machine; repeatable",
+        ),
+    ] = None,
 ) -> None:
-    """Release gate: exit 0 if the candidate is no worse than the baseline, 1 if it regressed,
-    2 on bad input; prints a Markdown summary."""
+    """Release gate: exit 0 if the candidate is no worse than the baseline, 1 if it regressed
+    or cannot be judged (a figure not measured or not comparable, a candidate not done, broken
+    or unjudged), 2 on bad input; prints a Markdown summary."""
     from harness import gate, tracking
 
     try:
@@ -325,6 +336,7 @@ def check_command(
             tracking.samples(uri, cand_id),
             tracking.samples(uri, base_id),
             gate.Tolerances(accuracy_drop_max, significance, speed_drop_pct, memory_rise_pct),
+            frozenset(skip or ()),
         )
     except ForgebenchError as exc:  # for a CI job, 1 means "regressed" and nothing else
         raise InputError(str(exc)) from None
@@ -336,9 +348,13 @@ def check_command(
         if "@" not in baseline:
             raise InputError("--promote needs the baseline given as MODEL@ALIAS")
         name, alias_name = baseline.removeprefix("models:/").split("@", 1)
-        version = tracking.set_alias(
-            uri, name, alias_name, cand_id, Path(cand.tags["forgebench.gguf"])
-        )
+        gguf = cand.tags.get("forgebench.gguf")
+        try:
+            version = tracking.set_alias(
+                uri, name, alias_name, cand_id, Path(gguf) if gguf else None
+            )
+        except ForgebenchError as exc:
+            raise InputError(str(exc)) from None
         err.print(f"promoted: {name}@{alias_name} -> version {version}")
     raise typer.Exit(0 if result.passed else 1)
 
