@@ -158,11 +158,14 @@ def run(
     yes: Annotated[
         bool, typer.Option("--yes", "-y", help="download an uncached base without asking")
     ] = False,
+    times: Annotated[
+        bool, typer.Option("--times", help="also print the seconds each stage took, per cell")
+    ] = False,
 ) -> None:
     """Run every cell of a spec, reusing cached stages; log everything to MLflow."""
     from harness import pipeline, preflight, toolchain, tracking
     from harness import spec as spec_module
-    from harness.console import RichReporter, summary_table
+    from harness.console import RichReporter, summary_table, times_table
     from harness.store import Store
 
     loaded = spec_module.load(spec)
@@ -189,7 +192,9 @@ def run(
     )
     with RichReporter(console, total) as reporter:
         summary = pipeline.run(loaded, spec, the_store, reporter, fail_fast)
-    console.print(summary_table(summary))
+    console.print(summary_table(summary, pipeline._primary_task(loaded)))
+    if times:
+        console.print(times_table(summary))
     work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in pipeline.STAGES)
     console.print(f"work done: {work}", soft_wrap=True)
     console.print(

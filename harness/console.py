@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -13,8 +14,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from harness.pipeline import STAGES, Cell, Outcome, RunSummary
+from harness.pipeline import STAGES, Cell, CellResult, Outcome, RunSummary
 
 
 class RichReporter:
@@ -70,14 +72,76 @@ class RichReporter:
             self.console.print(f"[green]✓[/] {what} in {outcome.seconds:.1f}s")
 
 
-def summary_table(summary: RunSummary) -> Table:
-    table = Table(title=f"{summary.experiment}: {len(summary.cells)} cells")
+REASONS_WIDTH = 60
+"""Reasons are cut to this many characters, so a cell stays one line; MLflow keeps them whole."""
+VERDICT_STYLE = {
+    "ok": "green",
+    "slow": "yellow",
+    "stupid": "red",
+    "slow+stupid": "red",
+    "broken": "bold red",
+    "failed": "bold red",
+    "unjudged": "dim",
+}
+
+
+def clip(text: str, width: int = REASONS_WIDTH) -> str:
+    """One line of at most `width` characters, an ellipsis marking what was cut."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def verdict_of(summary: RunSummary, cell: CellResult) -> tuple[str, str]:
+    """(verdict with its step, reasons) for the table; a cell nobody judged says so."""
+    judged = summary.verdicts.get(cell.cell)
+    if judged is not None:
+        return judged.verdict, "; ".join(judged.reasons) or (cell.error or "")
+    if cell.status != "done":
+        return cell.status, cell.error or ""
+    return "unjudged", summary.verdict_error or ""
+
+
+def summary_table(summary: RunSummary, task: str | None = None) -> Table:
+    """Per cell: the verdict and the step that lost quality, the primary task's accuracy, the
+    decode speed, the file size and the MLflow run."""
+    table = Table(
+        title=f"{summary.experiment}: {len(summary.cells)} cells",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
     table.add_column("cell", no_wrap=True)
-    table.add_column("status")
-    for stage in STAGES:
-        table.add_column(f"{stage} s", justify="right")
-    table.add_column("MB", justify="right")
+    table.add_column("verdict", no_wrap=True)
+    # The one column that gives way on a narrow terminal: cut further, never wrapped.
+    table.add_column("why", overflow="ellipsis", max_width=REASONS_WIDTH)
+    table.add_column(task or "accuracy", justify="right", min_width=5)
+    table.add_column("tok/s", justify="right", min_width=5)
+    table.add_column("MB", justify="right", min_width=5)
     table.add_column("run", no_wrap=True)
+    for cell in summary.cells:
+        metrics = {k: v for o in cell.stages.values() for k, v in o.metrics.items()}
+        verdict, reasons = verdict_of(summary, cell)
+        accuracy = metrics.get(f"accuracy_{task}") if task else None
+        tps = metrics.get("decode_tps_p50")
+        table.add_row(
+            Text(cell.cell),
+            Text(verdict, style=VERDICT_STYLE.get(verdict.split(" (")[0], "")),
+            Text(clip(reasons), style="dim", no_wrap=True, overflow="ellipsis"),
+            "-" if accuracy is None else f"{accuracy:.3f}",
+            "-" if tps is None else f"{tps:.1f}",
+            f"{cell.gguf_bytes / 2**20:.1f}" if cell.gguf_bytes else "-",
+            (cell.run_id or "")[:8],
+        )
+    table.caption = "tok/s: served decode, p50; why: cut to one line, whole in MLflow"
+    return table
+
+
+def times_table(summary: RunSummary) -> Table:
+    """Seconds per stage and cell (`run --times`): where a run's time went."""
+    table = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    table.add_column("cell", no_wrap=True)
+    for stage in STAGES:
+        table.add_column(stage, justify="right")
     for cell in summary.cells:
         times = []
         for stage in STAGES:
@@ -87,9 +151,7 @@ def summary_table(summary: RunSummary) -> Table:
                 if outcome is None
                 else f"{outcome.seconds:.1f}" + ("*" if outcome.cached else "")
             )
-        status = "[green]done[/]" if cell.status == "done" else f"[red]failed[/] {cell.error}"
-        size = f"{cell.gguf_bytes / 2**20:.1f}" if cell.gguf_bytes else "-"
-        table.add_row(cell.cell, status, *times, size, (cell.run_id or "")[:8])
+        table.add_row(Text(cell.cell), *times)
     table.caption = "seconds per stage; * taken from the store (time of the run that built it)"
     return table
 

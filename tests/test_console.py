@@ -1,0 +1,95 @@
+"""The closing table of `forgebench run`, on a run summary built here: per cell the verdict
+with the step that lost quality, the primary accuracy, decode speed, size and run id, one line
+per cell however long the reasons; the seconds per stage in a table of their own (`--times`)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from harness.console import REASONS_WIDTH, summary_table, times_table
+from harness.pipeline import CellResult, Outcome, RunSummary
+from harness.verdict import Verdict
+
+LONG = (
+    "quantization: arithmetic 0.450 vs F16 0.800 (lost 31, gained 3, p=2e-06); "
+    "general 0.500 vs F16 0.600 (lost 12, gained 2, p=0.004); the tail end of a long reason"
+)
+
+
+def result(name: str, status: str = "done", error: str | None = None, **metrics) -> CellResult:
+    adapter, quant = name.rsplit("-", 1)
+    stages = {
+        "train": Outcome("k-train", cached=True, seconds=61.0),
+        "quantize": Outcome("k-quant", cached=False, seconds=4.25),
+        "evaluate": Outcome("k-eval", cached=False, seconds=12.5, metrics=metrics),
+    }
+    return CellResult(
+        name, adapter, quant, status, stages, gguf_bytes=100 * 2**20, error=error, run_id=name * 4
+    )
+
+
+def summary(verdicts: dict[str, Verdict], error: str | None = None) -> RunSummary:
+    cells = [
+        result("main-f16", accuracy_arithmetic=0.8, decode_tps_p50=41.25),
+        result("main-q2_k", accuracy_arithmetic=0.45, decode_tps_p50=88.0),
+        result("main-q4_k_m", "failed", error="quantize: llama-quantize [exit 1] out of disk"),
+    ]
+    return RunSummary("exp", cells, {}, "sqlite:///x.db", "p" * 32, "/store", verdicts, error)
+
+
+def render(table, width: int = 160) -> list[str]:
+    console = Console(width=width, record=True, color_system=None)
+    console.print(table)
+    return console.export_text().splitlines()
+
+
+def line_of(lines: list[str], cell: str) -> str:
+    (line,) = [li for li in lines if cell in li]
+    return line
+
+
+VERDICTS = {
+    "main-f16": Verdict("main-f16", "ok"),
+    "main-q2_k": Verdict("main-q2_k", "stupid (quantization)", [LONG]),
+    "main-q4_k_m": Verdict("main-q4_k_m", "broken", ["quantize failed"]),
+}
+
+
+def test_each_cell_shows_verdict_with_step_accuracy_speed_size_and_run():
+    lines = render(summary_table(summary(VERDICTS), "arithmetic"))
+    ok = line_of(lines, "main-f16")
+    assert " ok " in ok and "0.800" in ok and "41.2" in ok and "100.0" in ok
+    assert ("main-f16" * 4)[:8] in ok
+    stupid = line_of(lines, "main-q2_k")
+    assert "stupid (quantization)" in stupid and "0.450" in stupid and "88.0" in stupid
+    assert any("arithmetic" in li for li in lines[:4]), "the accuracy column names its task"
+    assert not any("61.0" in li or "resolve" in li for li in lines), "seconds only with --times"
+
+
+def test_long_reasons_are_cut_to_one_line_with_an_ellipsis():
+    for width in (160, 100):
+        lines = render(summary_table(summary(VERDICTS), "arithmetic"), width)
+        stupid = line_of(lines, "main-q2_k")
+        assert "quantizati" in stupid and "…" in stupid, "a narrow terminal cuts it further"
+        assert not any("tail end" in li for li in lines), "the rest is in MLflow, not wrapped"
+        # the row is one line: the line under it is the next cell's (or the border)
+        below = lines[lines.index(stupid) + 1]
+        assert "main-q4_k_m" in below or set(below.strip()) <= set("─━┈└┘┴╵│ ")
+    wide = line_of(render(summary_table(summary(VERDICTS), "arithmetic"), 300), "main-q2_k")
+    assert LONG[: REASONS_WIDTH - 1] + "…" in wide, "cut to REASONS_WIDTH even with room"
+
+
+def test_times_table_has_the_seconds_per_stage_cached_marked():
+    lines = render(times_table(summary(VERDICTS)))
+    assert any("train" in li and "quantize" in li and "drift_base" in li for li in lines)
+    row = line_of(lines, "main-f16")
+    assert "61.0*" in row and "4.2" in row and "12.5" in row
+
+
+def test_a_cell_nobody_judged_says_unjudged_and_why():
+    """No verdict is never shown as ok: the run could not be judged, and the table says why."""
+    lines = render(summary_table(summary({}, "no f16 cell to judge against"), "arithmetic"))
+    row = line_of(lines, "main-f16")
+    assert "unjudged" in row and "no f16 cell to judge against" in row
+    failed = line_of(lines, "main-q4_k_m")
+    assert "failed" in failed and "[exit 1]" in failed, "an error's brackets are not markup"
