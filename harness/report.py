@@ -190,7 +190,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 tr.slow td {{ background: #fff4d6; }} tr.stupid td {{ background: #fde2e1; }}
 tr.slow-stupid td {{ background: #f9d0c4; }} tr.broken td, tr.failed td {{ background: #eee; }}
 tr.unjudged td {{ background: #eef0ff; }}
-#cells td:nth-child(2) {{ white-space: nowrap; }} .chain p {{ margin: 0.2em 0; font-size: 90%; }}
+#cells td:nth-child(-n+2) {{ white-space: nowrap; }} .chain p {{ margin: 0.2em 0; font-size: 90%; }}
 figure {{ display: inline-block; margin: 1em; }} img {{ max-width: 640px; }}
 </style></head><body>
 <h1>forgebench report: {esc(inv.experiment)}</h1>
