@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ForgebenchError, InputError
+from harness.store import content_sha256
 
 
 @dataclass(frozen=True)
@@ -52,19 +53,23 @@ def bundled_gguf(name: str) -> Path:
 
 
 def identity(base: dict[str, Any]) -> dict[str, Any]:
-    """What the resolved base depends on, cheaply: it goes into the resolve stage's key.
+    """What the resolved base depends on: it goes into the resolve stage's key.
 
-    Files are identified by path, size and modification time rather than a
-    full hash, so planning a 14 GB base costs nothing. An Ollama model is identified
-    by its manifest digest (a new pull changes it) and by what it resolved to.
+    A local folder or GGUF counts by its content (harness.keys.content_sha256: each file's
+    sha256 under its relative name; a big file's hash is kept while its size and mtime
+    stay put), never by where it lies or when it was touched, so a copy elsewhere keeps
+    the key and an edited file changes it. An Ollama model is identified by its manifest
+    digest (a new pull changes it) and by what it resolved to; its fallback GGUF is its
+    own blob, which that digest names already.
     """
     if base.get("ollama"):
         from harness import ollama_models
 
         resolved = ollama_models.resolve_base(base)
+        own_blob = "gguf" in resolved.base
         return {
             "ollama_digest": resolved.model.digest,
-            "resolved": {**resolved.base, **identity(resolved.base)},
+            "resolved": {**resolved.base, **({} if own_blob else identity(resolved.base))},
         }
     if base.get("model"):
         path = bundled_gguf(base["model"])
@@ -74,8 +79,7 @@ def identity(base: dict[str, Any]) -> dict[str, Any]:
         path = Path(base.get("gguf") or base["path"])
         if not path.exists():
             raise ForgebenchError(f"base model not found: {path}")
-        stat = path.stat()
-        return {"path": str(path), "size": stat.st_size, "mtime": int(stat.st_mtime)}
+        return {"sha256": content_sha256(path)}
     return {"hf": base["hf"], "revision": base.get("revision")}
 
 

@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from harness.errors import ForgebenchError
+from harness.store import file_sha256
 
 PACKAGE = "llama-cpp-python"
 CONVERTER = "convert_hf_to_gguf.py"
@@ -67,8 +68,29 @@ def revision() -> str:
     """
     if own := os.environ.get("FORGEBENCH_LLAMA_CPP"):
         head = _git_head(Path(own))
-        return f"llama.cpp@{head}" if head else f"llama.cpp@{own}"
+        if head:
+            return f"llama.cpp@{head}"
+        # not a git checkout: name it by its converter, never by where it is
+        return f"llama.cpp with {CONVERTER} sha256:{file_sha256(converter())[:16]}"
     return f"llama.cpp vendored in {PACKAGE}=={runtime_version()}"
+
+
+def identity(tools: tuple[str, ...] = ()) -> dict[str, str]:
+    """What a stage key records of llama.cpp: the revision, and when the user's own
+    programs run (FORGEBENCH_LLAMA_CPP_BIN) the content of those it runs and of the shared
+    libraries beside them, which a rebuild in place changes without any version showing.
+    Tools built by `build_tools()` are the revision's own, so the revision names them."""
+    out = {"llama.cpp": revision()}
+    own = os.environ.get("FORGEBENCH_LLAMA_CPP_BIN")
+    if own and tools:
+        folder = Path(own)
+        files = {name: tool(name) for name in tools}
+        files |= {p.name: p for p in folder.glob("lib*.so*") if p.is_file()}
+        files |= {p.name: p for p in folder.glob("lib*.dylib") if p.is_file()}
+        out["llama.cpp-bin"] = ", ".join(
+            f"{name} {file_sha256(path)[:16]}" for name, path in sorted(files.items())
+        )
+    return out
 
 
 def _git_head(folder: Path) -> str | None:

@@ -19,6 +19,8 @@ from typing import Any
 
 from harness.backends import Backend, Deployment
 
+VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it
+
 # A question every sane chat model ends quickly: on SmolLM2-135M and its arithmetic
 # adapters, at every level from f16 to q2_k, it stops by itself, where "say hello"
 # sends some of them into an endless run of emoji, a quality problem, not a template one.

@@ -15,6 +15,8 @@ from typing import Any
 from harness.errors import StageError
 from harness.stages import Progress
 
+VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it
+
 
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: Progress) -> dict:
     from harness import toolchain

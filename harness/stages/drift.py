@@ -17,6 +17,8 @@ from harness.errors import StageError
 from harness.evals import EVALS
 from harness.stages import Progress
 
+VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it
+
 TEXT = EVALS / "drift_text.txt"
 PATTERNS = {
     "kld_mean": r"Mean\s+KLD:\s+([-\d.]+)",

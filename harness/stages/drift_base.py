@@ -12,6 +12,8 @@ from typing import Any
 from harness.stages import Progress
 from harness.stages.drift import perplexity
 
+VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it
+
 
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: Progress) -> dict:
     progress("F16 reference logits", None)

@@ -28,6 +28,8 @@ from harness import evals
 from harness.evals import EvalTask
 from harness.stages import Progress
 
+VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it
+
 METRIC = "exact_match"
 Z_95 = 1.959963984540054
 UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/ ]")

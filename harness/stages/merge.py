@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harness.stages import Progress
 
+VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it
+
 
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: Progress) -> dict:
     progress("merging the adapter into the base", None)

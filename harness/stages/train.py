@@ -40,6 +40,8 @@ from harness import data as datasets
 from harness.errors import StageError
 from harness.stages import Progress
 
+VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it
+
 # peft still reads a property transformers 5 deprecates: a warning the user can do
 # nothing about, printed into the middle of the progress display
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
