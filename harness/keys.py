@@ -29,8 +29,6 @@ from harness.store import file_sha256
 
 HARNESS = Path(__file__).resolve().parent
 STAGES = HARNESS / "stages"
-SERVED = ("check", "evaluate", "bench")
-"""The stages that run on a deployed model (harness.pipeline.SERVED)."""
 VERSION_LINE = re.compile(r"^VERSION = (\d+)\b", re.MULTILINE)
 
 # --- forgebench's own logic ------------------------------------------------------
@@ -65,7 +63,7 @@ def stage_sources(stage: str) -> list[Path]:
     also runs on the backend that `harness.pipeline` hands it, so the backends count too."""
     seen: set[Path] = set()
     todo = [STAGES / f"{stage}.py"]
-    if stage in SERVED:
+    if stage in _served():
         todo.append(HARNESS / "backends" / "__init__.py")
     while todo:
         path = todo.pop()
@@ -226,6 +224,7 @@ LLAMA_CPP = {
     "quantize": (),
     "check": (),
     "evaluate": (),
+    "settle": (),
     "bench": ("llama-bench",),
     "drift_base": ("llama-perplexity",),
     "drift": ("llama-perplexity",),
@@ -234,13 +233,21 @@ LLAMA_CPP = {
 when a served stage is served by it)."""
 
 
+def _served() -> tuple[str, ...]:
+    """The stages that run on a deployed model: harness.pipeline knows them (imported late,
+    as pipeline imports this module)."""
+    from harness.pipeline import SERVED
+
+    return SERVED
+
+
 def llama_cpp_identity(stage: str, backend: str = "") -> dict[str, str]:
     """The llama.cpp revision, and with FORGEBENCH_LLAMA_CPP_BIN the tools this stage runs."""
     from harness import toolchain
 
     if stage not in LLAMA_CPP:
         return {}
-    served = ("llama-server",) if backend == "llamacpp" and stage in SERVED else ()
+    served = ("llama-server",) if backend == "llamacpp" and stage in _served() else ()
     return toolchain.identity((*LLAMA_CPP[stage], *served))
 
 
@@ -287,7 +294,7 @@ def versions(stage: str, backend: str = "", tasks: Sequence[Any] = ()) -> dict[s
     out: dict[str, Any] = dict(stage_version(stage))
     out |= evals_identity(stage, tasks)
     out |= llama_cpp_identity(stage, backend)
-    if stage in SERVED:
+    if stage in _served():
         out |= served_identity(backend)
     return out
 

@@ -356,7 +356,8 @@ def test_the_same_spec_in_another_folder_has_the_same_keys(tmp_path):
     (tmp_path / "b" / "qa.jsonl").write_text('{"question": "2+3", "answer": "5"}\n')
     edited = planned(tmp_path / "b" / "spec.yaml")
     changed = {stage for (_, stage), call in edited.items() if call.key != here[_, stage].key}
-    assert changed == {"evaluate"}
+    assert "evaluate" in changed  # and any other stage that scores the tasks
+    assert not changed & {*pipeline.BUILD, "check", "bench", "drift_base", "drift"}
 
 
 WIRED = pytest.mark.xfail(strict=True, reason="wired by the lead")
