@@ -4,7 +4,8 @@ No Ollama server can be installed where forgebench's tests run, so the Ollama ba
 tested against this. It follows Ollama's source (ollama/ollama: server/routes.go,
 server/create.go, api/types.go, template/template.go, openai/openai.go): the same fields,
 NDJSON streaming, nanosecond durations, error texts and status codes, including errors sent
-inside a 200 stream once it has begun. Prompts are rendered from the Go template given to
+inside a 200 stream once it has begun, and `_debug_render_only` (the rendered prompt, nothing
+generated). Prompts are rendered from the Go template given to
 /api/create by a small interpreter for the part of Go's text/template that model templates
 use; anything else is an error, never a guess. Inference is llama-cpp-python on the
 uploaded GGUF, one runner per model file, as Ollama's scheduler keeps one.
@@ -519,11 +520,25 @@ class OllamaDouble:
         model = self.model(body.get("model", ""))
         if not messages:
             return h.reply(200, answer_chunk(body["model"], key, "", self._load(model, body)))
+        if body.get("_debug_render_only"):
+            return h.reply(200, self._render_only(model, messages, body, key))
         h.answer(self._chat(model, messages, body), body, key)
 
+    def _render_only(self, model: Model, messages: list, body: dict, key: str) -> dict:
+        """routes.go with DebugRenderOnly: the runner is scheduled (loaded) and the prompt
+        rendered, then answered whole whatever `stream` says, with a zero message or
+        response, done false and the prompt in _debug_info; nothing is generated."""
+        self._runner(model, DEFAULTS | model.parameters | (body.get("options") or {}), body)
+        try:
+            prompt = render_prompt(model.template, with_system(model, messages))
+        except TemplateError as exc:
+            raise ApiError(f"template: {exc}") from None
+        empty = {"role": "", "content": ""} if key == "message" else ""
+        reply = {"model": body["model"], "created_at": _iso(), key: empty, "done": False}
+        return reply | {"_debug_info": {"rendered_template": prompt}}
+
     def _chat(self, model: Model, messages: list, body: dict) -> Parts:
-        if messages[0]["role"] != "system" and model.system:
-            messages = [{"role": "system", "content": model.system}, *messages]
+        messages = with_system(model, messages)
         return self._run(model, lambda: render_prompt(model.template, messages), body)
 
     def openai_chat(self, h: _Handler, body: dict) -> None:
@@ -588,6 +603,13 @@ class OllamaDouble:
                     final["total_duration"] = _ns(time.perf_counter() - started)
                     final["load_duration"] = _ns(loaded - started)
                 yield text, final
+
+
+def with_system(model: Model, messages: list[dict]) -> list[dict]:
+    """ChatHandler: the model's system prompt leads unless the request's first message is one."""
+    if messages[0]["role"] != "system" and model.system:
+        return [{"role": "system", "content": model.system}, *messages]
+    return messages
 
 
 def _close(runner: Runner | None) -> None:

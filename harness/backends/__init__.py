@@ -1,10 +1,11 @@
 """Serving backends: one small interface, two implementations.
 
 A backend deploys a GGUF with its chat template, stop tokens, system prompt
-and parameters, streams generations, reports load time and memory, and
-removes what it deployed. Stages use this interface, never a backend module
-directly; `get(name)` picks one, with `auto` meaning Ollama when a server
-answers at OLLAMA_HOST and the embedded llama.cpp server otherwise.
+and parameters, streams generations, shows the prompt it renders, reports
+load time and memory, and removes what it deployed. Stages use this
+interface, never a backend module directly; `get(name)` picks one, with
+`auto` meaning Ollama when a server answers at OLLAMA_HOST and the embedded
+llama.cpp server otherwise.
 
 Every deployment also exposes an OpenAI-compatible `/v1` endpoint
 (`Deployment.openai_base_url`), which is what lm-eval scores through.
@@ -85,6 +86,12 @@ class Backend(Protocol):
     def chat(
         self, deployment: Deployment, messages: list[dict[str, str]], max_tokens: int = 256
     ) -> Iterator[Chunk]: ...
+
+    def render_prompt(self, deployment: Deployment, messages: list[dict[str, str]]) -> str | None:
+        """The prompt text the server builds for `chat` with these messages (its template,
+        the deployment's system prompt, the generation prompt), without generating; BOS
+        and EOS the tokenizer adds are not in it. None when the server cannot show it."""
+        ...
 
     def memory_bytes(self, deployment: Deployment) -> int | None: ...
 

@@ -85,10 +85,16 @@ def server_command(gguf: Path, config: ServeConfig, port: int, template_file: Pa
     ]
 
 
+def with_system(messages: list[dict[str, str]], config: ServeConfig) -> list[dict[str, str]]:
+    """The conversation with the deployment's system prompt, unless it brings its own."""
+    if config.system and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": config.system}, *messages]
+    return messages
+
+
 def request_body(messages: list[dict[str, str]], config: ServeConfig, max_tokens: int) -> dict:
     """An OpenAI-style chat request carrying the deployment's system prompt and options."""
-    if config.system and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": config.system}, *messages]
+    messages = with_system(messages, config)
     # cache_prompt off: every request is measured from a cold prompt, and the
     # server's prompt token count is the whole rendered prompt
     body: dict[str, Any] = {
@@ -203,6 +209,24 @@ class LlamaServer:
                     f"llama-server answered {response.status_code}: {response.text[:300]}"
                 )
             yield from parse_stream(response.iter_lines())
+
+    def render_prompt(self, deployment: Deployment, messages: list[dict[str, str]]) -> str:
+        """The prompt text llama-server builds for `chat` with these messages (POST
+        /apply-template: the chat route without inference). A leading BOS text is left out
+        when the vocabulary adds BOS at tokenization (llama.cpp strips it, so that the prompt
+        does not start with two); the text is as the template rendered it otherwise."""
+        _, config, _ = self._servers[deployment.model_name]
+        response = self._http.post(
+            f"{deployment.base_url}/apply-template",
+            json={"messages": with_system(messages, config)},
+            headers={"Connection": "close"},
+        )
+        if response.status_code != 200:
+            raise ForgebenchError(
+                f"llama-server answered {response.status_code} to /apply-template: "
+                f"{response.text[:300]}"
+            )
+        return response.json()["prompt"]
 
     def memory_bytes(self, deployment: Deployment) -> int | None:
         """Peak resident memory of the server process (VmHWM), in bytes."""

@@ -246,10 +246,11 @@ class OllamaBackend:
 
         return self._call(f"look up blob {digest}", head)
 
-    def _raw(self, method: str, path: str) -> httpx.Response:
-        """A request the client has no method for (HEAD /api/blobs, GET /api/version),
-        through the client's own transport, so host, headers and errors stay its own."""
-        return self._client._request_raw(method, path)
+    def _raw(self, method: str, path: str, **request: Any) -> httpx.Response:
+        """A request the client has no method for (HEAD /api/blobs, GET /api/version, a
+        render-only chat), through the client's own transport, so host, headers and errors
+        stay its own."""
+        return self._client._request_raw(method, path, **request)
 
     def _load_seconds(self, name: str) -> float:
         """Unload, then time a one-token generation's load (server-side, as Ollama reports
@@ -281,6 +282,26 @@ class OllamaBackend:
         parts = iter(stream)
         while (part := self._call(f"chat with {name}", lambda: next(parts, None))) is not None:
             yield chunk_from(part)
+
+    def render_prompt(self, deployment: Deployment, messages: list[dict[str, str]]) -> str | None:
+        """The prompt Ollama builds for `chat` with these messages (its Go template, the
+        model's system prompt), from `/api/chat` with `_debug_render_only` (Ollama 0.11.5+,
+        server/routes.go: answered with `_debug_info.rendered_template`, nothing generated).
+        None from an older server, which ignores the field and answers a normal chat, kept
+        to one token here."""
+        body = {
+            "model": deployment.model_name,
+            "messages": messages,
+            "stream": False,
+            "options": {"num_predict": 1},
+            "keep_alive": KEEP_ALIVE,
+            "_debug_render_only": True,
+        }
+        reply = self._call(
+            f"render a prompt for {deployment.model_name}",
+            lambda: self._raw("POST", "/api/chat", json=body).json(),
+        )
+        return (reply.get("_debug_info") or {}).get("rendered_template")
 
     def memory_bytes(self, deployment: Deployment) -> int | None:
         """What Ollama reports the loaded model takes (/api/ps `size`: weights, KV cache

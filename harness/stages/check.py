@@ -1,4 +1,4 @@
-"""check: is the served model a working chat model? (template and stop check)
+"""check: is the served model a working chat model, prompted as its tokenizer prompts it?
 
 A wrong or missing chat template is the most common reason an exported model
 "talks to itself": it never emits its end-of-turn token, or writes the next
@@ -7,19 +7,31 @@ short conversation is sent to the deployment, and the cell is "broken" unless
 the model stops by itself (not at max tokens), writes no role header or second
 turn, and the server's prompt token count equals what the model's own
 tokenizer and chat template give for the same conversation.
+
+Export parity, the subtler half: a template that is only slightly off (another
+default system prompt, a lost newline) still stops and still looks fine, and is
+scored on prompts the model never saw. So the prompt the server builds for the
+conversation (llama-server's /apply-template, Ollama's render-only chat) must
+equal, byte for byte, the HF tokenizer's `apply_chat_template` text, and the
+GGUF's tokenizer metadata (EOS, end of turn, BOS and add-BOS, special-token
+types, its own chat template) must agree with the tokenizer. Reasons of this
+kind start with "template:", the verdict's `broken (template)`; the renderings,
+their diff and the findings are written to parity_diff.txt.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import gguf_meta
 from harness.backends import Backend, Deployment
 
-VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it
+VERSION = 2  # bump when this stage's outputs change: tests/test_keys.py checks it
 
 # A question every sane chat model ends quickly: on SmolLM2-135M and its arithmetic
 # adapters, at every level from f16 to q2_k, it stops by itself, where "say hello"
@@ -31,6 +43,37 @@ ROLE_MARKERS = re.compile(
     r"<end_of_turn>|^\s*(user|assistant|system)\s*[:\n]",
     re.IGNORECASE | re.MULTILINE,
 )
+TEMPLATE = "template:"
+"""Every reason that is a template or tokenizer fault starts with this."""
+DIFF_FILE = "parity_diff.txt"
+TURN_PROBE = "forgebench-turn-probe"
+"""Assistant text whose rendering shows what the template writes after a turn."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the HF tokenizer says; the GGUF and the server must agree with it."""
+
+    eos_id: int | None
+    bos_id: int | None
+    adds_bos: bool
+    """Whether the tokenizer puts BOS before text it encodes."""
+    turn_end_id: int | None
+    """The special token the chat template writes right after an assistant turn."""
+    tokens: dict[int, tuple[str, bool]]
+    """id -> (text, is a special token) for the ids above."""
+    chat_template: str | None
+
+
+@dataclass
+class Parity:
+    ok: bool
+    reasons: list[str]
+    by_text: bool
+    """Compared as text; False where the server cannot show its prompt (token counts only)."""
+    tokenizer_prompt: str
+    server_prompt: str | None
+    """As the server's tokenizer reads it (see `as_tokenized`)."""
 
 
 @dataclass
@@ -41,18 +84,163 @@ class Verdict:
     done_reason: str | None
     server_prompt_tokens: int | None
     template_prompt_tokens: int
+    parity: Parity
+
+    @property
+    def template_ok(self) -> bool:
+        return not any(r.startswith(TEMPLATE) for r in self.reasons)
 
 
-def expected_prompt_tokens(tokenizer, messages: list[dict[str, str]]) -> int:
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
-    return len(ids)
+def reference_template(tokenizer, served_template: str) -> str | None:
+    """The template the model was trained with: the tokenizer's own; the deployment's only
+    when the tokenizer has none (then it is all anyone has said the model expects)."""
+    return tokenizer.chat_template or served_template or None
+
+
+def expected_prompt(tokenizer, messages: list[dict[str, str]], template: str | None) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+
+
+def reference(tokenizer, template: str | None) -> Reference:
+    import jinja2
+
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    turn_end = None
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
+    except jinja2.TemplateError:  # a template that refuses this conversation shows nothing
+        text = ""
+    if TURN_PROBE in text:
+        after = tokenizer(text.rpartition(TURN_PROBE)[2], add_special_tokens=False)["input_ids"]
+        turn_end = after[0] if after and after[0] in special else None
+    bos = tokenizer.bos_token_id
+    encoded = tokenizer("a")["input_ids"]
+    ids = {i for i in (tokenizer.eos_token_id, bos, turn_end) if i is not None}
+    return Reference(
+        eos_id=tokenizer.eos_token_id,
+        bos_id=bos,
+        adds_bos=bos is not None and encoded[:1] == [bos],
+        turn_end_id=turn_end,
+        tokens={i: (tokenizer.convert_ids_to_tokens(i), i in special) for i in ids},
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def as_tokenized(rendered: str, meta: gguf_meta.TokenizerMeta, engine: gguf_meta.EngineView) -> str:
+    """The server's prompt text as its tokenizer reads it, BOS and EOS written out.
+
+    llama.cpp adds BOS (and EOS) itself where the vocabulary says so, and therefore takes
+    a leading BOS text out of the rendered prompt (common/chat.cpp), so that the prompt
+    does not start with two; Ollama's templates never write it, for the same reason. The
+    HF tokenizer's rendering is tokenized as it stands (apply_chat_template adds no
+    special tokens), so the two compare as what the model is fed only with them put back.
+    """
+    bos = (meta.text(meta.bos_id) or "") if engine.add_bos else ""
+    eos = (meta.text(meta.eos_id) or "") if engine.add_eos else ""
+    return bos + rendered + eos
+
+
+def first_difference(expected: str, served: str) -> str | None:
+    """None when the two are equal byte for byte; otherwise where they part."""
+    a, b = expected.encode(), served.encode()
+    if a == b:
+        return None
+    pairs = enumerate(zip(a, b, strict=False))
+    at = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+
+    def near(data: bytes) -> str:
+        return repr(data[at : at + 40].decode(errors="replace"))
+
+    return (
+        f"{TEMPLATE} the server's prompt differs from the tokenizer's chat template from byte "
+        f"{at} (tokenizer {near(a)}, server {near(b)})"
+    )
+
+
+def lint(ref: Reference, meta: gguf_meta.TokenizerMeta, engine: gguf_meta.EngineView) -> list[str]:
+    """Where the GGUF's tokenizer disagrees with the HF tokenizer; empty when it agrees."""
+    found = []
+
+    def name(token_id: int | None) -> str:
+        return "none" if token_id is None else f"{meta.text(token_id)!r} ({token_id})"
+
+    if ref.eos_id is not None and meta.eos_id != ref.eos_id:
+        found.append(
+            f"{TEMPLATE} the GGUF's EOS (tokenizer.ggml.eos_token_id) is {name(meta.eos_id)}, "
+            f"the tokenizer's is {ref.tokens[ref.eos_id][0]!r} ({ref.eos_id})"
+        )
+    if ref.turn_end_id is not None and ref.turn_end_id not in engine.end_of_generation:
+        found.append(
+            f"{TEMPLATE} the chat template ends a turn with {name(ref.turn_end_id)}, where "
+            f"llama.cpp does not stop (GGUF EOS {name(meta.eos_id)}, EOT {name(meta.eot_id)}):"
+            " the model would write on past its turn"
+        )
+    if engine.add_bos != ref.adds_bos:
+        key = meta.add_bos_token
+        said = "absent" if key is None else str(key).lower()
+        found.append(
+            f"{TEMPLATE} llama.cpp {'adds' if engine.add_bos else 'adds no'} BOS "
+            f"(tokenizer.ggml.add_bos_token {said}), the tokenizer "
+            f"{'adds' if ref.adds_bos else 'adds none'}"
+        )
+    if engine.add_bos and ref.bos_id is not None and meta.bos_id != ref.bos_id:
+        found.append(
+            f"{TEMPLATE} the GGUF's BOS is {name(meta.bos_id)}, the tokenizer's is "
+            f"{ref.tokens[ref.bos_id][0]!r} ({ref.bos_id})"
+        )
+    for token_id, (text, special) in sorted(ref.tokens.items()):
+        if meta.text(token_id) != text:
+            found.append(
+                f"{TEMPLATE} token {token_id} is {meta.text(token_id)!r} in the GGUF, "
+                f"{text!r} in the tokenizer"
+            )
+        elif special and meta.token_types[token_id] != gguf_meta.CONTROL:
+            found.append(
+                f"{TEMPLATE} {text!r} ({token_id}) is a special token of the tokenizer but "
+                f"{meta.type_name(token_id)} in the GGUF, not CONTROL: llama.cpp takes it "
+                "for text"
+            )
+    if ref.chat_template and meta.chat_template != ref.chat_template:
+        what = "another chat template than the tokenizer's" if meta.chat_template else "none"
+        found.append(
+            f"{TEMPLATE} the GGUF's own chat template (tokenizer.chat_template) is {what}: "
+            "whatever serves the file with it (ollama create, llama-server without "
+            "--chat-template-file) prompts the model otherwise"
+        )
+    return found
+
+
+def export_parity(
+    tokenizer, messages: list[dict[str, str]], served_template: str, rendered: str | None, gguf
+) -> Parity:
+    """The server's rendering against the tokenizer's, and the GGUF's metadata linted."""
+    template = reference_template(tokenizer, served_template)
+    expected = expected_prompt(tokenizer, messages, template)
+    ref = reference(tokenizer, template)
+    meta = gguf_meta.read(gguf)
+    engine = gguf_meta.engine_view(gguf, set(ref.tokens))
+    reasons = lint(ref, meta, engine)
+    served = None if rendered is None else as_tokenized(rendered, meta, engine)
+    if served is not None and (difference := first_difference(expected, served)):
+        if served_template != template:
+            difference += ": the deployment was given another template than the tokenizer's"
+        reasons.insert(0, f"{difference} (diff in {DIFF_FILE})")
+    return Parity(not reasons, reasons, served is not None, expected, served)
 
 
 def judge(
-    response: str, done_reason: str | None, server_tokens: int | None, template_tokens: int
+    response: str,
+    done_reason: str | None,
+    server_tokens: int | None,
+    template_tokens: int,
+    by_text: bool = True,
 ) -> list[str]:
-    """Reasons the exchange shows a broken chat setup; empty when it is sound."""
+    """Reasons the exchange shows a broken chat setup; empty when it is sound. No reason
+    holds "; ", which joins them in `check_reasons`."""
     reasons = []
     if done_reason != "stop":
         reasons.append(
@@ -63,14 +251,20 @@ def judge(
         reasons.append(f"wrote a role header or second turn ({marker.group(0).strip()!r})")
     if server_tokens is not None and server_tokens != template_tokens:
         reasons.append(
-            f"server rendered {server_tokens} prompt tokens, the model's chat "
+            f"{TEMPLATE} server rendered {server_tokens} prompt tokens, the model's chat "
             f"template gives {template_tokens}: the served template differs"
+            + ("" if by_text else " (token counts only: the server cannot show its prompt)")
         )
     return reasons
 
 
 def run_check(
-    backend: Backend, deployment: Deployment, tokenizer, system: str | None = None
+    backend: Backend,
+    deployment: Deployment,
+    tokenizer,
+    gguf: Path,
+    served_template: str,
+    system: str | None = None,
 ) -> Verdict:
     messages = ([{"role": "system", "content": system}] if system else []) + CONVERSATION
     text, final = "", None
@@ -80,21 +274,61 @@ def run_check(
             final = chunk
     done_reason = final.done_reason if final else None
     server_tokens = final.prompt_tokens if final else None
-    template_tokens = expected_prompt_tokens(tokenizer, messages)
-    reasons = judge(text, done_reason, server_tokens, template_tokens)
-    return Verdict(not reasons, reasons, text, done_reason, server_tokens, template_tokens)
+    rendered = backend.render_prompt(deployment, messages)
+    parity = export_parity(tokenizer, messages, served_template, rendered, gguf)
+    template_tokens = len(tokenizer(parity.tokenizer_prompt, add_special_tokens=False).input_ids)
+    if not parity.by_text:  # then the token count is all that was measured of the rendering
+        parity.ok = parity.ok and server_tokens == template_tokens
+        if server_tokens is None:
+            parity.reasons.append(
+                "export parity unmeasured: the server showed neither its prompt nor its "
+                "prompt token count"
+            )
+    behaviour = judge(text, done_reason, server_tokens, template_tokens, parity.by_text)
+    reasons = [*parity.reasons, *behaviour]
+    return Verdict(not reasons, reasons, text, done_reason, server_tokens, template_tokens, parity)
+
+
+def parity_report(parity: Parity, backend: str) -> str:
+    """parity_diff.txt: findings, both renderings as JSON strings (so that whitespace and
+    control characters show), and their unified diff."""
+    lines = [f"export parity: {'ok' if parity.ok else 'FAILED'}", "", "findings:"]
+    lines += [f"  {r}" for r in parity.reasons] or ["  none"]
+    if not parity.by_text:
+        lines += ["", f"{backend} cannot show its rendered prompt: token counts only compared"]
+    lines += ["", f"tokenizer: {json.dumps(parity.tokenizer_prompt)}"]
+    lines += [f"server:    {json.dumps(parity.server_prompt)}", ""]
+    diff = difflib.unified_diff(
+        parity.tokenizer_prompt.splitlines(keepends=True),
+        (parity.server_prompt or "").splitlines(keepends=True),
+        "tokenizer (apply_chat_template)",
+        f"server ({backend}, BOS/EOS it adds written out)",
+    )
+    return "\n".join(lines) + "".join(diff)
 
 
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, served) -> dict:
-    progress("template and stop check", None)
+    progress("template, stop and export parity check", None)
     served.deploy()
     verdict = run_check(
-        served.backend, served.deployment, served.tokenizer, settings["serve"].get("system")
+        served.backend,
+        served.deployment,
+        served.tokenizer,
+        served.gguf,
+        served.config.chat_template,
+        settings["serve"].get("system"),
     )
     (out / "verdict.json").write_text(json.dumps(asdict(verdict), indent=2))
+    (out / DIFF_FILE).write_text(parity_report(verdict.parity, served.backend.name))
     if text := modelfile(served):
         (out / "Modelfile").write_text(text)
-    return {"check_ok": int(verdict.ok), "check_reasons": "; ".join(verdict.reasons)}
+    return {
+        "check_ok": int(verdict.ok),
+        "check_template_ok": int(verdict.template_ok),
+        "parity_ok": int(verdict.parity.ok),
+        "parity_by_text": int(verdict.parity.by_text),
+        "check_reasons": "; ".join(verdict.reasons),
+    }
 
 
 def modelfile(served) -> str | None:

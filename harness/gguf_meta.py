@@ -1,0 +1,109 @@
+"""A GGUF's tokenizer as llama.cpp will use it: special token ids and types, add-BOS/EOS.
+
+A GGUF carries its own copy of the tokenizer's special tokens. When that copy disagrees
+with the HF tokenizer the model was trained with (another EOS id, a special token stored
+as plain text, a BOS the tokenizer never adds), the served model sees other prompts, or
+never stops, while every file looks fine. The metadata is read with gguf's GGUFReader.
+What llama.cpp *does* with it is asked of llama.cpp itself, through llama-cpp-python (the
+revision the server and converter are built from): a missing `add_bos_token` falls back
+to a per-vocabulary default, and end-of-generation tokens are partly recognised by their
+text (`<|im_end|>` stops generation even when no id names it), rules not worth copying.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+CONTROL = 3
+"""gguf.TokenType.CONTROL: a special token, matched whole in a prompt, not split as text."""
+TOKEN_TYPES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
+
+
+@dataclass(frozen=True)
+class TokenizerMeta:
+    """The GGUF's tokenizer metadata; ids are None where the key is absent."""
+
+    eos_id: int | None
+    eot_id: int | None
+    bos_id: int | None
+    add_bos_token: bool | None
+    """The metadata key as written; None when absent (llama.cpp then uses its default)."""
+    chat_template: str | None
+    tokens: list[str]
+    token_types: list[int]
+
+    def text(self, token_id: int | None) -> str | None:
+        if token_id is None or not 0 <= token_id < len(self.tokens):
+            return None
+        return self.tokens[token_id]
+
+    def type_name(self, token_id: int) -> str:
+        kind = self.token_types[token_id] if 0 <= token_id < len(self.token_types) else None
+        return f"{TOKEN_TYPES.get(kind, 'absent')} ({kind})"
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """What llama.cpp makes of the GGUF's tokenizer."""
+
+    add_bos: bool
+    add_eos: bool
+    end_of_generation: frozenset[int]
+    """Those of the asked ids at which llama.cpp ends a generation."""
+
+
+def read(path: Path) -> TokenizerMeta:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+
+    def value(key: str):
+        field = reader.get_field(key)
+        return None if field is None else field.contents()
+
+    return TokenizerMeta(
+        eos_id=_int(value("tokenizer.ggml.eos_token_id")),
+        eot_id=_int(value("tokenizer.ggml.eot_token_id")),
+        bos_id=_int(value("tokenizer.ggml.bos_token_id")),
+        add_bos_token=_bool(value("tokenizer.ggml.add_bos_token")),
+        chat_template=value("tokenizer.chat_template"),
+        tokens=value("tokenizer.ggml.tokens") or [],
+        token_types=[int(t) for t in value("tokenizer.ggml.token_type") or []],
+    )
+
+
+def engine_view(path: Path, ids: set[int]) -> EngineView:
+    """Load only the vocabulary (no weights) and ask llama.cpp, its load log kept quiet
+    (llama-cpp-python prints llama.cpp's log at the level of its "llama-cpp-python" logger)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    log = logging.getLogger("llama-cpp-python")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    finally:
+        log.setLevel(level)
+    if not model:
+        raise ValueError(f"llama.cpp could not read the vocabulary of {path}")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        return EngineView(
+            add_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
+            add_eos=bool(llama_cpp.llama_vocab_get_add_eos(vocab)),
+            end_of_generation=frozenset(i for i in ids if llama_cpp.llama_vocab_is_eog(vocab, i)),
+        )
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def _int(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def _bool(value) -> bool | None:
+    return None if value is None else bool(value)
