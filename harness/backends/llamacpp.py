@@ -229,7 +229,10 @@ class LlamaServer:
         return response.json()["prompt"]
 
     def memory_bytes(self, deployment: Deployment) -> int | None:
-        """Peak resident memory of the server process (VmHWM), in bytes."""
+        """Peak resident memory (VmHWM) of the deployment's server process since it started,
+        in bytes; None when /proc does not show it. Peak rather than current, since mapped
+        weight pages can be evicted and come back; the bench stage gives this a process of
+        its own (see harness/stages/bench.py), so it covers load, warm-up and bench only."""
         process, _, _ = self._servers[deployment.model_name]
         try:
             status = Path(f"/proc/{process.pid}/status").read_text()

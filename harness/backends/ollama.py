@@ -304,8 +304,10 @@ class OllamaBackend:
         return (reply.get("_debug_info") or {}).get("rendered_template")
 
     def memory_bytes(self, deployment: Deployment) -> int | None:
-        """What Ollama reports the loaded model takes (/api/ps `size`: weights, KV cache
-        and compute buffers); None when it is not loaded."""
+        """What Ollama reports the loaded model takes (/api/ps `size`: its own account of
+        weights, KV cache and compute graph, set at load, whatever was served since), in
+        bytes; None when it is not loaded. Not a process's resident memory, which a remote
+        server does not show: bench reports it as `ollama_ps_size_mb`, not `memory_mb`."""
         running = self._call("list running models", self._client.ps)
         wanted = {deployment.model_name, _tagged(deployment.model_name)}
         sizes = [m.size for m in running.models if m.model in wanted or m.name in wanted]

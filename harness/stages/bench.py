@@ -2,21 +2,40 @@
 
 Spec keys: `bench.*` (`max_tokens`, `repeats`, `warmup`). A fixed prompt set
 (`evals/bench_prompts.jsonl`) is streamed through the serving API one request
-at a time, after warm-up requests. Per request: time to first token from the
-client's side, end-to-end stream tokens/s, and the server's own prefill and
-decode figures (llama-server `timings`, Ollama's nanosecond durations).
-Reported as p50/p95, with the model's load time, the serving process's peak
-resident memory and, beside them, `llama-bench`'s engine figures for the same
-GGUF and thread count, as the reference the served figures are read against.
+at a time, after warm-up requests, on a deployment of the bench's own: one that
+an earlier stage (check, evaluate) used is replaced first, so that no figure
+depends on whether those stages ran now or came from the store. Per request:
+time to first token from the client's side, end-to-end stream tokens/s, and the
+server's own prefill and decode figures (llama-server `timings`, Ollama's
+nanosecond durations).
+
+Every percentile is by nearest rank (the ceil(q/100 * n)-th smallest sample, so
+it is always a request that happened). Each figure is reported as its median
+(`_p50`) and its slow tail: `ttft_s_p95`/`ttft_ms_p95` for time to first token,
+`decode_tps_p5`, `stream_tps_p5` and `prefill_tps_p5` for the throughputs (a
+throughput's p95 would be its fast tail, so it is not reported). With few
+requests the slow tail is the slowest request, which is the honest answer.
+
+Memory, which the two servers can only report in different ways, under two names:
+- `memory_mb` (llama-server): the peak resident memory (VmHWM, weights mapped
+  in, KV cache, compute buffers, the server's heap) of the server process that
+  served nothing but this bench, read after its last request: load, warm-up and
+  bench requests. MiB.
+- `ollama_ps_size_mb` (Ollama): the size Ollama's `/api/ps` reports for the
+  loaded model, its own account of weights, KV cache and compute graph; not a
+  measurement of any process. MiB.
+Beside them: the model's load time and `llama-bench`'s engine figures for the
+same GGUF and thread count, as the reference the served figures are read against.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import statistics
 import subprocess
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +43,24 @@ from harness.backends import Backend, Deployment
 from harness.evals import EVALS
 
 PROMPTS = EVALS / "bench_prompts.jsonl"
+VERSION = 2
+"""The bench's logic in the stage key (harness/keys.py): 2 is nearest-rank percentiles, the
+throughputs' slow tail (p5, no p95) and memory on a deployment of the bench's own."""
+MEMORY_METRIC = {"llamacpp": "memory_mb", "ollama": "ollama_ps_size_mb"}
+"""Backend name -> the name its `memory_bytes` is reported under (see the docstring)."""
+THROUGHPUTS = ("stream_tps", "prefill_tps", "decode_tps")
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile; with few samples p95 is the slowest, which is the honest answer."""
+    """Nearest rank: the ceil(q/100 * n)-th smallest value (1-based, at least the first).
+
+    Exact arithmetic, since in floats 5/100 * 60 is 3.0000000000000004 and would take
+    the 4th value instead of the 3rd."""
+    if not values:
+        raise ValueError("a percentile of no values")
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
+    rank = math.ceil(Fraction(str(q)) * len(ordered) / 100)
+    return ordered[max(1, min(len(ordered), rank)) - 1]
 
 
 def prompts() -> list[list[dict[str, str]]]:
@@ -80,18 +110,26 @@ def measure(
                 backend, deployment, prompt_set[i % len(prompt_set)], settings["max_tokens"]
             )
         )
-    metrics: dict[str, float] = {"bench_requests": float(len(samples))}
-    for name in ("ttft_s", "stream_tps", "prefill_tps", "decode_tps"):
-        values = [s[name] for s in samples]
-        metrics[f"{name}_p50"] = round(statistics.median(values), 4)
-        metrics[f"{name}_p95"] = round(percentile(values, 95), 4)
-    metrics["ttft_ms_p50"] = round(metrics["ttft_s_p50"] * 1000, 1)
-    metrics["ttft_ms_p95"] = round(metrics["ttft_s_p95"] * 1000, 1)
+    metrics = summarise(samples)
     metrics["load_s"] = round(deployment.load_seconds, 3)
     memory = backend.memory_bytes(deployment)
     if memory is not None:
-        metrics["memory_mb"] = round(memory / 2**20, 1)
+        metrics[MEMORY_METRIC[backend.name]] = round(memory / 2**20, 1)
     return metrics, samples
+
+
+def summarise(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Median and slow tail of each per-request figure (see the module docstring)."""
+    metrics: dict[str, float] = {"bench_requests": float(len(samples))}
+    ttft = [s["ttft_s"] for s in samples]
+    for q in (50, 95):
+        metrics[f"ttft_s_p{q}"] = round(percentile(ttft, q), 4)
+        metrics[f"ttft_ms_p{q}"] = round(percentile(ttft, q) * 1000, 1)
+    for name in THROUGHPUTS:
+        values = [s[name] for s in samples]
+        for q in (50, 5):
+            metrics[f"{name}_p{q}"] = round(percentile(values, q), 4)
+    return metrics
 
 
 def llama_bench(gguf: Path, threads: int | None = None) -> dict[str, float]:
@@ -122,8 +160,20 @@ def llama_bench(gguf: Path, threads: int | None = None) -> dict[str, float]:
     return out
 
 
+def fresh(served) -> None:
+    """Deploy the cell for the bench alone: a deployment an earlier stage used is replaced
+    (a new llama-server process; a re-created, reloaded Ollama model), so memory and speed
+    do not carry what evaluate's requests left behind (llama-server's prompt cache, heap)."""
+    if served.deployment is None:
+        served.deploy()
+        return
+    served.backend.remove(served.deployment)
+    served.deployment = None  # gone, whether or not the new one comes up
+    served.deployment = served.backend.deploy(served.gguf, served.config)
+
+
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, served) -> dict:
-    served.deploy()
+    fresh(served)
     metrics, samples = measure(served.backend, served.deployment, settings["bench"], progress)
     (out / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
     threads = int(settings["serve"]["parameters"].get("num_thread", os.cpu_count() or 1))
