@@ -29,11 +29,21 @@ EVALS = Path(os.environ.get("FORGEBENCH_EVALS") or Path(__file__).resolve().pare
 runs from a clone (tox installs it editable); FORGEBENCH_EVALS points elsewhere."""
 QA_TEMPLATE = EVALS / "_qa_template_yaml"
 """Base of question/answer tasks: exact match of the stripped reply."""
+QA_CONTAINS = EVALS / "_qa_contains_yaml"
+"""Base of question/answer tasks scored by "the reply contains the answer"."""
 BUILTIN = {
     "arithmetic": EVALS / "forgebench_arithmetic.yaml",
     "gsm8k": EVALS / "forgebench_gsm8k.yaml",
+    "capitals": EVALS / "forgebench_capitals.yaml",
 }
+BUILTIN_SCORER = {"arithmetic": "exact", "gsm8k": "last_number", "capitals": "contains"}
 GSM8K_DATA = EVALS / "data" / "gsm8k" / "test.jsonl"
+CAPITALS_DATA = EVALS / "data" / "capitals" / "test.jsonl"
+SCORERS = ("exact", "contains", "last_number", "regex")
+"""How a question/answer task's reply is scored, each an lm-eval filter before exact match:
+the whole stripped reply, the answer found in it as whole words, the reply's last number,
+or the first group (else the whole match) of a regex of the task's own."""
+LAST_NUMBER = r"(-?[0-9][0-9,]*(?:\.[0-9]+)?)"
 PRIMARY_FILTER = {"gsm8k": "flexible-extract"}
 """The filter a task's accuracy is read from, where it has several. For GSM8K the last
 number in the reply: a small model rarely keeps the "#### N" format, so strict match
@@ -50,10 +60,19 @@ class EvalTask:
     """The lm-eval task YAML to load."""
     primary_filter: str | None = None
     """The filter whose score is the task's accuracy; None when it has only one."""
+    scorer: str = "exact"
+    """How a reply is scored (one of SCORERS), recorded beside every score."""
 
     @property
     def lm_eval_name(self) -> str:
         return lm_eval_name(self.name)
+
+
+def scorer_of(task: str | Any) -> tuple[str, str]:
+    """(name, scorer) of a spec's task entry: a built-in name or a user task."""
+    if isinstance(task, str):
+        return task, BUILTIN_SCORER.get(task, "exact")
+    return task.name, task.scorer
 
 
 def lm_eval_name(name: str) -> str:
@@ -75,10 +94,37 @@ def task_config(name: str, items: Path, base: Path, cache_dir: Path | None = Non
     }
 
 
-def user_task_config(name: str, items: Path, cache_dir: Path | None = None) -> dict:
+def user_task_config(
+    name: str,
+    items: Path,
+    cache_dir: Path | None = None,
+    scorer: str = "exact",
+    regex: str | None = None,
+) -> dict:
     """The config of a spec's own question/answer task, after checking its rows."""
     check_qa_jsonl(items)
-    return task_config(name, items, QA_TEMPLATE, cache_dir)
+    if scorer == "contains":
+        return task_config(name, items, QA_CONTAINS, cache_dir)
+    config = task_config(name, items, QA_TEMPLATE, cache_dir)
+    if scorer == "last_number":
+        config["filter_list"] = [_regex_filter("last_number", LAST_NUMBER, group_select=-1)]
+    elif scorer == "regex":
+        if not regex:
+            raise ForgebenchError(f"evaluate task {name}: scorer regex needs a `regex:` pattern")
+        config["filter_list"] = [_regex_filter("regex", regex)]
+    return config
+
+
+def _regex_filter(name: str, pattern: str, group_select: int = 0) -> dict:
+    """lm-eval's regex filter: the first (or, with group_select -1, the last) match's group;
+    a reply with no match scores wrong ("[invalid]", lm-eval's fallback)."""
+    return {
+        "name": name,
+        "filter": [
+            {"function": "regex", "regex_pattern": pattern, "group_select": group_select},
+            {"function": "take_first"},
+        ],
+    }
 
 
 def write_task(config: dict, folder: Path) -> Path:
@@ -138,15 +184,27 @@ def prepare(
     prepared = []
     for task in tasks:
         if isinstance(task, dict):
-            config = user_task_config(task["name"], Path(task["path"]), cache_dir)
-            prepared.append(EvalTask(task["name"], write_task(config, folder)))
+            scorer = task.get("scorer") or "exact"
+            config = user_task_config(
+                task["name"], Path(task["path"]), cache_dir, scorer, task.get("regex")
+            )
+            prepared.append(EvalTask(task["name"], write_task(config, folder), scorer=scorer))
             continue
         if task == "arithmetic":
             items = write_jsonl(arithmetic_items(data_spec), folder / "arithmetic.jsonl")
         elif task == "gsm8k":
             items = GSM8K_DATA
+        elif task == "capitals":
+            items = CAPITALS_DATA
         else:
             raise ForgebenchError(f"evaluate.tasks: unknown task {task!r}")
         config = task_config(task, items, BUILTIN[task], cache_dir)
-        prepared.append(EvalTask(task, write_task(config, folder), PRIMARY_FILTER.get(task)))
+        prepared.append(
+            EvalTask(
+                task,
+                write_task(config, folder),
+                PRIMARY_FILTER.get(task),
+                BUILTIN_SCORER[task],
+            )
+        )
     return prepared

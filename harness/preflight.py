@@ -68,9 +68,20 @@ def _data(spec: Spec) -> None:
             data.read_jsonl(spec.data.train)
         except ForgebenchError as exc:
             raise InputError(f"data.train: {exc}") from None
-    for task in spec.evaluate.tasks:
-        if not isinstance(task, str) and not task.path.is_file():
-            raise InputError(f"evaluate.tasks: {task.name}: file not found: {task.path}")
+    for field, tasks in (("tasks", spec.evaluate.tasks), ("guard", spec.evaluate.guard)):
+        for task in tasks:
+            if (
+                task == "arithmetic"
+                and spec.data.task != "arithmetic"
+                and "evaluate" in spec.measure
+            ):
+                raise InputError(
+                    f"evaluate.{field}: arithmetic is scored on the held-out split of "
+                    "data.task: arithmetic, and this spec trains on data.train; list your own "
+                    "task ({name: ..., path: qa.jsonl}) or gsm8k instead"
+                )
+            if not isinstance(task, str) and not task.path.is_file():
+                raise InputError(f"evaluate.{field}: {task.name}: file not found: {task.path}")
     if spec.serve.chat_template is not None and not spec.serve.chat_template.is_file():
         raise InputError(f"serve.chat_template: file not found: {spec.serve.chat_template}")
 

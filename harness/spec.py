@@ -7,6 +7,7 @@ file, the line and the field (`quickstart.yaml:12: lora[1].r: ...`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,18 +124,53 @@ class ServeSpec(Strict):
 
 
 class EvalTaskSpec(Strict):
-    """A user's own question/answer JSONL, scored by exact match."""
+    """A user's own question/answer JSONL ({"question", "answer"} rows) and how replies are
+    scored: `exact` (the stripped reply is the answer), `contains` (the answer occurs in the
+    reply), `last_number` (the reply's last number), `regex` (the pattern's first group)."""
 
     name: str = Field(pattern=NAME_PATTERN)
     path: Path
+    scorer: Literal["exact", "contains", "last_number", "regex"] = "exact"
+    regex: str | None = Field(None, description="with scorer: regex, the pattern to extract")
+
+    @model_validator(mode="after")
+    def _regex_given(self) -> EvalTaskSpec:
+        if (self.scorer == "regex") != (self.regex is not None):
+            raise ValueError("give `regex:` exactly when scorer is regex")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return self
+
+
+BuiltinTask = Literal["arithmetic", "gsm8k", "capitals"]
 
 
 class EvaluateSpec(Strict):
-    tasks: list[Literal["arithmetic", "gsm8k"] | EvalTaskSpec] = Field(
-        default_factory=lambda: ["arithmetic"]
+    tasks: list[BuiltinTask | EvalTaskSpec] = Field(default_factory=lambda: ["arithmetic"])
+    guard: list[BuiltinTask | EvalTaskSpec] = Field(
+        default_factory=list,
+        description="tasks the adapter must not hurt: significantly worse than the untuned "
+        "base is 'stupid (training: forgetting)'",
     )
     limit: int | None = Field(None, gt=0, description="items per task (all when unset)")
     concurrency: int = Field(4, gt=0, description="requests in flight (server slots)")
+
+    @property
+    def all_tasks(self) -> list[str | EvalTaskSpec]:
+        """What is scored: the tasks, then the guard tasks."""
+        return [*self.tasks, *self.guard]
+
+    @model_validator(mode="after")
+    def _names_once(self) -> EvaluateSpec:
+        names = [t if isinstance(t, str) else t.name for t in self.all_tasks]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(
+                f"task named twice in tasks and guard: {', '.join(dupes)}; list it once"
+            )
+        return self
 
 
 class BenchSpec(Strict):
@@ -262,11 +298,16 @@ def _resolve_paths(spec: Spec, folder: Path) -> Spec:
         update={"path": absolute(spec.base.path), "gguf": absolute(spec.base.gguf)}
     )
     data = spec.data.model_copy(update={"train": absolute(spec.data.train)})
-    tasks = [
-        t if isinstance(t, str) else t.model_copy(update={"path": absolute(t.path)})
-        for t in spec.evaluate.tasks
-    ]
-    evaluate = spec.evaluate.model_copy(update={"tasks": tasks})
+
+    def tasks(items: list) -> list:
+        return [
+            t if isinstance(t, str) else t.model_copy(update={"path": absolute(t.path)})
+            for t in items
+        ]
+
+    evaluate = spec.evaluate.model_copy(
+        update={"tasks": tasks(spec.evaluate.tasks), "guard": tasks(spec.evaluate.guard)}
+    )
     serve = spec.serve.model_copy(update={"chat_template": absolute(spec.serve.chat_template)})
     return spec.model_copy(
         update={"base": base, "data": data, "evaluate": evaluate, "serve": serve}
