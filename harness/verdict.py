@@ -1,17 +1,24 @@
-"""Verdicts: is a cell ok, "slow", "stupid", both, or "broken"?
+"""Verdicts: is a cell ok, "slow", "stupid" (and through which step), "broken" or "unjudged"?
 
-"Slow" is a missed speed or memory budget. "Stupid" is lost accuracy against
-the cell's own F16 (same adapter, same items): the drop must exceed
-`accuracy_drop_max` AND be significant on the paired items, or the drift from
-F16 (mean KL divergence) must exceed `kld_max`. "Broken" is a cell that failed
-a stage or the chat check. Quantization should fix slow without causing stupid;
-these verdicts show where it stops doing so.
+"Slow" is a missed speed or memory budget; the decode budget is judged on the slow
+tail (p5 of the per-request decode rates), since a user notices the slow answers.
+"Stupid" is lost accuracy, blamed on the step of the chain that lost it
+(`harness.blame`): `stupid (training)` when the tuned HF model is significantly worse
+than the untuned base, `stupid (training: forgetting)` on a guard task, `stupid
+(export)` when the F16 GGUF, served, is worse than the tuned HF model (conversion or
+template loss), `stupid (quantization)` when a level is worse than its F16 or drifts
+from it (mean KLD above `kld_max`). "Broken" is a cell that failed a stage or the chat
+check (`broken (template)` when the served template differs from the tokenizer's).
+
+A verdict never passes what was not measured: a cell any of whose links is unjudged
+(missing or failed reference, reference at the floor), or a budget whose figure is
+missing, is "unjudged" with the reason, never "ok". Every "ok" says the smallest
+drop its items could have shown, so a user sees when there are too few items.
 
 The paired test is the exact McNemar test: the same items are scored by both
-cells, so only the items where they disagree carry information, and with the
-few hundred items a quick eval has, the exact binomial form is right where the
-chi-squared approximation is not. (A paired bootstrap would answer the same
-question with more machinery and a random seed.)
+models, so only the items where they disagree carry information, and with the few
+hundred items a quick eval has, the exact binomial form is right where the
+chi-squared approximation is not.
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from harness import quant
+from harness.blame import Link, Scores, compare, mcnemar
 from harness.errors import ForgebenchError
 from harness.spec import BudgetSpec
+
+__all__ = ["Figures", "Scores", "Verdict", "judge", "mcnemar"]
 
 
 @dataclass
@@ -32,13 +42,24 @@ class Figures:
     quant: str
     status: str = "done"
     error: str | None = None
+    broken: str | None = None
+    """What broke, for the label: "template" when the export parity check failed."""
     accuracy: dict[str, float] = field(default_factory=dict)
     items: dict[str, dict[str, bool]] = field(default_factory=dict)
-    """task -> item id -> correct, for the paired test."""
+    """task -> item id -> correct, for the paired tests."""
+    evaluated: bool = False
+    """Accuracy was asked for (the spec measures evaluate)."""
     decode_tps: float | None = None
+    """The slow tail: p5 of the per-request decode rates."""
     ttft_ms_p95: float | None = None
     memory_mb: float | None = None
     kld_mean: float | None = None
+    tuning_kld: float | None = None
+    """Mean KLD of the tuned F16 from the untuned F16 on the drift text (a forgetting sign)."""
+
+    def scores(self) -> Scores:
+        error = None if self.status == "done" else (self.error or self.status)
+        return Scores(self.quant, self.accuracy, self.items, error)
 
 
 @dataclass
@@ -47,70 +68,73 @@ class Verdict:
     verdict: str
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    """Comparisons that inform but do not decide, e.g. tuned vs untuned base."""
+    """What informs but does not decide: each held link's power, the tuning drift."""
+    links: list[Link] = field(default_factory=list)
+    chain: dict[str, float] = field(default_factory=dict)
+    """The chain's accuracies: chain_hf_base_<task>, chain_hf_tuned_<task>, chain_f16_<task>."""
+
+    @property
+    def steps_lost(self) -> list[str]:
+        return list(dict.fromkeys(link.blame for link in self.links if link.state == "lost"))
 
 
-def mcnemar(reference: dict[str, bool], candidate: dict[str, bool]) -> tuple[int, int, float]:
-    """Exact McNemar on paired items: (ref right & cand wrong, ref wrong & cand right, p)."""
-    from scipy.stats import binomtest
-
-    shared = reference.keys() & candidate.keys()
-    lost = sum(1 for i in shared if reference[i] and not candidate[i])
-    gained = sum(1 for i in shared if candidate[i] and not reference[i])
-    if lost + gained == 0:
-        return 0, 0, 1.0
-    return lost, gained, float(binomtest(lost, lost + gained, 0.5).pvalue)
-
-
-def slow_reasons(fig: Figures, budgets: BudgetSpec) -> list[str]:
-    reasons = []
-    if (
-        budgets.decode_tps_min is not None
-        and fig.decode_tps is not None
-        and fig.decode_tps < budgets.decode_tps_min
-    ):
-        reasons.append(f"decode {fig.decode_tps:.0f} tok/s < {budgets.decode_tps_min:g}")
-    if (
-        budgets.ttft_ms_p95_max is not None
-        and fig.ttft_ms_p95 is not None
-        and fig.ttft_ms_p95 > budgets.ttft_ms_p95_max
-    ):
-        reasons.append(f"TTFT p95 {fig.ttft_ms_p95:.0f} ms > {budgets.ttft_ms_p95_max:g}")
-    if (
-        budgets.memory_mb_max is not None
-        and fig.memory_mb is not None
-        and fig.memory_mb > budgets.memory_mb_max
-    ):
-        reasons.append(f"memory {fig.memory_mb:.0f} MB > {budgets.memory_mb_max:g}")
-    return reasons
-
-
-def accuracy_loss(fig: Figures, ref: Figures, budgets: BudgetSpec, label: str) -> list[str]:
-    """Tasks on which `fig` is worse than `ref` beyond the budget, significantly."""
-    reasons = []
-    for task, accuracy in sorted(fig.accuracy.items()):
-        if task not in ref.accuracy:
+def slow_reasons(fig: Figures, budgets: BudgetSpec) -> tuple[list[str], list[str]]:
+    """(missed budgets, budgets whose figure was not measured)."""
+    checks = [
+        ("decode p5", budgets.decode_tps_min, fig.decode_tps, "tok/s", "<"),
+        ("TTFT p95", budgets.ttft_ms_p95_max, fig.ttft_ms_p95, "ms", ">"),
+        ("memory", budgets.memory_mb_max, fig.memory_mb, "MB", ">"),
+    ]
+    missed, unmeasured = [], []
+    for name, budget, value, unit, worse in checks:
+        if budget is None:
             continue
-        drop = ref.accuracy[task] - accuracy
-        _, _, p = mcnemar(ref.items.get(task, {}), fig.items.get(task, {}))
-        if drop > budgets.accuracy_drop_max and p < budgets.significance:
-            reasons.append(
-                f"{task} {accuracy:.2f} vs {ref.accuracy[task]:.2f} at {label}, McNemar p={p:.3g}"
-            )
-    return reasons
+        if value is None:
+            unmeasured.append(f"{name} not measured (budget {budget:g} {unit})")
+        elif (value < budget) if worse == "<" else (value > budget):
+            missed.append(f"{name} {value:.0f} {unit} {worse} {budget:g}")
+    return missed, unmeasured
 
 
-def stupid_reasons(fig: Figures, ref: Figures | None, budgets: BudgetSpec) -> list[str]:
-    reasons = []
-    if ref is not None and ref is not fig and ref.status == "done":
-        reasons += accuracy_loss(fig, ref, budgets, quant.REFERENCE)
-    if budgets.kld_max is not None and fig.kld_mean is not None and fig.kld_mean > budgets.kld_max:
-        reasons.append(f"KLD {fig.kld_mean:.3g} > {budgets.kld_max:g} from {quant.REFERENCE}")
-    return reasons
+def chain_links(
+    fig: Figures,
+    f16: Figures | None,
+    references: dict[str, Scores],
+    tasks: list[str],
+    guard: set[str],
+    budgets: BudgetSpec,
+    control: str,
+) -> list[Link]:
+    """The links from the untuned base to this cell, on every task."""
+    own_hf = references.get(fig.adapter) or Scores("tuned HF", error="not scored")
+    base_hf = references.get(control) or Scores("untuned HF", error="not scored")
+    f16_scores = f16.scores() if f16 is not None else Scores(quant.REFERENCE, error="no cell")
+    pairs = []
+    if fig.adapter != control:
+        pairs.append(("training", base_hf, own_hf))
+    pairs.append(("export", own_hf, f16_scores))
+    if fig.quant != quant.REFERENCE:
+        pairs.append(("quantization", f16_scores, fig.scores()))
+    drop_max, alpha = budgets.accuracy_drop_max, budgets.significance
+    return [
+        compare(step, task, ref, cand, drop_max, alpha, guard=task in guard)
+        for step, ref, cand in pairs
+        for task in tasks
+    ]
 
 
-def judge(cells: list[Figures], budgets: BudgetSpec, control: str = "base") -> dict[str, Verdict]:
-    """One verdict per cell. Raises when a cell has no F16 reference to be judged against."""
+def judge(
+    cells: list[Figures],
+    budgets: BudgetSpec,
+    references: dict[str, Scores] | None = None,
+    tasks: list[str] | None = None,
+    guard: list[str] = (),
+    control: str = "base",
+) -> dict[str, Verdict]:
+    """One verdict per cell. `references` maps an adapter (and `control`) to its HF scores;
+    `tasks` lists every scored task, `guard` those an adapter must not hurt. Raises when
+    an adapter has no F16 cell to judge its levels against."""
+    references = references or {}
     by_key = {(c.adapter, c.quant): c for c in cells}
     missing = sorted({c.adapter for c in cells if (c.adapter, quant.REFERENCE) not in by_key})
     if missing:
@@ -118,27 +142,73 @@ def judge(cells: list[Figures], budgets: BudgetSpec, control: str = "base") -> d
             f"no {quant.REFERENCE} cell for {', '.join(missing)}: accuracy is judged against the "
             f"same adapter at {quant.REFERENCE}; add {quant.REFERENCE} to the spec's quant list"
         )
-    verdicts = {}
-    for fig in cells:
-        if fig.status != "done":
-            verdicts[fig.cell] = Verdict(fig.cell, "broken", [fig.error or fig.status])
-            continue
-        slow = slow_reasons(fig, budgets)
-        stupid = stupid_reasons(fig, by_key[(fig.adapter, quant.REFERENCE)], budgets)
-        label = "+".join(name for name, hit in (("slow", slow), ("stupid", stupid)) if hit)
-        verdict = Verdict(fig.cell, label or "ok", slow + stupid)
-        base = by_key.get((control, fig.quant))
-        if fig.adapter != control and base is not None and base.status == "done":
-            verdict.notes += [
-                _versus(fig, base, task) for task in sorted(fig.accuracy) if task in base.accuracy
-            ]
-        verdicts[fig.cell] = verdict
-    return verdicts
+    return {
+        fig.cell: _judge_cell(
+            fig,
+            by_key.get((fig.adapter, quant.REFERENCE)),
+            references,
+            tasks if tasks is not None else sorted(fig.accuracy),
+            set(guard),
+            budgets,
+            control,
+        )
+        for fig in cells
+    }
 
 
-def _versus(fig: Figures, base: Figures, task: str) -> str:
-    _, _, p = mcnemar(base.items.get(task, {}), fig.items.get(task, {}))
-    return (
-        f"{task}: tuned {fig.accuracy[task]:.2f} vs untuned {base.accuracy[task]:.2f} "
-        f"at {fig.quant} (McNemar p={p:.3g})"
-    )
+def _judge_cell(
+    fig: Figures,
+    f16: Figures | None,
+    references: dict[str, Scores],
+    tasks: list[str],
+    guard: set[str],
+    budgets: BudgetSpec,
+    control: str,
+) -> Verdict:
+    if fig.status != "done":
+        label = f"broken ({fig.broken})" if fig.broken else "broken"
+        return Verdict(fig.cell, label, [fig.error or fig.status])
+    links = chain_links(fig, f16, references, tasks, guard, budgets, control) if tasks else []
+    verdict = Verdict(fig.cell, "", links=links, chain=_chain(fig, f16, references, control))
+    slow, unmeasured = slow_reasons(fig, budgets)
+    stupid = [link.why for link in links if link.state == "lost"]
+    unjudged = unmeasured + [link.why for link in links if link.state == "unjudged"]
+    if fig.evaluated and not tasks:
+        unjudged.append("no task was scored")
+    steps = verdict.steps_lost
+    if budgets.kld_max is not None and fig.quant != quant.REFERENCE:
+        if fig.kld_mean is None:
+            unjudged.append(f"KLD from {quant.REFERENCE} not measured (budget {budgets.kld_max:g})")
+        elif fig.kld_mean > budgets.kld_max:
+            stupid.append(f"KLD {fig.kld_mean:.3g} > {budgets.kld_max:g} from {quant.REFERENCE}")
+            steps += [] if "quantization" in steps else ["quantization"]
+    parts = []
+    if slow:
+        parts.append("slow")
+    if stupid:
+        parts.append(f"stupid ({', '.join(steps)})")
+    elif unjudged:
+        parts.append("unjudged")
+    verdict.verdict = "+".join(parts) or "ok"
+    verdict.reasons = slow + stupid + ([] if stupid else unjudged)
+    verdict.notes = [link.why for link in links if link.state in ("held", "n/a")]
+    if fig.tuning_kld is not None:
+        verdict.notes.append(
+            f"training moved the F16 by KLD {fig.tuning_kld:.3g} on the drift text"
+        )
+    return verdict
+
+
+def _chain(
+    fig: Figures, f16: Figures | None, references: dict[str, Scores], control: str
+) -> dict[str, float]:
+    """The accuracies along the cell's chain, as MLflow metrics."""
+    out: dict[str, float] = {}
+    named = [("hf_base", references.get(control))]
+    if fig.adapter != control:
+        named.append(("hf_tuned", references.get(fig.adapter)))
+    named.append(("f16", f16.scores() if f16 is not None and f16.status == "done" else None))
+    for name, scores in named:
+        if scores is not None and not scores.error:
+            out |= {f"chain_{name}_{task}": acc for task, acc in scores.accuracy.items()}
+    return out
