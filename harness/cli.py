@@ -192,7 +192,7 @@ def run(
     )
     with RichReporter(console, total) as reporter:
         summary = pipeline.run(loaded, spec, the_store, reporter, fail_fast)
-    console.print(summary_table(summary, pipeline._primary_task(loaded)))
+    console.print(summary_table(summary, pipeline.primary_task(loaded)))
     if times:
         console.print(times_table(summary))
     work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in pipeline.STAGES)

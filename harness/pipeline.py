@@ -1,15 +1,20 @@
 """The chain of stages, the only place that knows their order.
 
     resolve -> train -> merge -> convert (F16) -> quantize       builds the cell's GGUF
-            -> check -> evaluate -> bench                         on the served model
+            -> reference_base, reference                          the HF models scored in PyTorch
+            -> check -> evaluate -> settle -> bench               on the served model
             -> drift_base (F16, once per adapter) -> drift        llama-perplexity, offline
+            -> drift_tuning                                       tuned F16 vs untuned F16
 
 `plan()` expands a spec into cells (one per LoRA config x quant level, plus
 the untuned base at every level) whose stage calls share keys wherever their
 inputs agree, so N adapters x M levels train N adapters and convert N models.
-`run()` executes every cell, reusing what the store already holds, and logs
-every cell to MLflow, cached or not. A cell whose stage fails is recorded as
-failed with its reason; the other cells go on.
+A cell's `calls` map a role to a stage call; a role is the stage's name except
+where one stage serves twice (`reference_base` and `drift_tuning` run the
+reference and drift stages on the untuned side of the training link). `run()`
+executes every cell, reusing what the store already holds, and logs every cell
+to MLflow, cached or not. A cell whose stage fails is recorded as failed with its
+reason; the other cells go on. A failed reference leaves the cell unjudged, not failed.
 """
 
 from __future__ import annotations
@@ -24,15 +29,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness import backends, host, quant, sources, toolchain
+from harness import backends, host, keys, quant, sources, toolchain
 from harness.errors import ForgebenchError, StageError
 from harness.spec import LoraSpec, Spec
 from harness.store import StageCall, Store, sha256_file
 
 BUILD = ("resolve", "train", "merge", "convert", "quantize")
-SERVED = ("check", "evaluate", "bench")
+REFERENCES = ("reference_base", "reference")
+"""PyTorch scores of the untuned base and of the cell's own HF model: the chain's start."""
+SERVED = ("check", "evaluate", "settle", "bench")
 """Stages that need the cell's model deployed on a backend."""
-STAGES = (*BUILD, *SERVED, "drift_base", "drift")
+STAGES = (*BUILD, *REFERENCES, *SERVED, "drift_base", "drift", "drift_tuning")
+ADVISORY = (*REFERENCES, "drift_tuning")
+"""Roles whose failure leaves the cell unjudged (or a note missing), not failed."""
 CONTROL = "base"
 """The adapter name of the control cells, which run the untuned base."""
 
@@ -69,53 +78,112 @@ def _versions(*packages: str) -> dict[str, str]:
 
 
 def plan(spec: Spec) -> list[Cell]:
-    """Expand a spec into its cells without running or importing anything heavy."""
+    """Expand a spec into its cells without running or importing anything heavy.
+
+    Within an adapter the F16 cell comes first: the other levels are judged, and their
+    contested items settled, against it."""
     base = spec.base.model_dump(mode="json")
     resolve = StageCall(
         "resolve",
         {"base": {**base, **sources.identity(base)}},
-        versions=_versions("transformers", "gguf"),
+        versions=_versions("transformers", "gguf") | keys.versions("resolve"),
     )
-    llama_cpp = {"llama.cpp": toolchain.revision()}
     data = _data_identity(spec)
     backend = backends.resolve_name(spec.serve.backend) if set(SERVED) & set(spec.measure) else ""
     adapters: list[LoraSpec | None] = ([None] if spec.control else []) + list(spec.lora)
+    levels = sorted(spec.quant, key=lambda level: level != quant.REFERENCE)
+    trust = spec.base.trust_remote_code
+    base_f16 = StageCall(
+        "convert", {"outtype": quant.REFERENCE}, {"model": resolve}, keys.versions("convert")
+    )
+    base_reference = _reference(spec, resolve)
     cells = []
     for lora in adapters:
         calls: dict[str, StageCall] = {"resolve": resolve}
         model = resolve
         if lora is not None:
-            trust = spec.base.trust_remote_code
             calls["train"] = StageCall(
                 "train",
                 {
                     "lora": lora.settings(),
-                    "train": spec.train.model_dump(mode="json", exclude={"checkpoint_every"}),
+                    "train": {
+                        **spec.train.model_dump(mode="json", exclude={"checkpoint_every"}),
+                        "precision": keys.resolved_precision(spec.train.precision),
+                    },
                     "data": data,
                     "trust_remote_code": trust,
                 },
                 {"base": resolve},
-                _versions("torch", "transformers", "peft"),
+                _versions("torch", "transformers", "peft") | keys.versions("train"),
                 runtime={"checkpoint_every": spec.train.checkpoint_every},
             )
             model = calls["merge"] = StageCall(
                 "merge",
                 {"trust_remote_code": trust},
                 {"base": resolve, "adapter": calls["train"]},
-                _versions("torch", "transformers", "peft"),
+                _versions("torch", "transformers", "peft") | keys.versions("merge"),
             )
-        f16 = calls["convert"] = StageCall(
-            "convert", {"outtype": quant.REFERENCE}, {"model": model}, llama_cpp
+        f16 = calls["convert"] = (
+            StageCall(
+                "convert", {"outtype": quant.REFERENCE}, {"model": model}, keys.versions("convert")
+            )
+            if lora is not None
+            else base_f16
         )
-        for level in spec.quant:
+        references = {}
+        if base_reference is not None:
+            if lora is not None:
+                references["reference_base"] = base_reference
+            references["reference"] = _reference(spec, model)
+        f16_settle = None
+        for level in levels:
             cell_calls = dict(calls)
             if level != quant.REFERENCE:
                 cell_calls["quantize"] = StageCall(
-                    "quantize", {"level": level}, {"gguf": f16}, llama_cpp
+                    "quantize", {"level": level}, {"gguf": f16}, keys.versions("quantize")
                 )
-            cell_calls |= _measurements(spec, cell_calls, model, f16, backend, llama_cpp)
-            cells.append(Cell(lora, level, cell_calls, backend))
+            cell_calls |= references
+            judge_by = references.get("reference") if level == quant.REFERENCE else f16_settle
+            measured = _measurements(spec, cell_calls, model, f16, backend, judge_by)
+            if level == quant.REFERENCE:
+                f16_settle = measured.get("settle")
+                if lora is not None and "drift" in spec.measure:
+                    measured["drift_tuning"] = _tuning_drift(spec, f16, base_f16)
+            cells.append(Cell(lora, level, cell_calls | measured, backend))
     return cells
+
+
+def _reference(spec: Spec, model: StageCall) -> StageCall | None:
+    """The PyTorch score of an HF model folder, on the items the served cells are scored on."""
+    if "evaluate" not in spec.measure:
+        return None
+    template = spec.serve.chat_template
+    tasks = spec.evaluate.all_tasks
+    return StageCall(
+        "reference",
+        {
+            "evaluate": _evaluate_identity(spec),
+            "data": _data_identity(spec),
+            "system": spec.serve.system,
+            "chat_template": template.read_text() if template else None,
+            "trust_remote_code": spec.base.trust_remote_code,
+            "dtype": "bf16" if keys.gpu_visible() else "fp32",
+        },
+        {"model": model},
+        _versions("torch", "transformers", "lm-eval") | keys.versions("reference", tasks=tasks),
+    )
+
+
+def _tuning_drift(spec: Spec, f16: StageCall, base_f16: StageCall) -> StageCall:
+    """How far training moved the model on general text: the tuned F16 against the
+    untuned F16, as drift measures a level against its F16."""
+    drift = spec.drift.model_dump(mode="json")
+    untuned = StageCall(
+        "drift_base", {"drift": drift}, {"gguf": base_f16}, keys.versions("drift_base")
+    )
+    return StageCall(
+        "drift", {"drift": drift}, {"gguf": f16, "reference": untuned}, keys.versions("drift")
+    )
 
 
 def _measurements(
@@ -124,9 +192,10 @@ def _measurements(
     model: StageCall,
     f16: StageCall,
     backend: str,
-    llama_cpp: dict[str, str],
+    judge_by: StageCall | None = None,
 ) -> dict[str, StageCall]:
-    """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served."""
+    """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served.
+    `judge_by` holds the rows the cell's contested items are settled against."""
     gguf = calls.get("quantize") or f16
     # keep decides what happens after measuring, not what is measured
     served = {"serve": spec.serve.model_dump(mode="json", exclude={"keep"}), "backend": backend}
@@ -144,34 +213,48 @@ def _measurements(
             "check",
             {**served, "probe": check.CONVERSATION, "max_tokens": check.MAX_TOKENS},
             {"gguf": gguf, "model": model},
-            llama_cpp,
+            keys.versions("check", backend),
         )
     if "evaluate" in spec.measure:
+        scoring = {**served, "evaluate": _evaluate_identity(spec), "data": _data_identity(spec)}
+        tasks = spec.evaluate.all_tasks
         out["evaluate"] = StageCall(
             "evaluate",
-            {**served, "evaluate": _evaluate_identity(spec), "data": _data_identity(spec)},
+            scoring,
             {"gguf": gguf, "model": model},
-            {**llama_cpp, **_versions("lm-eval")},
+            _versions("lm-eval") | keys.versions("evaluate", backend, tasks),
         )
+        if judge_by is not None:
+            out["settle"] = StageCall(
+                "settle",
+                scoring,
+                {"gguf": gguf, "model": model, "evaluate": out["evaluate"], "reference": judge_by},
+                _versions("lm-eval") | keys.versions("settle", backend, tasks),
+            )
     if "bench" in spec.measure:
         out["bench"] = StageCall(
             "bench",
             {**served, "bench": spec.bench.model_dump(mode="json"), "machine": host.machine()},
             {"gguf": gguf, "model": model},
-            llama_cpp,
+            keys.versions("bench", backend),
         )
     if "drift" in spec.measure and gguf is not f16:
         drift = spec.drift.model_dump(mode="json")
-        out["drift_base"] = StageCall("drift_base", {"drift": drift}, {"gguf": f16}, llama_cpp)
+        out["drift_base"] = StageCall(
+            "drift_base", {"drift": drift}, {"gguf": f16}, keys.versions("drift_base")
+        )
         out["drift"] = StageCall(
-            "drift", {"drift": drift}, {"gguf": gguf, "reference": out["drift_base"]}, llama_cpp
+            "drift",
+            {"drift": drift},
+            {"gguf": gguf, "reference": out["drift_base"]},
+            keys.versions("drift"),
         )
     return out
 
 
 def _evaluate_identity(spec: Spec) -> dict[str, Any]:
     evaluate = spec.evaluate.model_dump(mode="json")
-    for task in spec.evaluate.tasks:
+    for task in spec.evaluate.all_tasks:
         if not isinstance(task, str):
             if not task.path.is_file():
                 raise ForgebenchError(f"evaluate.tasks: {task.name}: file not found: {task.path}")
@@ -252,7 +335,7 @@ class RunSummary:
 def run(
     spec: Spec, spec_path: Path, store: Store, reporter: Reporter, fail_fast: bool = False
 ) -> RunSummary:
-    from harness import tracking
+    from harness import evidence, tracking
 
     cells = plan(spec)
     outcomes: dict[str, Outcome] = {}
@@ -281,64 +364,18 @@ def run(
             experiment.parent_id,
             str(store.root),
         )
-        summary.verdicts, summary.verdict_error = _verdicts(
+        summary.verdicts, summary.verdict_error = evidence.verdicts(
             spec, cells[: len(results)], results, store
         )
-        experiment.tag_verdicts(summary.verdicts, _primary_task(spec))
+        experiment.tag_verdicts(summary.verdicts, primary_task(spec))
         experiment.finish(summary)
     return summary
 
 
-def _primary_task(spec: Spec) -> str | None:
-    if "evaluate" not in spec.measure or not spec.evaluate.tasks:
-        return None
-    first = spec.evaluate.tasks[0]
-    return first if isinstance(first, str) else first.name
+def primary_task(spec: Spec) -> str | None:
+    from harness import evidence
 
-
-def _verdicts(
-    spec: Spec, cells: list[Cell], results: list[CellResult], store: Store
-) -> tuple[dict[str, Any], str | None]:
-    """Judge every cell; a spec that cannot be judged (no F16 cell) says why instead."""
-    from harness import verdict
-
-    figures = []
-    for cell, result in zip(cells, results, strict=True):
-        metrics = {k: v for o in result.stages.values() for k, v in o.metrics.items()}
-        fig = verdict.Figures(
-            cell.name,
-            cell.adapter,
-            cell.quant,
-            status=result.status,
-            error=result.error,
-            decode_tps=metrics.get("decode_tps_p50"),
-            ttft_ms_p95=metrics.get("ttft_ms_p95"),
-            memory_mb=metrics.get("memory_mb"),
-            kld_mean=metrics.get("kld_mean"),
-        )
-        evaluate = result.stages.get("evaluate")
-        if evaluate is not None and not evaluate.error:
-            folder = store.path(cell.calls["evaluate"])
-            for task in _task_names(spec):
-                if f"accuracy_{task}" in metrics:
-                    fig.accuracy[task] = metrics[f"accuracy_{task}"]
-                    fig.items[task] = _paired_items(folder / f"samples_{task}.jsonl")
-        figures.append(fig)
-    try:
-        return verdict.judge(figures, spec.budgets), None
-    except ForgebenchError as exc:
-        return {}, str(exc)
-
-
-def _task_names(spec: Spec) -> list[str]:
-    return [t if isinstance(t, str) else t.name for t in spec.evaluate.tasks]
-
-
-def _paired_items(samples: Path) -> dict[str, bool]:
-    if not samples.is_file():
-        return {}
-    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
-    return {str(r["doc_id"]): bool(r["correct"]) for r in rows}
+    return evidence.primary_task(spec)
 
 
 class Served:
@@ -407,24 +444,32 @@ def _run_cell(
     executed: Counter,
     served: Served,
 ) -> CellResult:
-    """Run a cell's stages in order; a build failure ends the cell, a failed template
-    check makes it "broken" (not scored), a failed measurement marks it failed."""
+    """Run a cell's stages in order; a build failure ends the cell, a check that fails or
+    errors makes it "broken" or failed and ends its served stages (nothing is scored on a
+    model that is not a working chat model), a failed measurement marks it failed, and a
+    failed reference only leaves it to be judged "unjudged"."""
     stages: dict[str, Outcome] = {}
     status, error = "done", None
-    for stage, call in cell.calls.items():
-        if stage in SERVED and status == "broken":
+    for role, call in cell.calls.items():
+        if role in SERVED and status != "done":
             continue
         if call.key not in outcomes:
-            reporter.stage_started(cell, stage, store.has(call))
-            extra = {"served": served} if stage in SERVED else {}
-            outcomes[call.key] = _execute(call, store, reporter, executed, **extra)
-            reporter.stage_finished(cell, stage, outcomes[call.key])
-        outcome = stages[stage] = outcomes[call.key]
-        if outcome.error:
-            status, error = "failed", f"{stage}: {outcome.error}"
-            if stage in BUILD:
+            missing = _inputs(call, store, reporter, outcomes, executed)
+            if missing:
+                if role == "settle":  # its reference cell failed: nothing to settle against
+                    continue
+                outcomes[call.key] = Outcome(call.key, False, 0.0, error=missing)
+            else:
+                reporter.stage_started(cell, role, store.has(call))
+                extra = {"served": served} if role in SERVED else {}
+                outcomes[call.key] = _execute(call, store, reporter, executed, **extra)
+                reporter.stage_finished(cell, role, outcomes[call.key])
+        outcome = stages[role] = outcomes[call.key]
+        if outcome.error and role not in ADVISORY:
+            status, error = "failed", f"{role}: {outcome.error}"
+            if role in BUILD:
                 return CellResult(cell.name, cell.adapter, cell.quant, status, stages, error=error)
-        elif stage == "check" and not outcome.metrics.get("check_ok"):
+        elif role == "check" and not outcome.metrics.get("check_ok"):
             status, error = "broken", f"check: {outcome.metrics.get('check_reasons')}"
     gguf = store.path(cell.gguf) / "model.gguf"
     return CellResult(
@@ -437,6 +482,33 @@ def _run_cell(
         gguf_bytes=gguf.stat().st_size,
         error=error,
     )
+
+
+def _inputs(
+    call: StageCall,
+    store: Store,
+    reporter: Reporter,
+    outcomes: dict[str, Outcome],
+    executed: Counter,
+) -> str | None:
+    """Build what `call` reads that is not in the store yet (a cell may read another
+    cell's output: drift_tuning the untuned F16's logits); why not, when it cannot be had.
+    Served outputs of other cells are never built here: they need that cell's model."""
+    for dep in call.inputs.values():
+        if store.has(dep):
+            continue
+        if dep.key in outcomes:
+            if outcomes[dep.key].error:
+                return f"its input {dep.stage} failed: {outcomes[dep.key].error}"
+            continue
+        if dep.stage in SERVED:
+            return f"its input {dep.stage} ({dep.key}) has not been measured"
+        if missing := _inputs(dep, store, reporter, outcomes, executed):
+            return missing
+        outcomes[dep.key] = _execute(dep, store, reporter, executed)
+        if outcomes[dep.key].error:
+            return f"its input {dep.stage} failed: {outcomes[dep.key].error}"
+    return None
 
 
 def _execute(
@@ -489,20 +561,29 @@ def _cached_outcome(call: StageCall, store: Store) -> Outcome:
 
 
 def _artifacts(store: Store, cell: Cell, result: CellResult) -> list[tuple[str, Path]]:
-    """Files worth keeping beside a cell's run: per-item samples (for paired comparisons
-    later), the chat check's exchange, the Modelfile a user can `ollama create -f`."""
+    """Files worth keeping beside a cell's run: per-item samples (the settled ones where
+    contested items were re-scored, for paired comparisons later), the PyTorch
+    reference's samples, the chat check's exchange and export parity diff, the Modelfile
+    a user can `ollama create -f`."""
+    samples = "settle" if _ok(result, "settle") else "evaluate"
     wanted = [
-        ("evaluate", "samples", "samples_*.jsonl"),
+        (samples, "samples", "samples_*.jsonl"),
+        ("reference", "samples_hf", "samples_*.jsonl"),
         ("check", "serve", "verdict.json"),
+        ("check", "serve", "parity_diff.txt"),
         ("check", "serve", "Modelfile"),
         ("bench", "bench", "requests.jsonl"),
     ]
     out = []
     for stage, folder, pattern in wanted:
-        outcome = result.stages.get(stage)
-        if outcome is not None and not outcome.error:
+        if _ok(result, stage):
             out += [(folder, path) for path in sorted(store.path(cell.calls[stage]).glob(pattern))]
     return out
+
+
+def _ok(result: CellResult, stage: str) -> bool:
+    outcome = result.stages.get(stage)
+    return outcome is not None and not outcome.error
 
 
 def _lineage(store: Store, cell: Cell) -> dict[str, Any]:

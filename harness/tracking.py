@@ -163,22 +163,17 @@ class Experiment:
             "forgebench.lineage", {k: v for k, v in lineage.items() if k != "llama_cpp"}
         )
         now = int(time.time() * 1000)
-        metrics: list[Metric] = []
+        values = stage_metrics(result)
         for stage, outcome in result.stages.items():
             tags[f"forgebench.key.{stage}"] = outcome.key
             tags[f"forgebench.cached.{stage}"] = str(outcome.cached).lower()
-            metrics.append(Metric(f"time_{stage}_s", round(outcome.seconds, 3), now, 0))
-            metrics += [
-                Metric(k, float(v), now, 0)
-                for k, v in outcome.metrics.items()
-                if isinstance(v, int | float)
-            ]
         if result.deployed:
             tags["forgebench.deployed"] = result.deployed
         if result.gguf_bytes is not None:
             tags["forgebench.gguf"] = result.gguf or ""
-            metrics.append(Metric("gguf_bytes", float(result.gguf_bytes), now, 0))
-            metrics.append(Metric("gguf_mb", round(result.gguf_bytes / 2**20, 2), now, 0))
+            values["gguf_bytes"] = float(result.gguf_bytes)
+            values["gguf_mb"] = round(result.gguf_bytes / 2**20, 2)
+        metrics = [Metric(k, v, now, 0) for k, v in values.items()]
         if result.error:
             tags["forgebench.error"] = result.error[:5000]
         metrics += [Metric("train_loss", loss, now, step) for step, loss in result_curve(result)]
@@ -198,17 +193,38 @@ class Experiment:
         return run_id
 
     def tag_verdicts(self, verdicts: dict[str, Any], primary_task: str | None) -> None:
-        """Verdicts need every cell (a cell is judged against its F16), so they come last."""
+        """Verdicts need every cell (a cell is judged against its F16 and the HF models its
+        chain starts from), so they come last, with the chain's figures as metrics."""
+        from mlflow.entities import Metric, RunTag
+
+        from harness import evals
+
+        now = int(time.time() * 1000)
+        common = {"forgebench.machine": host.machine()}
+        if primary_task:
+            common["forgebench.primary_task"] = primary_task
+        if guard := [t if isinstance(t, str) else t.name for t in self.spec.evaluate.guard]:
+            common["forgebench.guard_tasks"] = ",".join(guard)
+        for task in self.spec.evaluate.all_tasks:
+            name, scorer = evals.scorer_of(task)
+            common[f"forgebench.scorer.{name}"] = scorer
         for run_id, cell in self.cells.items():
-            tags = {"forgebench.machine": host.machine()}
-            if primary_task:
-                tags["forgebench.primary_task"] = primary_task
+            tags, metrics = dict(common), {}
             if cell in verdicts:
-                tags["forgebench.verdict"] = verdicts[cell].verdict
-                tags["forgebench.verdict_reasons"] = "; ".join(verdicts[cell].reasons)[:5000]
-                tags["forgebench.verdict_notes"] = "; ".join(verdicts[cell].notes)[:5000]
-            for key, value in tags.items():
-                self.client.set_tag(run_id, key, value)
+                judged = verdicts[cell]
+                tags["forgebench.verdict"] = judged.verdict
+                tags["forgebench.verdict_reasons"] = "; ".join(judged.reasons)[:5000]
+                tags["forgebench.verdict_notes"] = "; ".join(judged.notes)[:5000]
+                steps = dict.fromkeys(link.step for link in judged.links if link.state == "lost")
+                tags["forgebench.steps_lost"] = ",".join(steps)
+                metrics = dict(judged.chain)
+                for link in judged.links:
+                    metrics |= link.metrics()
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                tags=[RunTag(k, str(v)) for k, v in tags.items()],
+            )
 
     def finish(self, summary: RunSummary) -> None:
         record = {
@@ -222,6 +238,26 @@ class Experiment:
             self.client.log_artifact(self.parent_id, str(path))
         self.client.set_tag(self.parent_id, "forgebench.failed_cells", str(len(summary.failed)))
         self.client.set_terminated(self.parent_id, "FAILED" if summary.failed else "FINISHED")
+
+
+RENAMED = {"reference": "hf", "reference_base": "hf_base", "drift_tuning": "tuning"}
+"""Roles whose stage also serves another role: their figures are logged under a prefix
+(`hf.accuracy_arithmetic`, `tuning.kld_mean`), so they never overwrite the cell's own."""
+
+
+def stage_metrics(result: CellResult) -> dict[str, float]:
+    """A cell's numeric figures, one value per name: where two stages report a name, the
+    later in the chain wins (settle's re-scored accuracy over evaluate's batched one)."""
+    out: dict[str, float] = {}
+    for role, outcome in result.stages.items():
+        out[f"time_{role}_s"] = round(outcome.seconds, 3)
+        prefix = f"{RENAMED[role]}." if role in RENAMED else ""
+        out |= {
+            prefix + k: float(v)
+            for k, v in outcome.metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+    return out
 
 
 def result_curve(result: CellResult) -> list[tuple[int, float]]:

@@ -355,40 +355,31 @@ def test_the_same_spec_in_another_folder_has_the_same_keys(tmp_path):
     assert {k: c.key for k, c in here.items()} == {k: c.key for k, c in there.items()}
     (tmp_path / "b" / "qa.jsonl").write_text('{"question": "2+3", "answer": "5"}\n')
     edited = planned(tmp_path / "b" / "spec.yaml")
-    changed = {stage for (_, stage), call in edited.items() if call.key != here[_, stage].key}
-    assert "evaluate" in changed  # and any other stage that scores the tasks
-    assert not changed & {*pipeline.BUILD, "check", "bench", "drift_base", "drift"}
+    changed = {call.stage for k, call in edited.items() if call.key != here[k].key}
+    assert changed == {"reference", "evaluate", "settle"}  # the stages that score the tasks
 
 
-WIRED = pytest.mark.xfail(strict=True, reason="wired by the lead")
-
-
-@WIRED
 def test_plan_keys_carry_each_stage_version(tmp_path):
-    for (_, stage), call in planned(spec_folder(tmp_path)).items():
-        assert (
-            call.versions[f"forgebench.{stage}"] == keys.stage_version(stage)[f"forgebench.{stage}"]
-        )
+    for call in planned(spec_folder(tmp_path)).values():
+        name = f"forgebench.{call.stage}"
+        assert call.versions[name] == keys.stage_version(call.stage)[name]
 
 
-@WIRED
 def test_plan_keys_cover_the_evals_files_read(tmp_path, evals_copy):
     folder = evals_copy(tmp_path / "evals")
     path = spec_folder(tmp_path / "spec")
     before = planned(path)
     (folder / "bench_prompts.jsonl").write_text('{"messages": []}\n')
     after = planned(path)
-    changed = {stage for (_, stage), call in after.items() if call.key != before[_, stage].key}
+    changed = {call.stage for k, call in after.items() if call.key != before[k].key}
     assert changed == {"bench"}
 
 
-@WIRED
 def test_plan_trains_at_the_resolved_precision(tmp_path):
     train = next(c for (_, s), c in planned(spec_folder(tmp_path)).items() if s == "train")
     assert train.settings["train"]["precision"] == keys.resolved_precision("auto")
 
 
-@WIRED
 def test_plan_keys_name_own_llama_cpp_programs(tmp_path, own_tools):
     calls = planned(spec_folder(tmp_path / "spec"))
     bench_call = next(c for (_, s), c in calls.items() if s == "bench")

@@ -105,11 +105,13 @@ def test_plan_json_lists_every_cell_and_stage(tmp_path):
         "merge": 2,
         "convert": 3,
         "quantize": 9,
+        "reference": 3,  # the untuned base and each tuned model, in PyTorch
         "check": 12,
         "evaluate": 12,
+        "settle": 12,
         "bench": 12,
         "drift_base": 3,
-        "drift": 9,
+        "drift": 11,  # 9 levels against their F16, 2 tuned F16s against the untuned one
     }
     tuned = next(c for c in plan["cells"] if c["cell"] == "r8-qv-q4_k_m")
     assert list(tuned["stages"]) == [
@@ -118,12 +120,17 @@ def test_plan_json_lists_every_cell_and_stage(tmp_path):
         "merge",
         "convert",
         "quantize",
+        "reference_base",
+        "reference",
         "check",
         "evaluate",
+        "settle",
         "bench",
         "drift_base",
         "drift",
     ]
+    f16 = next(c for c in plan["cells"] if c["cell"] == "r8-qv-f16")
+    assert "drift_tuning" in f16["stages"] and "drift" not in f16["stages"]
     assert not any(s["cached"] for s in tuned["stages"].values())
 
 

@@ -92,7 +92,7 @@ def sample_rows(samples: list[dict[str, Any]], primary: str | None) -> list[dict
         main = filters[primary or next(iter(filters))]
         row = {
             "doc_id": doc_id,
-            "prompt": json.loads(main["arguments"][0][0][0]),
+            "prompt": _prompt(main["arguments"][0][0]),
             "response": main["resps"][0][0],
             "target": main["target"],
             "extracted": main["filtered_resps"][0],
@@ -108,6 +108,12 @@ def sample_rows(samples: list[dict[str, Any]], primary: str | None) -> list[dict
             }
         rows.append(row)
     return rows
+
+
+def _prompt(context: Any) -> Any:
+    """The request as sent: chat messages for an API model (lm-eval logs its JSON string
+    wrapped in a one-field tuple), the rendered text for an in-process one."""
+    return context if isinstance(context, str) else json.loads(context[0])
 
 
 def task_metrics(
@@ -138,31 +144,33 @@ def write_samples(rows: list[dict[str, Any]], path: Path) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def evaluate(
-    deployment_openai_base_url: str,
-    model_name: str,
+def score(
+    model: Any,
     tasks: list[EvalTask],
     limit: int | None,
-    concurrency: int,
     out: Path,
+    model_args: dict[str, Any] | None = None,
     system: str | None = None,
-) -> dict[str, float]:
-    """Score `tasks` on a served model; metrics per task and filter, samples into `out`.
+    only: dict[str, list[int]] | None = None,
+) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+    """Score `tasks` with an lm-eval model (a registry name with `model_args`, or an `LM`);
+    metrics per task and filter, and one row per item, also written to `out`.
 
     All tasks go through one `simple_evaluate` call: each call also collects torch's
     environment report (seconds of subprocesses), which per task would weigh on the
-    items/s of a small eval. `system` is the deployment's system prompt: the OpenAI
-    endpoint does not add it, so it is sent the way the backend's own chat requests do.
+    items/s of a small eval. `system` is the system prompt, sent as a chat message the way
+    the backends' own chat requests send it. `only` restricts a task to some doc ids.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     started = time.perf_counter()
     result = lm_eval.simple_evaluate(
-        model="local-chat-completions",
-        model_args=model_args(deployment_openai_base_url, model_name, concurrency),
+        model=model,
+        model_args=model_args,
         tasks=[str(task.config) for task in tasks],
-        limit=limit,
+        limit=None if only else limit,
+        samples={evals.lm_eval_name(name): ids for name, ids in only.items()} if only else None,
         apply_chat_template=True,
         system_instruction=system,
         log_samples=True,
@@ -170,14 +178,45 @@ def evaluate(
     )
     seconds = time.perf_counter() - started
     metrics: dict[str, float] = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:
         samples = result["samples"][task.lm_eval_name]
-        write_samples(sample_rows(samples, task.primary_filter), out / f"samples_{task.name}.jsonl")
+        rows[task.name] = sample_rows(samples, task.primary_filter)
+        write_samples(rows[task.name], out / f"samples_{task.name}.jsonl")
         metrics |= task_metrics(task, result["results"][task.lm_eval_name], samples)
     items = sum(metrics[f"{task.name}_items"] for task in tasks)
     metrics["eval_seconds"] = round(seconds, 3)
     metrics["eval_items_per_s"] = round(items / seconds, 4)
+    return metrics, rows
+
+
+def evaluate(
+    openai_base_url: str,
+    model_name: str,
+    tasks: list[EvalTask],
+    limit: int | None,
+    concurrency: int,
+    out: Path,
+    system: str | None = None,
+    only: dict[str, list[int]] | None = None,
+) -> dict[str, float]:
+    """Score `tasks` on a served model through its OpenAI endpoint, `concurrency` at a time."""
+    metrics, _ = score(
+        "local-chat-completions",
+        tasks,
+        limit,
+        out,
+        model_args(openai_base_url, model_name, concurrency),
+        system=system,
+        only=only,
+    )
     return metrics
+
+
+def scored_tasks(settings: dict[str, Any]) -> list:
+    """The spec's tasks and then its guard tasks, as the stage settings hold them."""
+    spec = settings["evaluate"]
+    return [*spec["tasks"], *spec.get("guard", [])]
 
 
 def run(
@@ -188,7 +227,7 @@ def run(
     survive this output folder's move into the store."""
     spec = settings["evaluate"]
     with tempfile.TemporaryDirectory(prefix="forgebench-eval-") as folder:
-        tasks = evals.prepare(spec["tasks"], settings["data"], Path(folder))
+        tasks = evals.prepare(scored_tasks(settings), settings["data"], Path(folder))
         served.deploy()
         progress(f"lm-eval: {', '.join(t.name for t in tasks)}", None)
         deployment = served.deployment
