@@ -81,7 +81,8 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
         evaluated=evaluated,
         decode_tps=metric("bench", "decode_tps_p5"),
         ttft_ms_p95=metric("bench", "ttft_ms_p95"),
-        memory_mb=metric("bench", "memory_mb"),
+        # llama-server's peak RSS; on Ollama, the size its /api/ps reports for the model
+        memory_mb=metric("bench", "memory_mb") or metric("bench", "ollama_ps_size_mb"),
         kld_mean=metric("drift", "kld_mean"),
         tuning_kld=metric("drift_tuning", "kld_mean"),
     )

@@ -1,0 +1,108 @@
+"""Repeatable verdicts: the quickstart measured twice from scratch gives the same verdicts.
+
+Batched scoring is not bit-repeatable (llama-server's K-quant kernels sum in another
+order depending on what shares the batch), so a cell on the significance boundary
+could flip between two runs. The settle stage re-scores, one request at a time, the
+items a cell and its reference disagree on, and the verdicts read the settled rows.
+This script shows whether that is enough: it runs the quickstart into two stores and
+diffs the verdicts, the batched responses and the settled correctness, item by item.
+
+By default the second store is seeded with the first one's builds (train, merge,
+convert, quantize and the PyTorch reference: deterministic, the adapters bit-identical
+across runs by their manifests' sha256), so every *measurement* runs twice; `--clean`
+trains again too (twice the time).
+
+    python benchmarks/repeatable.py [--clean] [--spec experiments/quickstart.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from rich.console import Console
+from rich.table import Table
+
+from harness import host, pipeline, spec
+from harness.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT = ("resolve", "train", "merge", "convert", "quantize", "reference")
+
+
+def run_once(loaded: spec.Spec, path: Path, store: Store, db: Path) -> pipeline.RunSummary:
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    return pipeline.run(loaded, path, store, pipeline.Quiet())
+
+
+def seed(source: Store, target: Store, cells: list[pipeline.Cell]) -> None:
+    """Copy the deterministic builds of `source` into `target`, so only measurements rerun."""
+    for call in {c.key: c for cell in cells for c in cell.calls.values()}.values():
+        if call.stage in BUILT and source.has(call):
+            shutil.copytree(source.path(call), target.path(call), dirs_exist_ok=True)
+
+
+def rows(store: Store, cell: pipeline.Cell, stage: str) -> dict[str, dict]:
+    out = {}
+    for path in sorted(store.path(cell.calls[stage]).glob("samples_*.jsonl")):
+        task = path.stem.removeprefix("samples_")
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            out[f"{task}/{row['doc_id']}"] = row
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, default=ROOT / "experiments" / "quickstart.yaml")
+    parser.add_argument("--clean", action="store_true", help="train again for the second run")
+    args = parser.parse_args()
+    loaded = spec.load(args.spec)
+    cells = pipeline.plan(loaded)
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="forgebench-repeat-") as tmp:
+        stores = [Store(Path(tmp) / f"store{i}") for i in (1, 2)]
+        summaries, seconds = [], []
+        for i, store in enumerate(stores):
+            if i == 1 and not args.clean:
+                seed(stores[0], store, cells)
+            started = time.perf_counter()
+            summaries.append(run_once(loaded, args.spec, store, Path(tmp) / f"mlflow{i}.db"))
+            seconds.append(time.perf_counter() - started)
+        table = Table(title=f"{loaded.name} measured twice ({host.machine()})")
+        for column in ("cell", "run 1", "run 2", "batched replies differ", "settled differ"):
+            table.add_column(column)
+        same, batched_total, settled_total = 0, 0, 0
+        for cell in cells:
+            first, second = (s.verdicts.get(cell.name) for s in summaries)
+            verdicts = [v.verdict if v else "-" for v in (first, second)]
+            same += verdicts[0] == verdicts[1]
+            batched = settled = 0
+            if "evaluate" in cell.calls and all(s.has(cell.calls["evaluate"]) for s in stores):
+                a, b = (rows(s, cell, "evaluate") for s in stores)
+                batched = sum(a[k]["response"] != b[k]["response"] for k in a.keys() & b.keys())
+            if "settle" in cell.calls and all(s.has(cell.calls["settle"]) for s in stores):
+                a, b = (rows(s, cell, "settle") for s in stores)
+                settled = sum(a[k]["correct"] != b[k]["correct"] for k in a.keys() & b.keys())
+            batched_total, settled_total = batched_total + batched, settled_total + settled
+            table.add_row(cell.name, *verdicts, str(batched), str(settled))
+        console.print(table)
+        console.print(
+            f"identical verdicts: {same} of {len(cells)} cells; batched replies that differ: "
+            f"{batched_total}; settled items whose correctness differs: {settled_total}; "
+            f"runs took {seconds[0]:.0f} s and {seconds[1]:.0f} s"
+        )
+        raise SystemExit(0 if same == len(cells) else 1)
+
+
+if __name__ == "__main__":
+    main()
