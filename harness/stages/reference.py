@@ -15,6 +15,8 @@ a 100-item task costs a few batched passes, not 100 sequential ones.
 
 from __future__ import annotations
 
+import functools
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,12 +47,16 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.bfloat16 if cuda else torch.float32, trust_remote_code=trust
     ).eval()
+    # HFLM warns that a model object (ours: fp32, our chat template) skips its own loading
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     lm = HFLM(
         pretrained=model.to("cuda" if cuda else "cpu"),
         tokenizer=tokenizer,
         batch_size=BATCH_SIZE,
         device="cuda" if cuda else "cpu",
     )
+    # its request bar ignores TQDM_DISABLE and would garble the run's own progress
+    lm.generate_until = functools.partial(lm.generate_until, disable_tqdm=True)
     with tempfile.TemporaryDirectory(prefix="forgebench-ref-") as tmp:
         tasks = evals.prepare(scored_tasks(settings), settings["data"], Path(tmp))
         progress(f"PyTorch reference: {', '.join(t.name for t in tasks)}", None)
