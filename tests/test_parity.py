@@ -1,7 +1,8 @@
 """Export parity: the prompt the server renders against the HF tokenizer's, byte for byte,
 and the GGUF's tokenizer metadata against the tokenizer, on SmolLM2-135M (bundled GGUF, its
 tokenizer read from it as forgebench reads a bundled base): healthy, with another EOS id
-written into a copy of the GGUF, and served with a template that is only slightly off."""
+written into a copy of the GGUF, and served with a template that is only slightly off; and
+once through the pipeline, to the cell's verdict and the diff in MLflow."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import MEASURE_SPEC
 from gguf import GGUFReader
+from mlflow.artifacts import download_artifacts
 from ollama_double import OllamaDouble
 from transformers import AutoTokenizer
 
@@ -285,3 +288,29 @@ def test_a_slightly_wrong_template_fails_on_template_with_the_diff(
     report = (tmp_path / "check" / check.DIFF_FILE).read_text()
     assert "\n-You are a helpful AI assistant named SmolLM, trained by" in report
     assert "\n+You are a helpful AI assistant named TinyLM, trained by" in report
+
+
+@pytest.mark.slow
+def test_the_pipeline_calls_a_slightly_wrong_template_broken_with_the_diff_in_mlflow(
+    e2e, jinja, tmp_path
+):
+    template = e2e.folder / "off.jinja"
+    template.write_text(slightly_off(jinja))
+    path = e2e.folder / "off-template.yaml"
+    uri = f"sqlite:///{e2e.folder / 'mlflow.db'}"
+    text = MEASURE_SPEC.format(template=f", chat_template: {template}", db=e2e.folder / "mlflow.db")
+    path.write_text(text.replace("[f16, q8_0, q4_k_m, q2_k]", "[f16]") + "measure: [check]\n")
+    summary = e2e.run(path)
+    assert [c.status for c in summary.cells] == ["broken", "broken"]
+    for cell in summary.cells:
+        assert summary.verdicts[cell.cell].verdict == "broken (template)"
+        assert cell.error.startswith("check: template: the server's prompt differs"), cell.error
+        diff = download_artifacts(
+            run_id=cell.run_id,
+            artifact_path=f"serve/{check.DIFF_FILE}",
+            tracking_uri=uri,
+            dst_path=str(tmp_path / cell.cell),
+        )
+        report = Path(diff).read_text()
+        assert report.startswith("export parity: FAILED")
+        assert "\n+You are a helpful AI assistant named TinyLM, trained by" in report
