@@ -195,7 +195,9 @@ def run(
     console.print(summary_table(summary, pipeline.primary_task(loaded)))
     if times:
         console.print(times_table(summary))
-    work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in pipeline.STAGES)
+    # by stage, not role: reference_base and drift_tuning run the reference and drift stages
+    stages = dict.fromkeys(call.stage for cell in cells for call in cell.calls.values())
+    work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in stages)
     console.print(f"work done: {work}", soft_wrap=True)
     console.print(
         f"results: [bold]{tracking.ui_command(summary.tracking_uri)}[/]"

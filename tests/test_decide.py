@@ -63,8 +63,13 @@ def test_report_markdown_matches_mlflow(report, e2e):
         "decode_tps.png",
         "training_loss.png",
         "tuned_vs_base.png",
+        "chain_main.png",  # where the quality went: untuned HF -> tuned HF -> F16 -> levels
+        "chain_base.png",
     ):
         assert f"![{name}]({name})" in md and (report / name).stat().st_size > 0
+    main = next(r for r in inv.rows if r.cell == "main-q8_0")
+    for link in ("chain_hf_base_arithmetic", "chain_hf_tuned_arithmetic", "chain_f16_arithmetic"):
+        assert link in main.metrics, link
 
 
 def test_report_html_renders_in_chromium(report, tmp_path):

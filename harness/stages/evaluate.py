@@ -16,6 +16,7 @@ compared item by item.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import tempfile
@@ -164,6 +165,9 @@ def score(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    # with no tokenizer lm-eval cannot name the EOS string and says so per request batch;
+    # the server stops at the model's own end-of-generation token regardless
+    logging.getLogger("lm_eval.models.api_models").setLevel(logging.ERROR)
     started = time.perf_counter()
     result = lm_eval.simple_evaluate(
         model=model,
