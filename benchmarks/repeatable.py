@@ -46,7 +46,7 @@ def run_once(loaded: spec.Spec, path: Path, store: Store, db: Path) -> pipeline.
 
 def seed(source: Store, target: Store, cells: list[pipeline.Cell]) -> None:
     """Copy the deterministic builds of `source` into `target`, so only measurements rerun."""
-    for call in {c.key: c for cell in cells for c in cell.calls.values()}.values():
+    for call in pipeline.unique_calls(cells).values():
         if call.stage in BUILT and source.has(call):
             shutil.copytree(source.path(call), target.path(call), dirs_exist_ok=True)
 

@@ -117,7 +117,7 @@ def plan(
         }
         for c in cells
     ]
-    unique = {call.key: call for c in cells for call in c.calls.values()}
+    unique = pipeline.unique_calls(cells)
     todo = Counter(call.stage for call in unique.values() if not the_store.has(call))
     if as_json:
         print(
@@ -186,7 +186,7 @@ def run(
                 else ""
             )
         )
-    total = len({call.key for c in cells for call in c.calls.values()})
+    total = len(pipeline.unique_calls(cells))
     console.print(
         f"[bold]{loaded.name}[/]: {len(cells)} cells, {total} stage calls, store {the_store.root}"
     )
@@ -196,7 +196,7 @@ def run(
     if times:
         console.print(times_table(summary))
     # by stage, not role: reference_base and drift_tuning run the reference and drift stages
-    stages = dict.fromkeys(call.stage for cell in cells for call in cell.calls.values())
+    stages = dict.fromkeys(call.stage for call in pipeline.unique_calls(cells).values())
     work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in stages)
     console.print(f"work done: {work}", soft_wrap=True)
     console.print(

@@ -153,6 +153,19 @@ def plan(spec: Spec) -> list[Cell]:
     return cells
 
 
+def unique_calls(cells: list[Cell]) -> dict[str, StageCall]:
+    """Every stage call the cells need, once by key, with the inputs no cell names as a role
+    (the untuned F16 and its logits that drift_tuning reads when control is off)."""
+    out: dict[str, StageCall] = {}
+    todo = [call for cell in cells for call in cell.calls.values()]
+    while todo:
+        call = todo.pop(0)
+        if call.key not in out:
+            out[call.key] = call
+            todo += call.inputs.values()
+    return out
+
+
 def _reference(spec: Spec, model: StageCall) -> StageCall | None:
     """The PyTorch score of an HF model folder, on the items the served cells are scored on."""
     if "evaluate" not in spec.measure:

@@ -240,7 +240,9 @@ OUTPUT_BYTES_PER_WEIGHT = {"resolve": 4.0, "merge": 4.0, "convert": BYTES_PER_WE
 
 def _disk_bytes(spec: Spec, shape: Shape, cells: list[Cell], store: Store) -> int:
     """The outputs still to build, by stage, from the parameter count."""
-    calls = {call.key: call for cell in cells for call in cell.calls.values()}
+    from harness.pipeline import unique_calls
+
+    calls = unique_calls(cells)
     total = 0.0
     for call in calls.values():
         if store.has(call):

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def quickstart() -> spec.Spec:
-    return spec.load(ROOT / "experiments" / "quickstart.yaml")
+    """The quickstart with its untuned control cells, so keys shared with them show."""
+    return spec.load(ROOT / "experiments" / "quickstart.yaml").model_copy(update={"control": True})
 
 
 def keys(s: spec.Spec) -> dict[tuple[str, str], str]:
