@@ -96,16 +96,21 @@ def slow_reasons(fig: Figures, budgets: BudgetSpec) -> tuple[list[str], list[str
     return missed, unmeasured
 
 
-def chain_links(
-    fig: Figures,
-    f16: Figures | None,
-    references: dict[str, Scores],
-    tasks: list[str],
-    guard: set[str],
-    budgets: BudgetSpec,
-    control: str,
-) -> list[Link]:
+@dataclass
+class Judging:
+    """What every cell is judged with: the HF references by adapter, the tasks, the guard
+    tasks among them, the budgets and the name of the untuned control adapter."""
+
+    references: dict[str, Scores]
+    tasks: list[str]
+    guard: set[str]
+    budgets: BudgetSpec
+    control: str = "base"
+
+
+def chain_links(fig: Figures, f16: Figures | None, ctx: Judging) -> list[Link]:
     """The links from the untuned base to this cell, on every task."""
+    references, budgets, control = ctx.references, ctx.budgets, ctx.control
     own_hf = references.get(fig.adapter) or Scores("tuned HF", error="not scored")
     base_hf = references.get(control) or Scores("untuned HF", error="not scored")
     f16_scores = f16.scores() if f16 is not None else Scores(quant.REFERENCE, error="no cell")
@@ -117,9 +122,9 @@ def chain_links(
         pairs.append(("quantization", f16_scores, fig.scores()))
     drop_max, alpha = budgets.accuracy_drop_max, budgets.significance
     return [
-        compare(step, task, ref, cand, drop_max, alpha, guard=task in guard)
+        compare(step, task, ref, cand, drop_max, alpha, guard=task in ctx.guard)
         for step, ref, cand in pairs
-        for task in tasks
+        for task in ctx.tasks
     ]
 
 
@@ -134,7 +139,6 @@ def judge(
     """One verdict per cell. `references` maps an adapter (and `control`) to its HF scores;
     `tasks` lists every scored task, `guard` those an adapter must not hurt. Raises when
     an adapter has no F16 cell to judge its levels against."""
-    references = references or {}
     by_key = {(c.adapter, c.quant): c for c in cells}
     missing = sorted({c.adapter for c in cells if (c.adapter, quant.REFERENCE) not in by_key})
     if missing:
@@ -142,34 +146,22 @@ def judge(
             f"no {quant.REFERENCE} cell for {', '.join(missing)}: accuracy is judged against the "
             f"same adapter at {quant.REFERENCE}; add {quant.REFERENCE} to the spec's quant list"
         )
-    return {
-        fig.cell: _judge_cell(
-            fig,
-            by_key.get((fig.adapter, quant.REFERENCE)),
-            references,
-            tasks if tasks is not None else sorted(fig.accuracy),
-            set(guard),
-            budgets,
-            control,
-        )
-        for fig in cells
-    }
+    verdicts = {}
+    for fig in cells:
+        scored = tasks if tasks is not None else sorted(fig.accuracy)
+        ctx = Judging(references or {}, scored, set(guard), budgets, control)
+        verdicts[fig.cell] = _judge_cell(fig, by_key.get((fig.adapter, quant.REFERENCE)), ctx)
+    return verdicts
 
 
-def _judge_cell(
-    fig: Figures,
-    f16: Figures | None,
-    references: dict[str, Scores],
-    tasks: list[str],
-    guard: set[str],
-    budgets: BudgetSpec,
-    control: str,
-) -> Verdict:
+def _judge_cell(fig: Figures, f16: Figures | None, ctx: Judging) -> Verdict:
     if fig.status != "done":
         label = f"broken ({fig.broken})" if fig.broken else "broken"
         return Verdict(fig.cell, label, [fig.error or fig.status])
-    links = chain_links(fig, f16, references, tasks, guard, budgets, control) if tasks else []
-    verdict = Verdict(fig.cell, "", links=links, chain=_chain(fig, f16, references, control))
+    budgets, tasks = ctx.budgets, ctx.tasks
+    links = chain_links(fig, f16, ctx) if tasks else []
+    chain = _chain(fig, f16, ctx.references, ctx.control)
+    verdict = Verdict(fig.cell, "", links=links, chain=chain)
     slow, unmeasured = slow_reasons(fig, budgets)
     stupid = [link.why for link in links if link.state == "lost"]
     unjudged = unmeasured + [link.why for link in links if link.state == "unjudged"]
