@@ -196,7 +196,8 @@ def run(
     if times:
         console.print(times_table(summary))
     # by stage, not role: reference_base and drift_tuning run the reference and drift stages
-    stages = dict.fromkeys(call.stage for call in pipeline.unique_calls(cells).values())
+    present = {call.stage for call in pipeline.unique_calls(cells).values()}
+    stages = [stage for stage in pipeline.STAGES if stage in present]
     work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in stages)
     console.print(f"work done: {work}", soft_wrap=True)
     console.print(
