@@ -10,9 +10,10 @@ diffs the verdicts, the batched responses and the settled correctness, item by i
 By default the second store is seeded with the first one's builds (train, merge,
 convert, quantize and the PyTorch reference: deterministic, the adapters bit-identical
 across runs by their manifests' sha256), so every *measurement* runs twice; `--clean`
-trains again too (twice the time).
+trains again too (twice the time). `--store` names the first run's store: a store the
+quickstart already ran into makes the first run a cached replay of that run.
 
-    python benchmarks/repeatable.py [--clean] [--spec experiments/quickstart.yaml]
+    python benchmarks/repeatable.py [--clean] [--store .forgebench/store] [--spec ...]
 """
 
 from __future__ import annotations
@@ -65,12 +66,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=ROOT / "experiments" / "quickstart.yaml")
     parser.add_argument("--clean", action="store_true", help="train again for the second run")
+    parser.add_argument("--store", type=Path, help="the first run's store (default: a new one)")
     args = parser.parse_args()
     loaded = spec.load(args.spec)
     cells = pipeline.plan(loaded)
     console = Console()
     with tempfile.TemporaryDirectory(prefix="forgebench-repeat-") as tmp:
-        stores = [Store(Path(tmp) / f"store{i}") for i in (1, 2)]
+        stores = [Store(args.store or Path(tmp) / "store1"), Store(Path(tmp) / "store2")]
         summaries, seconds = [], []
         for i, store in enumerate(stores):
             if i == 1 and not args.clean:
