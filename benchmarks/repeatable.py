@@ -83,11 +83,14 @@ def main() -> None:
         table = Table(title=f"{loaded.name} measured twice ({host.machine()})")
         for column in ("cell", "run 1", "run 2", "batched replies differ", "settled differ"):
             table.add_column(column)
-        same, batched_total, settled_total = 0, 0, 0
+        same, same_quality, batched_total, settled_total = 0, 0, 0, 0
         for cell in cells:
             first, second = (s.verdicts.get(cell.name) for s in summaries)
             verdicts = [v.verdict if v else "-" for v in (first, second)]
             same += verdicts[0] == verdicts[1]
+            # "slow" is a speed figure of this machine at this moment; the rest is accuracy
+            quality = {v.removeprefix("slow+").removeprefix("slow") for v in verdicts}
+            same_quality += len(quality) == 1
             batched = settled = 0
             if "evaluate" in cell.calls and all(s.has(cell.calls["evaluate"]) for s in stores):
                 a, b = (rows(s, cell, "evaluate") for s in stores)
@@ -99,7 +102,8 @@ def main() -> None:
             table.add_row(cell.name, *verdicts, str(batched), str(settled))
         console.print(table)
         console.print(
-            f"identical verdicts: {same} of {len(cells)} cells; batched replies that differ: "
+            f"identical verdicts: {same} of {len(cells)} cells ({same_quality} ignoring slow); "
+            f"batched replies that differ: "
             f"{batched_total}; settled items whose correctness differs: {settled_total}; "
             f"runs took {seconds[0]:.0f} s and {seconds[1]:.0f} s"
         )
