@@ -34,7 +34,14 @@ CHATML = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
     "{{ end }}<|im_start|>assistant\n"
 )
-CHATML_DEFAULT_SYSTEM = "{{- if .System }}{{ else }}<|im_start|>system\n%s<|im_end|>\n{{ end }}"
+# The default system turn goes before a first message that is not a system one, as the
+# Jinja templates test messages[0]; not on `.System`, which an empty or later system
+# message would get wrong (Go's rendering of both is checked in tests/test_go_template.py).
+CHATML_DEFAULT_SYSTEM = (
+    "{{- $first := true }}{{- range .Messages }}{{- if $first }}"
+    '{{- if eq .Role "system" }}{{ else }}<|im_start|>system\n%s<|im_end|>\n{{ end }}'
+    "{{- end }}{{- $first = false }}{{- end }}"
+)
 LLAMA3 = (
     "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
     "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -53,8 +60,9 @@ FORMATS = (
     ("<|start_header_id|>", LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
     ("<start_of_turn>", GEMMA, ["<start_of_turn>", "<end_of_turn>"]),
 )
-# A ChatML template's system turn written out as a literal, used when no system message
-# is given (SmolLM2's "You are a helpful AI assistant named SmolLM", Qwen's "You are Qwen").
+# A ChatML template's system turn written out as a literal, used when the conversation
+# does not start with a system message (SmolLM2's "You are a helpful AI assistant named
+# SmolLM", Qwen's "You are Qwen").
 DEFAULT_SYSTEM = re.compile(r"""['"]<\|im_start\|>system(?:\n|\\n)([^'"{}]*?)<\|im_end\|>""")
 
 T = TypeVar("T")

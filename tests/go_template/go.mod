@@ -1,0 +1,3 @@
+module forgebench/tests/go_template
+
+go 1.19
