@@ -309,6 +309,10 @@ class Outcome:
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    """The failure's first line: the cell's reason on the console and in the table."""
+    detail: str | None = None
+    """The whole message, where it says more than its first line (a dead server's last
+    log lines): the full reason, in MLflow."""
     traceback: str | None = None
 
 
@@ -544,12 +548,14 @@ def _execute(
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # one cell's failure must not lose the others
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        whole = str(exc).strip()
+        message = whole.splitlines()[0] if whole else type(exc).__name__
         return Outcome(
             call.key,
             False,
             time.perf_counter() - started,
             error=message,
+            detail=whole if whole != message else None,
             traceback=traceback.format_exc(),
         )
     executed[call.stage] += 1

@@ -167,6 +167,8 @@ class Experiment:
         for stage, outcome in result.stages.items():
             tags[f"forgebench.key.{stage}"] = outcome.key
             tags[f"forgebench.cached.{stage}"] = str(outcome.cached).lower()
+            if outcome.detail:  # the reason in full; forgebench.error has its first line
+                tags[f"forgebench.error_detail.{stage}"] = outcome.detail
         if result.deployed:
             tags["forgebench.deployed"] = result.deployed
         if result.gguf_bytes is not None:

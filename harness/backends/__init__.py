@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from harness.errors import ForgebenchError
+
 NAMESPACE = "forgebench"
 """Every model forgebench deploys is named forgebench/..., so `forgebench clean` finds them."""
 
@@ -78,6 +80,25 @@ class Chunk:
     """Server-side generation time."""
 
 
+class ServerStopped(ForgebenchError):
+    """The deployment's server died or stopped answering while a stage used it.
+
+    The first line says how (an exit code or signal, or the address that stopped
+    answering): it is the cell's reason in the table and on the console. The lines after
+    it, the last lines of the server's own log, go with the full reason to MLflow."""
+
+    def __init__(self, how: str, log_tail: list[str] | tuple[str, ...] = ()) -> None:
+        self.how, self.log_tail = how, tuple(log_tail)
+        lines = [how]
+        if self.log_tail:
+            lines += ["last lines of its log:", *(f"  {line}" for line in self.log_tail)]
+        super().__init__("\n".join(lines))
+
+    def after(self, answers: int) -> ServerStopped:
+        """The same death, saying how far the stage got."""
+        return ServerStopped(f"{self.how} after {answers} answers", self.log_tail)
+
+
 class Backend(Protocol):
     name: str
 
@@ -94,6 +115,12 @@ class Backend(Protocol):
         ...
 
     def memory_bytes(self, deployment: Deployment) -> int | None: ...
+
+    def stopped(self, deployment: Deployment) -> ServerStopped | None:
+        """Asked after a request failed to connect: how the deployment's server stopped
+        (exited, stopped answering), or None while it is up, when the failure was a
+        passing one worth a retry."""
+        ...
 
     def remove(self, deployment: Deployment) -> None: ...
 

@@ -5,7 +5,9 @@ per-response `timings`, built from the same llama.cpp revision as the
 converter and quantizer (`forgebench setup`). Each deployment is a child
 process on a free loopback port, health-checked before use and stopped on
 `remove`/`close`; on Linux the child also gets SIGTERM if this process dies
-(even by `kill -9`), so no server is ever orphaned.
+(even by `kill -9`), so no server is ever orphaned. A request that cannot reach a
+server whose process has exited raises `ServerStopped`, saying how it ended (exit
+code or signal) with the last lines of its log, rather than a connection error.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ from typing import Any
 import httpx
 
 from harness import toolchain
-from harness.backends import Chunk, Deployment, ServeConfig
+from harness.backends import Chunk, Deployment, ServeConfig, ServerStopped
 from harness.errors import ForgebenchError
 
 HEALTH_TIMEOUT_S = 120.0
 PORT_ATTEMPTS = 3
+EXIT_GRACE_S = 0.5
+"""How long a failed request waits for the server's exit to show: a killed process's
+sockets close a moment before the kernel reports it gone."""
+LOG_TAIL = 5
 # Ollama option name -> llama-server request field.
 REQUEST_OPTIONS = {
     "temperature": "temperature",
@@ -49,6 +55,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def exit_status(returncode: int) -> str:
+    """How a process ended, as a person reads it after its name: "exited with code 1",
+    "was killed by signal 9 (SIGKILL)"."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        return f"was killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+
+
+def log_tail(log: Path, lines: int = LOG_TAIL) -> list[str]:
+    """The last non-blank lines of a server's log; none when it cannot be read."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
 
 
 def _die_with_parent() -> None:
@@ -171,7 +197,7 @@ class LlamaServer:
                     {"pid": process.pid, "port": port, "log": str(log)},
                 )
             if "bind" not in log.read_text():
-                tail = log.read_text().strip().splitlines()[-3:]
+                tail = log_tail(log, 3)
                 self.remove_name(config.model_name)
                 raise ForgebenchError(f"llama-server failed to start: {' | '.join(tail)}")
         self.remove_name(config.model_name)
@@ -197,18 +223,23 @@ class LlamaServer:
         body = request_body(messages, config, max_tokens)
         # one connection per request: llama-server closes kept-alive connections after a
         # few requests, which would surface as a spurious disconnect mid-benchmark
-        with self._http.stream(
-            "POST",
-            f"{deployment.openai_base_url}/chat/completions",
-            json=body,
-            headers={"Connection": "close"},
-        ) as response:
-            if response.status_code != 200:
-                response.read()
-                raise ForgebenchError(
-                    f"llama-server answered {response.status_code}: {response.text[:300]}"
-                )
-            yield from parse_stream(response.iter_lines())
+        try:
+            with self._http.stream(
+                "POST",
+                f"{deployment.openai_base_url}/chat/completions",
+                json=body,
+                headers={"Connection": "close"},
+            ) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise ForgebenchError(
+                        f"llama-server answered {response.status_code}: {response.text[:300]}"
+                    )
+                yield from parse_stream(response.iter_lines())
+        except httpx.TransportError:
+            if gone := self.stopped(deployment):
+                raise gone from None
+            raise
 
     def render_prompt(self, deployment: Deployment, messages: list[dict[str, str]]) -> str:
         """The prompt text llama-server builds for `chat` with these messages (POST
@@ -216,11 +247,16 @@ class LlamaServer:
         when the vocabulary adds BOS at tokenization (llama.cpp strips it, so that the prompt
         does not start with two); the text is as the template rendered it otherwise."""
         _, config, _ = self._servers[deployment.model_name]
-        response = self._http.post(
-            f"{deployment.base_url}/apply-template",
-            json={"messages": with_system(messages, config)},
-            headers={"Connection": "close"},
-        )
+        try:
+            response = self._http.post(
+                f"{deployment.base_url}/apply-template",
+                json={"messages": with_system(messages, config)},
+                headers={"Connection": "close"},
+            )
+        except httpx.TransportError:
+            if gone := self.stopped(deployment):
+                raise gone from None
+            raise
         if response.status_code != 200:
             raise ForgebenchError(
                 f"llama-server answered {response.status_code} to /apply-template: "
@@ -242,6 +278,19 @@ class LlamaServer:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
         return None
+
+    def stopped(self, deployment: Deployment) -> ServerStopped | None:
+        """How the deployment's llama-server ended, with the last lines of its log, once its
+        process has exited; None while it runs. Waits up to EXIT_GRACE_S for the exit."""
+        process, _, _ = self._servers[deployment.model_name]
+        try:
+            returncode = process.wait(timeout=EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            return None
+        return ServerStopped(
+            f"llama-server {exit_status(returncode)}",
+            log_tail(Path(deployment.details["log"])),
+        )
 
     def remove(self, deployment: Deployment) -> None:
         self.remove_name(deployment.model_name)

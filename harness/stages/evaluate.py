@@ -11,6 +11,10 @@ exact-match score with a 95% Wilson interval on the per-item scores, under
 MLflow-safe names; every item's prompt, reply, extracted answer and score goes
 to `samples_<task>.jsonl`, keyed by lm-eval's doc id, so that two cells can be
 compared item by item.
+
+A server that dies mid-scoring ends the stage at the first request that cannot reach
+it, with the backend's account of how it stopped (`ServerStopped`), instead of lm-eval
+retrying every pending request three times and logging a traceback for each.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import re
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from harness import evals
+from harness.backends import ServerStopped
 from harness.evals import EvalTask
 from harness.stages import Progress
 
@@ -80,6 +86,74 @@ def model_args(openai_base_url: str, model_name: str, concurrency: int) -> dict[
         "tokenized_requests": False,
         "num_concurrent": concurrency,
     }
+
+
+class _Gone(BaseException):
+    """Carries a dead server's `ServerStopped` out of lm-eval's request loop. tenacity
+    retries any Exception (three tries with backoff, per request); a BaseException is what
+    it lets through at once. `evaluate` turns it back into the ServerStopped."""
+
+    def __init__(self, stopped: ServerStopped) -> None:
+        super().__init__(stopped.how)
+        self.stopped = stopped
+
+
+class _DropGone(logging.Filter):
+    """asyncio logs every request task that ended on `_Gone` and was never awaited (the
+    ones in flight beside the first to fail) with a traceback of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _Gone))
+
+
+_DROP_GONE = _DropGone()
+
+
+def watched_model(args: dict[str, Any], stopped: Callable[[], ServerStopped | None]) -> Any:
+    """lm-eval's chat-completions client that, when a request cannot connect, asks
+    `stopped` whether the server is gone; once it is, every request, retries included,
+    raises `_Gone` without being sent. `answered` counts the requests that got an answer."""
+    import aiohttp
+    import requests
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    unreachable = (aiohttp.ClientConnectionError, requests.ConnectionError)
+    logging.getLogger("asyncio").addFilter(_DROP_GONE)
+
+    class Watched(LocalChatCompletion):
+        gone: ServerStopped | None = None
+        answered = 0
+
+        def _failed(self, exc: Exception) -> None:
+            # once gone, any failure is the death's (aiohttp's "Session is closed" included)
+            if self.gone is None and isinstance(exc, unreachable):
+                self.gone = stopped()
+            if self.gone is not None:
+                raise _Gone(self.gone) from None
+
+        def model_call(self, *args: Any, **kwargs: Any) -> Any:
+            if self.gone is not None:
+                raise _Gone(self.gone)
+            try:
+                reply = super().model_call(*args, **kwargs)
+            except Exception as exc:
+                self._failed(exc)
+                raise
+            self.answered += 1
+            return reply
+
+        async def amodel_call(self, *args: Any, **kwargs: Any) -> Any:
+            if self.gone is not None:
+                raise _Gone(self.gone)
+            try:
+                reply = await super().amodel_call(*args, **kwargs)
+            except Exception as exc:
+                self._failed(exc)
+                raise
+            self.answered += 1
+            return reply
+
+    return Watched(**args)
 
 
 def sample_rows(samples: list[dict[str, Any]], primary: str | None) -> list[dict[str, Any]]:
@@ -165,9 +239,11 @@ def score(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    # with no tokenizer lm-eval cannot name the EOS string and says so per request batch;
-    # the server stops at the model's own end-of-generation token regardless
-    logging.getLogger("lm_eval.models.api_models").setLevel(logging.ERROR)
+    # with no tokenizer lm-eval cannot name the EOS string and says so per request batch
+    # (the server stops at the model's own end-of-generation token regardless), and it
+    # logs every failed attempt of a request ("Exception: ..., retrying."), whose last
+    # failure is raised anyway and becomes the stage's error
+    logging.getLogger("lm_eval.models.api_models").setLevel(logging.CRITICAL)
     started = time.perf_counter()
     result = lm_eval.simple_evaluate(
         model=model,
@@ -203,18 +279,22 @@ def evaluate(
     out: Path,
     system: str | None = None,
     only: dict[str, list[int]] | None = None,
+    stopped: Callable[[], ServerStopped | None] = lambda: None,
 ) -> dict[str, float]:
-    """Score `tasks` on a served model through its OpenAI endpoint, `concurrency` at a time."""
-    metrics, _ = score(
-        "local-chat-completions",
-        tasks,
-        limit,
-        out,
-        model_args(openai_base_url, model_name, concurrency),
-        system=system,
-        only=only,
-    )
+    """Score `tasks` on a served model through its OpenAI endpoint, `concurrency` at a time.
+    `stopped` is the backend's word on whether the server is gone (asked when a request
+    cannot connect); a dead server raises its `ServerStopped`, saying how far scoring got."""
+    model = watched_model(model_args(openai_base_url, model_name, concurrency), stopped)
+    try:
+        metrics, _ = score(model, tasks, limit, out, system=system, only=only)
+    except _Gone as gone:
+        raise gone.stopped.after(model.answered) from None
     return metrics
+
+
+def stopped_of(served: Any) -> Callable[[], ServerStopped | None]:
+    """The served deployment's `Backend.stopped`, asked only after a request failed."""
+    return lambda: served.backend.stopped(served.deployment)
 
 
 def scored_tasks(settings: dict[str, Any]) -> list:
@@ -243,4 +323,5 @@ def run(
             spec["concurrency"],
             out,
             system=settings["serve"].get("system"),
+            stopped=stopped_of(served),
         )

@@ -23,7 +23,7 @@ from typing import Any
 
 from harness import evals
 from harness.stages import Progress
-from harness.stages.evaluate import evaluate, scored_tasks, wilson, write_samples
+from harness.stages.evaluate import evaluate, scored_tasks, stopped_of, wilson, write_samples
 
 VERSION = 1
 
@@ -77,6 +77,7 @@ def run(
                 again,
                 system=settings["serve"].get("system"),
                 only=contested,
+                stopped=stopped_of(served),
             )
             rescored = {task.name: read_rows(again, task.name) for task in tasks}
     metrics: dict[str, float] = {}
