@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness import data
+from harness import data, templates
 from harness.errors import ForgebenchError, InputError
 from harness.ollama_models import GgufInfo
 from harness.spec import Spec
@@ -54,6 +54,7 @@ def check(spec: Spec) -> Shape | None:
     could be read, for `needs`."""
     _data(spec)
     shape = _base(spec)
+    templates.require(spec)
     _targets(spec, shape.architecture if shape else None)
     _tracking(spec)
     _serving(spec)
@@ -82,8 +83,6 @@ def _data(spec: Spec) -> None:
                 )
             if not isinstance(task, str) and not task.path.is_file():
                 raise InputError(f"evaluate.{field}: {task.name}: file not found: {task.path}")
-    if spec.serve.chat_template is not None and not spec.serve.chat_template.is_file():
-        raise InputError(f"serve.chat_template: file not found: {spec.serve.chat_template}")
 
 
 def _base(spec: Spec) -> Shape | None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harness import quant
 from harness.errors import SpecError
+from harness.templates import FAMILIES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -108,8 +109,10 @@ class ServeSpec(Strict):
 
     backend: Literal["auto", "ollama", "llamacpp"] = "auto"
     system: str | None = None
-    chat_template: Path | None = Field(
-        None, description="a Jinja chat template file to serve instead of the model's own"
+    chat_template: str | None = Field(
+        None,
+        description="the chat template for training, serving and checking, in place of the "
+        "model's own (a base model has none): a family (chatml, gemma, llama3) or a Jinja file",
     )
     parameters: dict[str, float | int | str] = Field(
         default_factory=lambda: {"temperature": 0, "num_ctx": 2048},
@@ -308,7 +311,10 @@ def _resolve_paths(spec: Spec, folder: Path) -> Spec:
     evaluate = spec.evaluate.model_copy(
         update={"tasks": tasks(spec.evaluate.tasks), "guard": tasks(spec.evaluate.guard)}
     )
-    serve = spec.serve.model_copy(update={"chat_template": absolute(spec.serve.chat_template)})
+    template = spec.serve.chat_template
+    if template is not None and template not in FAMILIES:  # a file, relative to the spec
+        template = str(absolute(Path(template)))
+    serve = spec.serve.model_copy(update={"chat_template": template})
     return spec.model_copy(
         update={"base": base, "data": data, "evaluate": evaluate, "serve": serve}
     )

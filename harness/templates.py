@@ -17,6 +17,21 @@ with a Go rendering, which never writes BOS, render with `bos_token=""`.
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.errors import ForgebenchError, InputError, StageError
+
+if TYPE_CHECKING:
+    from harness.spec import Spec
+
 FAMILIES: dict[str, str] = {
     "chatml": (
         "{%- for message in messages %}"
@@ -53,3 +68,234 @@ FAMILIES: dict[str, str] = {
     ),
 }
 """Family name -> Jinja chat template; the families `go_template` recognises."""
+
+FILE = "chat_template.jinja"
+"""Where the resolve stage writes the text that serves, beside the model folder."""
+
+PROBE = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+]
+"""A conversation every chat template must render, as training renders its examples."""
+
+
+@dataclass(frozen=True)
+class Template:
+    text: str
+    source: str
+    """Where the text came from: "family chatml", "file /x/t.jinja", "the model's tokenizer"."""
+
+
+def choices() -> str:
+    return f"a Jinja file or one of: {', '.join(sorted(FAMILIES))}"
+
+
+def resolve(value: str) -> Template:
+    """`serve.chat_template` (a family name, or a file path made absolute by spec.load) as
+    text; InputError, one line, for a name that is neither."""
+    if value in FAMILIES:
+        return Template(FAMILIES[value], f"family {value}")
+    path = Path(value)
+    if not path.is_file():
+        close = difflib.get_close_matches(path.name, FAMILIES, n=1)
+        if close or not path.suffix:
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise InputError(
+                f"serve.chat_template: {path.name!r} is no template family and no file{hint} "
+                f"(give {choices()})"
+            )
+        raise InputError(
+            f"serve.chat_template: file not found: {path} (or name a family: "
+            f"{', '.join(sorted(FAMILIES))})"
+        )
+    try:
+        return Template(path.read_text(encoding="utf-8"), f"file {path}")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"serve.chat_template: cannot read {path}: {exc}") from None
+
+
+def given(spec: Spec) -> Template | None:
+    """The template the spec names, or None when the model's own serves."""
+    value = spec.serve.chat_template
+    return None if value is None else resolve(value)
+
+
+def source(spec: Spec) -> str:
+    """Where the template that serves came from, for the record (the file is not read)."""
+    value = spec.serve.chat_template
+    if value is None:
+        return "the model's tokenizer"
+    return f"family {value}" if value in FAMILIES else f"file {value}"
+
+
+def missing(base: str) -> str:
+    """The one line that refuses a model with no template, naming the fix."""
+    return (
+        f"base: {base} has no chat template (a pretrained base model); "
+        f"set serve.chat_template to {choices()}"
+    )
+
+
+def require(spec: Spec) -> None:
+    """Refuse, before any work, a run that would have no chat template: the spec's renders
+    the probe conversation as training renders it, else the base must carry its own.
+
+    A base whose files are not at hand (an HF repo not yet downloaded) passes: the resolve
+    stage refuses it with the same line before anything is trained."""
+    template = given(spec)
+    if template is not None:
+        _renders(template)
+        return
+    base = spec.base.model_dump(mode="json", exclude_none=True)
+    if own(base) is False:
+        raise InputError(missing(_name(base)))
+
+
+def _renders(template: Template) -> None:
+    """Render the probe the way training does: whole, and up to the generation prompt,
+    which must be a prefix of the whole (the loss mask is the difference)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def render(messages: list[dict[str, str]], prompt: bool) -> str:
+        rendered, _ = render_jinja_template(
+            [messages],
+            chat_template=template.text,
+            add_generation_prompt=prompt,
+            bos_token="<s>",
+            eos_token="</s>",
+        )
+        return rendered[0]
+
+    try:
+        full, prompt = render(PROBE, False), render(PROBE[:-1], True)
+    except Exception as exc:  # jinja2's syntax, undefined and raise_exception errors alike
+        raise InputError(
+            f"serve.chat_template: {template.source} does not render a system/user/assistant "
+            f"conversation: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    if PROBE[-1]["content"] not in full or not full.startswith(prompt):
+        raise InputError(
+            f"serve.chat_template: {template.source} does not render the conversation with the "
+            "generation prompt as a prefix of the whole, so training cannot mask its loss"
+        )
+
+
+def own(base: dict[str, Any]) -> bool | None:
+    """Whether the base's files carry a chat template; None when they cannot be read yet."""
+    if base.get("ollama"):
+        from harness import ollama_models
+
+        try:
+            resolved = ollama_models.resolve_base(base)
+        except ForgebenchError:
+            return None  # the plan says why, in its own words
+        return own(resolved.base)
+    if base.get("model") or base.get("gguf"):
+        from harness import sources
+
+        path = sources.bundled_gguf(base["model"]) if base.get("model") else Path(base["gguf"])
+        try:
+            return bool(gguf_string(path, "tokenizer.chat_template"))
+        except (OSError, ValueError, struct.error):
+            return None  # preflight's GGUF checks say what is wrong with the file
+    if base.get("path"):
+        return _folder_has_template(Path(base["path"]))
+    from harness import ollama_models
+
+    snapshot = ollama_models.cached_snapshot(base["hf"], base.get("revision"))
+    return _folder_has_template(snapshot) if snapshot else None
+
+
+def _folder_has_template(folder: Path) -> bool:
+    """Where transformers finds a tokenizer's template: chat_template.jinja, the older
+    chat_template.json, or `chat_template` in tokenizer_config.json."""
+    if (folder / FILE).is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    try:
+        return bool(json.loads(config.read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _name(base: dict[str, Any]) -> str:
+    return next(str(base[k]) for k in ("model", "hf", "path", "gguf", "ollama") if base.get(k))
+
+
+def apply(folder: Path, text: str | None, base: dict[str, Any]) -> str:
+    """Make `text` the chat template of the tokenizer in `folder` (the resolved `base`) and
+    return the template that now serves; StageError when there is none at all.
+
+    The folder may hold links to the user's base or the HF cache: those are replaced by
+    files, never written through. A template the base carries in another place (a
+    chat_template.json, named templates) is taken out, so only `text` can be read back."""
+    from transformers import AutoTokenizer
+
+    trust_remote_code = bool(base.get("trust_remote_code"))
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if text is None:
+        if not tokenizer.chat_template:
+            raise StageError(missing(_name(base)))
+        return tokenizer.chat_template
+    tokenizer.chat_template = text
+    for stale in (FILE, "chat_template.json", "additional_chat_templates"):
+        target = folder / stale
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        tokenizer.save_pretrained(tmp)
+        for item in Path(tmp).iterdir():
+            target = folder / item.name
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+            os.replace(item, target)
+    kept = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if kept.chat_template != text:
+        raise StageError(f"the tokenizer in {folder} did not keep the spec's chat template")
+    return text
+
+
+GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+"""GGUF metadata value types -> bytes (8 is a string, 9 an array)."""
+
+
+def gguf_string(path: Path, key: str) -> str | None:
+    """One string value of a GGUF's metadata, read by walking the header.
+
+    GGUFReader parses every field, the vocabulary into arrays (3.4 s for the bundled
+    SmolLM2 here); `validate` needs one key, which this finds in a tenth of that."""
+    with path.open("rb") as fh:
+        read = fh.read
+
+        def unpack(fmt: str) -> int:
+            return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                fh.seek(unpack("<Q"), 1)
+            elif kind == 9:
+                item, count = unpack("<I"), unpack("<Q")
+                if item in GGUF_SCALARS:
+                    fh.seek(GGUF_SCALARS[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            elif kind in GGUF_SCALARS:
+                fh.seek(GGUF_SCALARS[kind], 1)
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+        if read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        unpack("<I")  # version
+        unpack("<Q")  # tensor count
+        for _ in range(unpack("<Q")):
+            name = read(unpack("<Q")).decode("utf-8", errors="replace")
+            kind = unpack("<I")
+            if name == key and kind == 8:
+                return read(unpack("<Q")).decode("utf-8")
+            skip(kind)
+    return None

@@ -1,12 +1,12 @@
 """reference: the eval tasks scored in PyTorch, on the HF model a cell's GGUFs are made from.
 
-Spec keys: `evaluate.*`, `data`, `serve.system` and the chat template. The untuned
-base (resolve's folder) and each merged adapter (merge's folder) are scored with
-transformers through lm-eval's own `hf` model, on the same items, with the same task
-YAML (prompt, stop strings, token limit, scorer), the same chat template and greedy
-decoding as the served cells. That is the start of the blame chain: untuned HF ->
-tuned HF is what training did, tuned HF -> F16 GGUF what the export did, F16 -> each
-level what quantization did.
+Spec keys: `evaluate.*`, `data`, `serve.system`; the chat template is the model folder's
+own (resolve wrote the spec's into it). The untuned base (resolve's folder) and each
+merged adapter (merge's folder) are scored with transformers through lm-eval's own `hf`
+model, on the same items, with the same task YAML (prompt, stop strings, token limit,
+scorer), the same chat template and greedy decoding as the served cells. That is the
+start of the blame chain: untuned HF -> tuned HF is what training did, tuned HF -> F16
+GGUF what the export did, F16 -> each level what quantization did.
 
 The model runs in fp32 on the CPU (what the F16 GGUF approximates, with no bf16
 rounding of its own) and in bf16 on a GPU. Generation is batched (left padding), so
@@ -41,8 +41,6 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
     trust = settings["trust_remote_code"]
     progress("loading the HF model", None)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
-    if settings.get("chat_template"):
-        tokenizer.chat_template = settings["chat_template"]
     cuda = settings["dtype"] == "bf16"  # a GPU was visible when the run was planned
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.bfloat16 if cuda else torch.float32, trust_remote_code=trust

@@ -37,6 +37,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from harness import data as datasets
+from harness import templates
 from harness.errors import StageError
 from harness.stages import Progress
 
@@ -153,7 +154,8 @@ def tokenize(tokenizer, conversations: list, max_seq_len: int) -> list[dict[str,
     train on the wrong tokens.
     """
     if not tokenizer.chat_template:
-        raise StageError("the base model's tokenizer has no chat template; use an instruct model")
+        # resolve refuses such a model before this; kept as a guard
+        raise StageError(templates.missing(tokenizer.name_or_path or "the model"))
     examples = []
     for conversation in conversations:
         prompt = _ids(tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True))

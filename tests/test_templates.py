@@ -1,0 +1,219 @@
+"""Chat templates for models without one: the families render as their models expect, a
+name that is none of them is refused with a suggestion, a base with no template is refused
+by `validate` before anything is written, and the resolve stage puts the spec's template
+into the model folder's tokenizer, the one place every later stage reads it from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils.chat_template_utils import render_jinja_template
+from typer.testing import CliRunner
+
+from harness import pipeline, sources, spec, templates
+from harness.backends.ollama import go_template
+from harness.cli import app
+from harness.errors import InputError, StageError
+from harness.stages import resolve
+
+
+def invoke(args: list[str]):
+    return CliRunner().invoke(app, args)
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "2+2?"},
+]
+EXPECTED = {
+    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "llama3": "<BOS><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    # Gemma has no system turn: the system prompt opens the first user turn
+    "gemma": "<BOS><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+    "<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\n2+2?<end_of_turn>\n"
+    "<start_of_turn>model\n",
+}
+
+
+def render(template: str, messages: list[dict[str, str]], prompt: bool = True) -> str:
+    rendered, _ = render_jinja_template(
+        [messages], chat_template=template, add_generation_prompt=prompt, bos_token="<BOS>"
+    )
+    return rendered[0]
+
+
+@pytest.mark.parametrize("family", sorted(templates.FAMILIES))
+def test_each_family_renders_a_conversation_as_its_models_do(family):
+    assert sorted(templates.FAMILIES) == sorted(EXPECTED)
+    text = templates.FAMILIES[family]
+    assert render(text, CONVERSATION) == EXPECTED[family]
+    # training masks the loss to what follows the prompt: it must be a prefix of the whole
+    answered = [*CONVERSATION, {"role": "assistant", "content": "4"}]
+    assert render(text, answered, prompt=False).startswith(render(text, CONVERSATION))
+    go_template(text)  # and the Ollama backend can serve it (ValueError otherwise)
+
+
+def test_a_family_name_with_a_typo_is_refused_with_a_suggestion(tmp_path):
+    with pytest.raises(InputError) as caught:
+        templates.resolve(str(tmp_path / "chatlm"))
+    message = str(caught.value)
+    assert "'chatlm'" in message and "did you mean chatml?" in message
+    assert "one of: chatml, gemma, llama3" in message and "\n" not in message
+    with pytest.raises(InputError, match=r"file not found: .*missing\.jinja"):
+        templates.resolve(str(tmp_path / "missing.jinja"))
+
+
+def test_a_spec_names_a_family_or_a_file_relative_to_itself(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "mine.jinja").write_text(templates.FAMILIES["chatml"])
+    path = tmp_path / "spec.yaml"
+    for value, expected in (("gemma", "gemma"), ("t/mine.jinja", str(tmp_path / "t/mine.jinja"))):
+        path.write_text(SPEC.format(base="{model: smollm2-135m}", template=value))
+        loaded = spec.load(path)
+        assert loaded.serve.chat_template == expected
+    assert templates.given(loaded).source == f"file {tmp_path / 't' / 'mine.jinja'}"
+
+
+SPEC = """\
+name: base
+base: {base}
+data: {{task: arithmetic, n_train: 16}}
+lora:
+  - {{name: a, r: 4, alpha: 8, target_modules: [q_proj]}}
+quant: [f16]
+serve: {{backend: llamacpp, chat_template: {template}}}
+tracking: {{uri: "sqlite:///{{}}"}}
+"""
+
+
+def write_spec(folder: Path, base: str, template: str | None) -> Path:
+    text = SPEC.format(base=base, template=template or "null")
+    text = text.replace("sqlite:///{}", f"sqlite:///{folder / 'mlflow.db'}")
+    path = folder / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def templateless_gguf(path: Path) -> Path:
+    """The bundled SmolLM2 without tokenizer.chat_template (as gguf-py's gguf_new_metadata
+    rewrites a GGUF): what a pretrained base's GGUF looks like."""
+    reader = gguf.GGUFReader(sources.bundled_gguf("smollm2-135m"))
+    writer = gguf.GGUFWriter(path, "llama")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "tokenizer.chat_template"):
+            continue
+        kind = field.types[0]
+        sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), kind, sub)
+    for tensor in reader.tensors:
+        data = tensor.data
+        writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data)
+    writer.close()
+    return path
+
+
+def tokenizer_folder(folder: Path, template: str | None = None) -> Path:
+    """A Hugging Face model folder with a small tokenizer (no weights: nothing loads them)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return folder
+
+
+def test_a_base_without_a_template_is_refused_by_validate_in_one_line(tmp_path):
+    gguf_base = templateless_gguf(tmp_path / "base.gguf")
+    hf_base = tokenizer_folder(tmp_path / "hf-base")
+    for base, name in ((f"{{gguf: {gguf_base}}}", gguf_base), (f"{{path: {hf_base}}}", hf_base)):
+        path = write_spec(tmp_path, base, None)
+        before = sorted(tmp_path.rglob("*"))
+        result = invoke(["validate", str(path)])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == (
+            f"error: base: {name} has no chat template (a pretrained base model); set "
+            "serve.chat_template to a Jinja file or one of: chatml, gemma, llama3"
+        )
+        assert sorted(tmp_path.rglob("*")) == before  # nothing written, no MLflow database
+    write_spec(tmp_path, f"{{gguf: {gguf_base}}}", "chatml")
+    assert invoke(["validate", str(path)]).exit_code == 0
+
+
+def test_validate_renders_the_spec_template_once(tmp_path):
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }")
+    path = write_spec(tmp_path, "{model: smollm2-135m}", "broken.jinja")
+    result = invoke(["validate", str(path)])
+    assert result.exit_code == 2
+    assert "does not render a system/user/assistant conversation: TemplateSyntaxError" in (
+        result.output
+    )
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def quiet(*_):
+    pass
+
+
+def test_resolve_writes_the_spec_template_into_the_tokenizer_and_not_into_the_base(tmp_path):
+    base = tokenizer_folder(tmp_path / "base", template="{{ 'own' }}")
+    own_files = {p.name: p.read_bytes() for p in base.iterdir()}
+    text = templates.FAMILIES["llama3"]
+    out = tmp_path / "out"
+    out.mkdir()
+    resolve.run({"base": {"path": str(base)}, "chat_template": text}, {}, out, quiet)
+    assert AutoTokenizer.from_pretrained(out / "model").chat_template == text
+    assert (out / templates.FILE).read_text() == text
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == own_files  # links, not written
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    resolve.run({"base": {"path": str(base)}, "chat_template": None}, {}, kept, quiet)
+    assert (kept / templates.FILE).read_text() == "{{ 'own' }}"
+
+
+def test_resolve_refuses_a_model_with_no_template_and_none_given(tmp_path):
+    base = tokenizer_folder(tmp_path / "base")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StageError, match=f"base: {base} has no chat template"):
+        resolve.run({"base": {"path": str(base)}, "chat_template": None}, {}, out, quiet)
+
+
+def test_the_template_reaches_the_keys_by_its_text_not_its_name(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "same.jinja").write_text(templates.FAMILIES["chatml"])
+    (tmp_path / "other.jinja").write_text(templates.FAMILIES["gemma"])
+
+    def keys(template: str) -> dict[str, str]:
+        path = write_spec(tmp_path, "{model: smollm2-135m}", template)
+        cells = pipeline.plan(spec.load(path))
+        return {f"{c.name}/{stage}": call.key for c in cells for stage, call in c.calls.items()}
+
+    family, file = keys("chatml"), keys("a/same.jinja")
+    assert family == file  # the same text by name or from a file: nothing re-runs
+    other = keys("other.jinja")
+    changed = {name.split("/")[1] for name in family if other[name] != family[name]}
+    assert {"resolve", "train", "check"} <= changed
