@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness import backends, host, keys, quant, sources, toolchain
+from harness import backends, host, keys, quant, sources, templates, toolchain
 from harness.errors import ForgebenchError, StageError
 from harness.spec import LoraSpec, Spec
 from harness.store import StageCall, Store, sha256_file
@@ -83,9 +83,10 @@ def plan(spec: Spec) -> list[Cell]:
     Within an adapter the F16 cell comes first: the other levels are judged, and their
     contested items settled, against it."""
     base = spec.base.model_dump(mode="json")
+    template = templates.given(spec)
     resolve = StageCall(
         "resolve",
-        {"base": {**base, **sources.identity(base)}},
+        {"base": {**base, **sources.identity(base)}, "chat_template": template and template.text},
         versions=_versions("transformers", "gguf") | keys.versions("resolve"),
     )
     data = _data_identity(spec)
@@ -170,7 +171,6 @@ def _reference(spec: Spec, model: StageCall) -> StageCall | None:
     """The PyTorch score of an HF model folder, on the items the served cells are scored on."""
     if "evaluate" not in spec.measure:
         return None
-    template = spec.serve.chat_template
     tasks = spec.evaluate.all_tasks
     return StageCall(
         "reference",
@@ -178,7 +178,6 @@ def _reference(spec: Spec, model: StageCall) -> StageCall | None:
             "evaluate": _evaluate_identity(spec),
             "data": _data_identity(spec),
             "system": spec.serve.system,
-            "chat_template": template.read_text() if template else None,
             "trust_remote_code": spec.base.trust_remote_code,
             "dtype": "bf16" if keys.gpu_visible() else "fp32",
         },
@@ -210,14 +209,10 @@ def _measurements(
     """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served.
     `judge_by` holds the rows the cell's contested items are settled against."""
     gguf = calls.get("quantize") or f16
-    # keep decides what happens after measuring, not what is measured
-    served = {"serve": spec.serve.model_dump(mode="json", exclude={"keep"}), "backend": backend}
-    if spec.serve.chat_template is not None:
-        if not spec.serve.chat_template.is_file():
-            raise ForgebenchError(
-                f"serve.chat_template: file not found: {spec.serve.chat_template}"
-            )
-        served["chat_template_sha256"] = sha256_file(spec.serve.chat_template)
+    # keep decides what happens after measuring, not what is measured; the template is the
+    # model folder's (resolve's key holds the spec's text)
+    exclude = {"keep", "chat_template"}
+    served = {"serve": spec.serve.model_dump(mode="json", exclude=exclude), "backend": backend}
     out: dict[str, StageCall] = {}
     if "check" in spec.measure:
         from harness.stages import check
@@ -368,7 +363,11 @@ def run(
                     except ForgebenchError as exc:
                         result.status, result.error = "failed", f"serve.keep: {exc}"
             result.run_id = experiment.log_cell(
-                cell, result, _lineage(store, cell), _artifacts(store, cell, result)
+                cell,
+                result,
+                _lineage(store, cell),
+                _artifacts(store, cell, result),
+                chat_template=store.path(cell.calls["resolve"]) / templates.FILE,
             )
             results.append(result)
             if fail_fast and result.status != "done":
@@ -424,11 +423,7 @@ class Served:
                     self.cell.quant,
                     self.spec.base.ollama,
                 ),
-                chat_template=(
-                    self.spec.serve.chat_template.read_text()
-                    if self.spec.serve.chat_template
-                    else self.tokenizer.chat_template or ""
-                ),
+                chat_template=self.tokenizer.chat_template,  # resolve saw to it that one is there
                 system=self.spec.serve.system,
                 parameters=dict(self.spec.serve.parameters),
                 slots=self.spec.serve.slots,

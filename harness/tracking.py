@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness import __version__, host
+from harness import __version__, host, templates
 
 if TYPE_CHECKING:
     from harness.pipeline import Cell, CellResult, RunSummary
@@ -136,7 +137,9 @@ class Experiment:
         result: CellResult,
         lineage: dict[str, Any],
         artifacts: list[tuple[str, Path]] = (),
+        chat_template: Path | None = None,
     ) -> str:
+        """`chat_template`: the file resolve wrote, the text every served stage used."""
         from mlflow.entities import Metric, Param, RunTag
 
         run = self.client.create_run(
@@ -171,6 +174,12 @@ class Experiment:
                 tags[f"forgebench.error_detail.{stage}"] = outcome.detail
         if result.deployed:
             tags["forgebench.deployed"] = result.deployed
+        served_template = chat_template if chat_template and chat_template.is_file() else None
+        if served_template:
+            tags["forgebench.chat_template.source"] = templates.source(self.spec)
+            tags["forgebench.chat_template.sha256"] = hashlib.sha256(
+                served_template.read_bytes()
+            ).hexdigest()
         if result.gguf_bytes is not None:
             tags["forgebench.gguf"] = result.gguf or ""
             values["gguf_bytes"] = float(result.gguf_bytes)
@@ -187,6 +196,8 @@ class Experiment:
         )
         for folder, path in artifacts:
             self.client.log_artifact(run_id, str(path), folder)
+        if served_template:
+            self.client.log_artifact(run_id, str(served_template), "serve")
         for stage, outcome in result.stages.items():
             if outcome.traceback:
                 self.client.log_text(run_id, outcome.traceback, f"errors/{stage}.txt")
