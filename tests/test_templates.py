@@ -5,6 +5,7 @@ into the model folder's tokenizer, the one place every later stage reads it from
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -217,3 +218,33 @@ def test_the_template_reaches_the_keys_by_its_text_not_its_name(tmp_path):
     other = keys("other.jinja")
     changed = {name.split("/")[1] for name in family if other[name] != family[name]}
     assert {"resolve", "train", "check"} <= changed
+
+
+def test_mlflow_records_which_template_served_and_where_it_came_from(tmp_path):
+    from mlflow.artifacts import download_artifacts
+    from mlflow.tracking import MlflowClient
+
+    from harness import tracking
+
+    (tmp_path / "mine.jinja").write_text(templates.FAMILIES["chatml"])
+    path = write_spec(tmp_path, "{model: smollm2-135m}", "mine.jinja")
+    loaded = spec.load(path)
+    cell = pipeline.plan(loaded)[0]
+    served = tmp_path / "resolved" / templates.FILE  # as the resolve stage writes it
+    served.parent.mkdir()
+    served.write_text(templates.FAMILIES["chatml"])
+    result = pipeline.CellResult(cell.name, cell.adapter, cell.quant, "done", {})
+    with tracking.Experiment(loaded, path) as experiment:
+        run_id = experiment.log_cell(cell, result, {}, [], chat_template=served)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    assert tags["forgebench.chat_template.source"] == f"file {tmp_path / 'mine.jinja'}"
+    sha256 = hashlib.sha256(served.read_bytes()).hexdigest()
+    assert tags["forgebench.chat_template.sha256"] == sha256
+    kept = download_artifacts(
+        run_id=run_id,
+        artifact_path=f"serve/{templates.FILE}",
+        tracking_uri=uri,
+        dst_path=str(tmp_path / "got"),
+    )
+    assert Path(kept).read_text() == templates.FAMILIES["chatml"]
