@@ -73,17 +73,27 @@ def friendly(command):
 
 @app.command()
 @friendly
-def validate(specs: Annotated[list[Path], typer.Argument(help="spec files")]) -> None:
-    """Check specs without running anything."""
-    from harness import preflight
+def validate(
+    specs: Annotated[list[Path], typer.Argument(help="spec files")],
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Check specs without running anything: everything `run` checks before its first stage
+    (files, settings, services, the download, disk and memory on this machine)."""
+    from harness import pipeline, preflight
     from harness import spec as spec_module
+    from harness.store import Store
 
     for path in specs:
         loaded = spec_module.load(path)
-        preflight.check(loaded)
+        shape = preflight.check(loaded)
+        the_store = Store(store)
+        preflight.fits(preflight.needs(loaded, shape, pipeline.plan(loaded), the_store), the_store)
+        fetch = preflight.download(loaded)
         console.print(
             f"[green]ok[/] {path}: {len(loaded.lora)} LoRA configs x "
             f"{len(loaded.quant)} quant levels"
+            + (f"; downloads first: {fetch.describe()}" if fetch else ""),
+            soft_wrap=True,
         )
 
 

@@ -60,30 +60,75 @@ def _parse(line: str, path: Path, lineno: int) -> Any:
         raise ForgebenchError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
 
 
+ROLES = ("system", "user", "assistant")
+"""The roles every chat template knows; a template meets any other as an error or, worse,
+renders it as something else."""
+
+
 def _conversation(row: Any, path: Path, lineno: int) -> Conversation:
-    if isinstance(row, dict) and "messages" in row:
-        messages = row["messages"]
-        ok = isinstance(messages, list) and all(
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-            for m in messages
-        )
-        if ok and messages and messages[-1]["role"] == "assistant":
-            return [{"role": m["role"], "content": m["content"]} for m in messages]
-    elif (
-        isinstance(row, dict)
-        and isinstance(row.get("prompt"), str)
-        and isinstance(row.get("completion"), str)
-    ):
+    """One row as the trainer reads it, refused with the field that is wrong: what the
+    trainer would otherwise learn from (an empty answer) or fail on (a number for text)."""
+    where = f"{path}:{lineno}"
+    if not isinstance(row, dict):
+        raise ForgebenchError(f"{where}: a row is a JSON object, not {_kind(row)}")
+    if "messages" in row:
+        return _messages(row["messages"], where)
+    if "prompt" in row and "completion" in row:
+        for field in ("prompt", "completion"):
+            if not isinstance(row[field], str):
+                raise ForgebenchError(
+                    f"{where}: {field}: expected a string, got {_kind(row[field])}; quote it"
+                )
+        if not row["completion"].strip():
+            raise ForgebenchError(f"{where}: completion is empty: nothing to learn; drop the row")
         return [
             {"role": "user", "content": row["prompt"]},
             {"role": "assistant", "content": row["completion"]},
         ]
     raise ForgebenchError(
-        f"{path}:{lineno}: expected {{'messages': [...]}} ending with an assistant message, "
+        f"{where}: expected {{'messages': [...]}} ending with an assistant message, "
         "or {'prompt': str, 'completion': str}"
     )
+
+
+def _messages(messages: Any, where: str) -> Conversation:
+    if not isinstance(messages, list) or not messages:
+        raise ForgebenchError(f"{where}: messages: expected a list of messages, got {messages!r}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ForgebenchError(f"{where}: messages[{i}]: expected {{role, content}}")
+        if m.get("role") not in ROLES:
+            raise ForgebenchError(
+                f"{where}: messages[{i}].role: {m.get('role')!r} is not one of "
+                f"{', '.join(ROLES)}"
+            )
+        if not isinstance(m.get("content"), str):
+            raise ForgebenchError(
+                f"{where}: messages[{i}].content: expected a string, "
+                f"got {_kind(m.get('content'))}"
+            )
+    if messages[-1]["role"] != "assistant":
+        raise ForgebenchError(
+            f"{where}: messages[{len(messages) - 1}]: the last message is the "
+            f"{messages[-1]['role']}'s; end with the assistant's answer, which the adapter learns"
+        )
+    if not messages[-1]["content"].strip():
+        raise ForgebenchError(
+            f"{where}: messages[{len(messages) - 1}].content: the answer is empty: nothing to "
+            "learn; drop the row"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind in JSON's words, for messages about rows."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a value")
 
 
 def training_set(data: dict[str, Any]) -> list[Conversation]:

@@ -102,7 +102,7 @@ def user_task_config(
     regex: str | None = None,
 ) -> dict:
     """The config of a spec's own question/answer task, after checking its rows."""
-    check_qa_jsonl(items)
+    check_qa_jsonl(items, scorer, regex)
     if scorer == "contains":
         return task_config(name, items, QA_CONTAINS, cache_dir)
     config = task_config(name, items, QA_TEMPLATE, cache_dir)
@@ -134,29 +134,59 @@ def write_task(config: dict, folder: Path) -> Path:
     return path
 
 
-def check_qa_jsonl(path: Path) -> int:
-    """Rows must be {"question": str, "answer": str}: say where one is not, before any
-    server starts, rather than as a template error deep inside lm-eval. Returns the count."""
+def check_qa_jsonl(path: Path, scorer: str = "exact", regex: str | None = None) -> int:
+    """Rows must be {"question": str, "answer": str}, the fields the task's doc_to_text and
+    doc_to_target read: say where one is not, before any server starts, rather than as a
+    template error deep inside lm-eval (or an Arrow error when one row's answer is a number).
+    With scorer last_number, a reply that is exactly the answer must score right (an answer
+    "4 apples" never equals the number read from it); a regex that matches an empty reply
+    makes lm-eval read "" from replies that do not start with the answer. Returns the count."""
     if not path.is_file():
         raise ForgebenchError(f"{path}: evaluation file not found")
+    if scorer == "regex" and regex is not None and _extractor(regex, 0)("") != "[invalid]":
+        raise ForgebenchError(
+            f"scorer regex {regex!r} matches an empty reply, so lm-eval reads \"\" from "
+            "most replies; make it need at least one character (+ rather than *)"
+        )
+    extract = _extractor(LAST_NUMBER, -1) if scorer == "last_number" else None
     count = 0
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ForgebenchError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
-        if not (
-            isinstance(row, dict)
-            and isinstance(row.get("question"), str)
-            and isinstance(row.get("answer"), str)
-        ):
-            raise ForgebenchError(f'{path}:{lineno}: expected {{"question": str, "answer": str}}')
+            raise ForgebenchError(f"{where}: not valid JSON: {exc.msg}") from None
+        if not (isinstance(row, dict) and "question" in row and "answer" in row):
+            raise ForgebenchError(f'{where}: expected {{"question": str, "answer": str}}')
+        for field in ("question", "answer"):
+            if not isinstance(row[field], str):
+                raise ForgebenchError(
+                    f"{where}: expected a string as {field}, got {json.dumps(row[field])}; "
+                    f'write it quoted ("{row[field]}")'
+                )
+            if not row[field].strip():
+                raise ForgebenchError(f"{where}: {field} is empty; fill it in or drop the row")
+        if extract is not None and (got := extract(row["answer"])) != row["answer"].strip():
+            read = "no number" if got == "[invalid]" else repr(got)
+            raise ForgebenchError(
+                f"{where}: answer {row['answer']!r}: scorer {scorer} reads {read} from a reply "
+                "that is exactly the answer, so such a reply would score wrong; "
+                "write the answer as a number or use scorer: exact or contains"
+            )
         count += 1
     if count == 0:
         raise ForgebenchError(f"{path}: no evaluation items")
     return count
+
+
+def _extractor(pattern: str, group: int):
+    """What lm-eval's regex filter, the one the task config names, makes of a reply."""
+    from lm_eval.filters.extraction import RegexFilter
+
+    found = RegexFilter(pattern, group_select=group)
+    return lambda reply: next(iter(found.apply([[reply]], [{}])))[0]
 
 
 def arithmetic_items(data_spec: dict[str, Any]) -> list[dict[str, str]]:

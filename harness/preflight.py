@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness import data, templates
+from harness import data, evals, inputs, templates
 from harness.errors import ForgebenchError, InputError
 from harness.ollama_models import GgufInfo
 from harness.spec import Spec
@@ -51,26 +51,31 @@ BYTES_PER_WEIGHT = {
 
 def check(spec: Spec) -> Shape | None:
     """Raise InputError on the first problem found; return the base's shape, as far as it
-    could be read, for `needs`."""
+    could be read, for `needs`. The services come first: asking them takes a few seconds at
+    most, and reading a GGUF can take longer."""
+    _tracking(spec)
+    _serving(spec)
+    inputs.serve_parameters(spec)
+    inputs.model_names(spec)
     _data(spec)
     shape = _base(spec)
     templates.require(spec)
     _targets(spec, shape.architecture if shape else None)
-    _tracking(spec)
-    _serving(spec)
+    inputs.token_counts(spec, shape.context if shape else None, evals.EVALS / "drift_text.txt")
     return shape
 
 
 def _data(spec: Spec) -> None:
+    """Every data file the spec names, read the way its stage reads it."""
     if spec.data.train is not None:
         if not spec.data.train.is_file():
-            raise InputError(f"data.train: file not found: {spec.data.train}")
+            raise InputError(f"{spec.where('data', 'train')}: file not found: {spec.data.train}")
         try:
             data.read_jsonl(spec.data.train)
         except ForgebenchError as exc:
-            raise InputError(f"data.train: {exc}") from None
+            raise InputError(f"{spec.where('data', 'train')}: {exc}") from None
     for field, tasks in (("tasks", spec.evaluate.tasks), ("guard", spec.evaluate.guard)):
-        for task in tasks:
+        for i, task in enumerate(tasks):
             if (
                 task == "arithmetic"
                 and spec.data.task != "arithmetic"
@@ -82,7 +87,15 @@ def _data(spec: Spec) -> None:
                     "task ({name: ..., path: qa.jsonl}) or gsm8k instead"
                 )
             if not isinstance(task, str) and not task.path.is_file():
-                raise InputError(f"evaluate.{field}: {task.name}: file not found: {task.path}")
+                raise InputError(
+                    f"{spec.where('evaluate', field, i, 'path')}: {task.name}: "
+                    f"file not found: {task.path}"
+                )
+            if not isinstance(task, str) and "evaluate" in spec.measure:
+                try:
+                    evals.check_qa_jsonl(task.path, task.scorer, task.regex)
+                except ForgebenchError as exc:
+                    raise InputError(f"{spec.where('evaluate', field, i)}: {exc}") from None
 
 
 def _base(spec: Spec) -> Shape | None:
@@ -92,12 +105,10 @@ def _base(spec: Spec) -> Shape | None:
     base = spec.base
     if base.model or base.gguf:
         path = sources.bundled_gguf(base.model) if base.model else base.gguf
+        field = ("base", "model") if base.model else ("base", "gguf")
         if not path.is_file():
-            raise InputError(f"base.gguf: file not found: {path}")
-        with path.open("rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise InputError(f"base.gguf: {path} is not a GGUF file (no GGUF magic)")
-        return Shape.of_gguf(ollama_models.read_gguf(path))
+            raise InputError(f"{spec.where(*field)}: file not found: {path}")
+        return Shape.of_gguf(inputs.gguf(spec, field, path))
     if base.path:
         if not (base.path / "config.json").is_file():
             raise InputError(
@@ -119,6 +130,8 @@ class Shape:
     layers: int | None = None
     hidden: int | None = None
     vocab: int | None = None
+    context: int | None = None
+    """The context length the base was trained on."""
 
     @classmethod
     def of_gguf(cls, info: GgufInfo) -> Shape:
@@ -128,6 +141,7 @@ class Shape:
             info.block_count,
             info.embedding_length,
             info.vocab_size,
+            info.context_length,
         )
 
     @classmethod
@@ -141,6 +155,7 @@ class Shape:
             config.get("num_hidden_layers"),
             config.get("hidden_size"),
             config.get("vocab_size"),
+            config.get("max_position_embeddings"),
         )
 
 
@@ -173,10 +188,19 @@ def _targets(spec: Spec, architecture: str | None) -> None:
 
 
 def _tracking(spec: Spec) -> None:
+    import os
+
     from harness import tracking
 
     uri = tracking.tracking_uri(spec)
-    if uri.startswith("sqlite:///"):
+    if uri.startswith(("http://", "https://")):
+        given = os.environ.get("MLFLOW_TRACKING_URI") and "MLFLOW_TRACKING_URI"
+        inputs.answers(
+            f"{uri.rstrip('/')}/health",
+            f"{given or spec.where('tracking', 'uri')}: MLflow tracking server",
+            "start the server (`mlflow server`) or use a local store (sqlite:///mlflow.db)",
+        )
+    elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.absolute().parent.is_dir():
             raise InputError(f"tracking uri {uri}: folder {db.absolute().parent} does not exist")
@@ -191,7 +215,11 @@ def _serving(spec: Spec) -> None:
     from harness import backends
 
     served = {"check", "evaluate", "bench"} & set(spec.measure)
-    if served and spec.serve.backend == "ollama" and not backends.ollama_answers():
+    if (
+        served
+        and spec.serve.backend == "ollama"
+        and not backends.ollama_answers(inputs.SERVICE_TIMEOUT_S)
+    ):
         raise InputError(
             f"serve.backend: ollama, but no Ollama server answers at "
             f"{backends.ollama_host()}; start `ollama serve` or use backend: auto"

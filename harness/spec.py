@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness import quant
 from harness.errors import SpecError
@@ -225,6 +233,16 @@ class Spec(Strict):
     drift: DriftSpec = DriftSpec()
     budgets: BudgetSpec = BudgetSpec()
     tracking: TrackingSpec = TrackingSpec()
+    _source: tuple[Path, yaml.Node | None] | None = PrivateAttr(None)
+    """The file and YAML tree `load` read, so checks made later can name the line."""
+
+    def where(self, *loc: str | int) -> str:
+        """`spec.yaml:12: serve.parameters.num_ctx`: where a setting is, for a message about
+        it from a check after `load` (preflight); just the dotted name for a spec built in code."""
+        if self._source is None:
+            return _dotted(loc)
+        path, root = self._source
+        return f"{path}:{_line_of(root, loc)}: {_dotted(loc)}"
 
     @model_validator(mode="after")
     def _budgets_are_measured(self) -> Spec:
@@ -283,14 +301,17 @@ def load(path: Path | str) -> Spec:
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        errors = _meant(exc.errors())
+        err = errors[0]
+        loc = tuple(part for part in err["loc"] if not _union_member(part))
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         message = err["msg"].removeprefix("Value error, ")
         raise SpecError(
             f"{path}:{_line_of(root, loc)}: {_dotted(loc) or 'spec'}: {message}{more}"
         ) from None
-    return _resolve_paths(spec, path.parent)
+    spec = _resolve_paths(spec, path.parent)
+    spec._source = (path, root)
+    return spec
 
 
 def _resolve_paths(spec: Spec, folder: Path) -> Spec:
@@ -318,6 +339,25 @@ def _resolve_paths(spec: Spec, folder: Path) -> Spec:
     return spec.model_copy(
         update={"base": base, "data": data, "evaluate": evaluate, "serve": serve}
     )
+
+
+def _union_member(part: str | int) -> bool:
+    """A location part pydantic adds for one member of a union: `literal['arithmetic',...]`,
+    `function-after[_regex_given(), EvalTaskSpec]`, `EvalTaskSpec`."""
+    return isinstance(part, str) and ("[" in part or part[:1].isupper())
+
+
+def _meant(errors: list[dict]) -> list[dict]:
+    """Of a union's members' errors, those of the member the input was written as: a task
+    given as a mapping is a task of one's own, so "should be 'arithmetic'" would mislead."""
+
+    def written_as(err: dict) -> bool:
+        member = next((p for p in err["loc"] if _union_member(p)), None)
+        if member is None:
+            return True
+        return member.startswith("literal[") == isinstance(err["input"], str)
+
+    return [err for err in errors if written_as(err)] or errors
 
 
 def _dotted(loc: tuple) -> str:

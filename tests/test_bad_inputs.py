@@ -1,9 +1,13 @@
 """The catalog of bad inputs (tests/bad_specs/): each file's first line names the message
 it must produce. Every one is one line with exit code 2, and nothing reaches the store
-or MLflow."""
+or MLflow, from `run` and from `validate` alike (validate reads what run reads). Services
+that accept a connection and never reply stop the command the same way."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,19 +25,95 @@ def expected(path: Path) -> str:
 
 
 def test_the_catalog_is_large_enough():
-    assert len(CATALOG) >= 25
+    assert len(CATALOG) >= 70
 
 
+@pytest.mark.parametrize("command", ["run", "validate"])
 @pytest.mark.parametrize("path", CATALOG, ids=lambda p: p.stem)
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(path, tmp_path, monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(command, path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where a default sqlite:///mlflow.db would land
     monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:9")  # nothing answers on the discard port
     store = tmp_path / "store"
-    result = CliRunner().invoke(app, ["run", str(path), "--store", str(store)])
+    result = CliRunner().invoke(app, [command, str(path), "--store", str(store)])
+    assert_refused(result, expected(path), tmp_path, store)
+
+
+GOOD = """\
+name: good
+base: {model: smollm2-135m}
+data: {task: arithmetic, n_train: 16}
+lora:
+  - {name: a, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}
+quant: [f16]
+"""
+
+
+@pytest.fixture
+def silent_listener():
+    """A TCP listener on 127.0.0.1 that accepts connections and never says a word."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_a_tracking_server_that_never_replies_stops_run_in_one_line(
+    silent_listener, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent_listener}")
+    spec, store = tmp_path / "good.yaml", tmp_path / "store"
+    spec.write_text(GOOD)
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["run", str(spec), "--store", str(store)])
+    print(f"refused after {time.perf_counter() - started:.2f} s")  # for the record, not judged
+    assert_refused(
+        result,
+        f"MLFLOW_TRACKING_URI: MLflow tracking server: http://127.0.0.1:{silent_listener} "
+        "did not answer within 3 s",
+        tmp_path,
+        store,
+    )
+
+
+def test_an_ollama_host_that_never_replies_stops_run_in_one_line(
+    silent_listener, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{silent_listener}")
+    spec, store = tmp_path / "good.yaml", tmp_path / "store"
+    spec.write_text(GOOD + "serve: {backend: ollama}\n")
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["run", str(spec), "--store", str(store)])
+    print(f"refused after {time.perf_counter() - started:.2f} s")  # for the record, not judged
+    assert_refused(
+        result, f"no Ollama server answers at http://127.0.0.1:{silent_listener}", tmp_path, store
+    )
+
+
+def assert_refused(result, message: str, cwd: Path, store: Path) -> None:
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2, result.output
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error: ")
-    assert expected(path) in lines[0]
+    assert message in lines[0]
+    assert "Traceback" not in result.output
     assert not store.exists()
-    assert not (tmp_path / "mlflow.db").exists()
+    assert not (cwd / "mlflow.db").exists()
+    assert not (cwd / "mlruns").exists()
