@@ -73,11 +73,12 @@ FILE = "chat_template.jinja"
 """Where the resolve stage writes the text that serves, beside the model folder."""
 
 PROBE = [
-    {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "What is 2+2?"},
     {"role": "assistant", "content": "4"},
 ]
 """A conversation every chat template must render, as training renders its examples."""
+SYSTEM = {"role": "system", "content": "You answer briefly."}
+"""Put before the probe when the spec sets a system prompt (some templates refuse one)."""
 
 
 @dataclass(frozen=True)
@@ -145,14 +146,14 @@ def require(spec: Spec) -> None:
     stage refuses it with the same line before anything is trained."""
     template = given(spec)
     if template is not None:
-        _renders(template)
+        _renders(template, bool(spec.serve.system or spec.data.system))
         return
     base = spec.base.model_dump(mode="json", exclude_none=True)
     if own(base) is False:
         raise InputError(missing(_name(base)))
 
 
-def _renders(template: Template) -> None:
+def _renders(template: Template, system: bool) -> None:
     """Render the probe the way training does: whole, and up to the generation prompt,
     which must be a prefix of the whole (the loss mask is the difference)."""
     from transformers.utils.chat_template_utils import render_jinja_template
@@ -168,11 +169,13 @@ def _renders(template: Template) -> None:
         return rendered[0]
 
     try:
-        full, prompt = render(PROBE, False), render(PROBE[:-1], True)
+        probe = [SYSTEM, *PROBE] if system else PROBE
+        full, prompt = render(probe, False), render(probe[:-1], True)
     except Exception as exc:  # jinja2's syntax, undefined and raise_exception errors alike
         raise InputError(
-            f"serve.chat_template: {template.source} does not render a system/user/assistant "
-            f"conversation: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            f"serve.chat_template: {template.source} does not render a "
+            f"{'system/' if system else ''}user/assistant conversation: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
     if PROBE[-1]["content"] not in full or not full.startswith(prompt):
         raise InputError(

@@ -168,9 +168,7 @@ def test_validate_renders_the_spec_template_once(tmp_path):
     path = write_spec(tmp_path, "{model: smollm2-135m}", "broken.jinja")
     result = invoke(["validate", str(path)])
     assert result.exit_code == 2
-    assert "does not render a system/user/assistant conversation: TemplateSyntaxError" in (
-        result.output
-    )
+    assert "does not render a user/assistant conversation: TemplateSyntaxError" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
@@ -179,7 +177,10 @@ def quiet(*_):
 
 
 def test_resolve_writes_the_spec_template_into_the_tokenizer_and_not_into_the_base(tmp_path):
-    base = tokenizer_folder(tmp_path / "base", template="{{ 'own' }}")
+    base = tokenizer_folder(tmp_path / "base")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ 'own' }}"  # where older tokenizers keep it
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
     own_files = {p.name: p.read_bytes() for p in base.iterdir()}
     text = templates.FAMILIES["llama3"]
     out = tmp_path / "out"
@@ -187,6 +188,9 @@ def test_resolve_writes_the_spec_template_into_the_tokenizer_and_not_into_the_ba
     resolve.run({"base": {"path": str(base)}, "chat_template": text}, {}, out, quiet)
     assert AutoTokenizer.from_pretrained(out / "model").chat_template == text
     assert (out / templates.FILE).read_text() == text
+    # llama.cpp's converter prefers tokenizer_config.json's template to chat_template.jinja
+    saved = json.loads((out / "model" / "tokenizer_config.json").read_text())
+    assert saved.get("chat_template", text) == text
     assert {p.name: p.read_bytes() for p in base.iterdir()} == own_files  # links, not written
 
     kept = tmp_path / "kept"
