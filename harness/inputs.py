@@ -29,7 +29,7 @@ SERVICE_TIMEOUT_S = 3.0
 # Ollama's options (api/types.go, Options and Runner, v0.33): the type FromMap demands when
 # the model loads, and the range that means something. Ollama logs an unknown name and
 # ignores it; a string for a number fails the model's load.
-INT, FLOAT, BOOL, TEXT = "an integer", "a number", "true or false", "a string"
+INT, FLOAT, BOOL, TEXT = "an integer", "a number", "true or false", "a string or strings"
 OLLAMA_OPTIONS: dict[str, tuple[str, float | None, float | None]] = {
     "num_ctx": (INT, 1, None),
     "num_batch": (INT, 1, None),
@@ -80,8 +80,10 @@ def _is(kind: str, value: Any) -> bool:
     if kind == FLOAT:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if kind == BOOL:
-        return isinstance(value, bool) or value in (0, 1)
-    return isinstance(value, str)
+        return isinstance(value, bool)
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(v, str) for v in value)
+    )
 
 
 def _numeric_text(value: Any) -> bool:
@@ -169,7 +171,7 @@ def gguf(spec: Spec, field: tuple[str, ...], path: Path) -> GgufInfo:
     return info
 
 
-def answers(url: str, what: str, fix: str) -> None:
+def answers(url: str, what: str, fix: str, verify: Any = True) -> None:
     """Stop with one line when `url` does not answer an HTTP request in SERVICE_TIMEOUT_S: a
     server that accepts and never replies would otherwise hold the run for minutes of
     client retries. Any HTTP answer counts; what it says is the client's business."""
@@ -178,7 +180,7 @@ def answers(url: str, what: str, fix: str) -> None:
     parts = urlsplit(url)  # the address without any user:password@ it may carry
     address = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     try:
-        httpx.get(url, timeout=SERVICE_TIMEOUT_S)
+        httpx.get(url, timeout=SERVICE_TIMEOUT_S, verify=verify)
     except httpx.TimeoutException:
         raise InputError(
             f"{what}: {address} did not answer within {SERVICE_TIMEOUT_S:g} s; {fix}"
@@ -186,3 +188,23 @@ def answers(url: str, what: str, fix: str) -> None:
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         reason = re.sub(r"^\[Errno -?\d+\]\s*", "", str(exc)) or type(exc).__name__
         raise InputError(f"{what}: {address} does not answer ({reason}); {fix}") from None
+
+
+def mlflow_tls() -> Any:
+    """How the MLflow client verifies a tracking server's certificate, from its own settings
+    (MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH), for `answers`."""
+    import os
+    import ssl
+
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return False
+    cert = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    if not cert:
+        return True
+    try:
+        return ssl.create_default_context(cafile=cert)
+    except (OSError, ssl.SSLError) as exc:
+        raise InputError(
+            f"MLFLOW_TRACKING_SERVER_CERT_PATH: cannot read certificates from {cert} "
+            f"({getattr(exc, 'strerror', None) or exc}); point it at a PEM file"
+        ) from None

@@ -199,6 +199,7 @@ def _tracking(spec: Spec) -> None:
             f"{uri.rstrip('/')}/health",
             f"{given or spec.where('tracking', 'uri')}: MLflow tracking server",
             "start the server (`mlflow server`) or use a local store (sqlite:///mlflow.db)",
+            inputs.mlflow_tls(),
         )
     elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))

@@ -122,11 +122,13 @@ class ServeSpec(Strict):
         description="the chat template for training, serving and checking, in place of the "
         "model's own (a base model has none): a family (chatml, gemma, llama3) or a Jinja file",
     )
-    parameters: dict[str, float | int | str] = Field(
+    parameters: dict[str, bool | int | float | str | list[str]] = Field(
         default_factory=lambda: {"temperature": 0, "num_ctx": 2048},
         description="Ollama option names: temperature, num_ctx, top_k, top_p, seed, ...",
     )
-    slots: int = Field(4, gt=0, description="parallel requests (llama-server -np)")
+    slots: int = Field(
+        4, gt=0, le=256, description="parallel requests (llama-server -np; llama.cpp's most: 256)"
+    )
     keep: bool = Field(
         False,
         description="leave each cell's model in Ollama after measuring (`forgebench clean` "

@@ -38,6 +38,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(command, path, tmp_path
     assert_refused(result, expected(path), tmp_path, store)
 
 
+def test_a_refused_tracking_uri_keeps_its_password_out_of_the_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = Path(__file__).parent / "bad_specs" / "tracking_server_unknown_host.yaml"
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "hunter2" in path.read_text() and "hunter2" not in result.output
+
+
 GOOD = """\
 name: good
 base: {model: smollm2-135m}
