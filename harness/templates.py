@@ -92,9 +92,9 @@ def choices() -> str:
     return f"a Jinja file or one of: {', '.join(sorted(FAMILIES))}"
 
 
-def resolve(value: str) -> Template:
+def resolve(value: str, where: str = "serve.chat_template") -> Template:
     """`serve.chat_template` (a family name, or a file path made absolute by spec.load) as
-    text; InputError, one line, for a name that is neither."""
+    text; InputError, one line starting with `where`, for a name that is neither."""
     if value in FAMILIES:
         return Template(FAMILIES[value], f"family {value}")
     path = Path(value)
@@ -103,23 +103,21 @@ def resolve(value: str) -> Template:
         if close or not path.suffix:
             hint = f"; did you mean {close[0]}?" if close else ""
             raise InputError(
-                f"serve.chat_template: {path.name!r} is no template family and no file{hint} "
-                f"(give {choices()})"
+                f"{where}: {path.name!r} is no template family and no file{hint} (give {choices()})"
             )
         raise InputError(
-            f"serve.chat_template: file not found: {path} (or name a family: "
-            f"{', '.join(sorted(FAMILIES))})"
+            f"{where}: file not found: {path} (or name a family: {', '.join(sorted(FAMILIES))})"
         )
     try:
         return Template(path.read_text(encoding="utf-8"), f"file {path}")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"serve.chat_template: cannot read {path}: {exc}") from None
+        raise InputError(f"{where}: cannot read {path}: {exc}") from None
 
 
 def given(spec: Spec) -> Template | None:
     """The template the spec names, or None when the model's own serves."""
     value = spec.serve.chat_template
-    return None if value is None else resolve(value)
+    return None if value is None else resolve(value, spec.where("serve", "chat_template"))
 
 
 def source(spec: Spec) -> str:
@@ -130,10 +128,10 @@ def source(spec: Spec) -> str:
     return f"family {value}" if value in FAMILIES else f"file {value}"
 
 
-def missing(base: str) -> str:
+def missing(base: str, where: str = "base") -> str:
     """The one line that refuses a model with no template, naming the fix."""
     return (
-        f"base: {base} has no chat template (a pretrained base model); "
+        f"{where}: {base} has no chat template (a pretrained base model); "
         f"set serve.chat_template to {choices()}"
     )
 
@@ -146,14 +144,15 @@ def require(spec: Spec) -> None:
     stage refuses it with the same line before anything is trained."""
     template = given(spec)
     if template is not None:
-        _renders(template, bool(spec.serve.system or spec.data.system))
+        system = bool(spec.serve.system or spec.data.system)
+        _renders(template, system, spec.where("serve", "chat_template"))
         return
     base = spec.base.model_dump(mode="json", exclude_none=True)
     if own(base) is False:
-        raise InputError(missing(_name(base)))
+        raise InputError(missing(_name(base), spec.where("base")))
 
 
-def _renders(template: Template, system: bool) -> None:
+def _renders(template: Template, system: bool, where: str) -> None:
     """Render the probe the way training does: whole, and up to the generation prompt,
     which must be a prefix of the whole (the loss mask is the difference)."""
     from transformers.utils.chat_template_utils import render_jinja_template
@@ -173,13 +172,13 @@ def _renders(template: Template, system: bool) -> None:
         full, prompt = render(probe, False), render(probe[:-1], True)
     except Exception as exc:  # jinja2's syntax, undefined and raise_exception errors alike
         raise InputError(
-            f"serve.chat_template: {template.source} does not render a "
+            f"{where}: {template.source} does not render a "
             f"{'system/' if system else ''}user/assistant conversation: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
     if PROBE[-1]["content"] not in full or not full.startswith(prompt):
         raise InputError(
-            f"serve.chat_template: {template.source} does not render the conversation with the "
+            f"{where}: {template.source} does not render the conversation with the "
             "generation prompt as a prefix of the whole, so training cannot mask its loss"
         )
 

@@ -74,6 +74,11 @@ def test_a_family_name_with_a_typo_is_refused_with_a_suggestion(tmp_path):
     assert "one of: chatml, gemma, llama3" in message and "\n" not in message
     with pytest.raises(InputError, match=r"file not found: .*missing\.jinja"):
         templates.resolve(str(tmp_path / "missing.jinja"))
+    path = write_spec(tmp_path, "{model: smollm2-135m}", "llama-3")
+    result = invoke(["validate", str(path)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(f"error: {path}:7: serve.chat_template: 'llama-3' is no ")
+    assert "did you mean llama3?" in result.output
 
 
 def test_a_spec_names_a_family_or_a_file_relative_to_itself(tmp_path):
@@ -155,7 +160,7 @@ def test_a_base_without_a_template_is_refused_by_validate_in_one_line(tmp_path):
         result = invoke(["validate", str(path)])
         assert result.exit_code == 2, result.output
         assert result.output.strip() == (
-            f"error: base: {name} has no chat template (a pretrained base model); set "
+            f"error: {path}:2: base: {name} has no chat template (a pretrained base model); set "
             "serve.chat_template to a Jinja file or one of: chatml, gemma, llama3"
         )
         assert sorted(tmp_path.rglob("*")) == before  # nothing written, no MLflow database
