@@ -231,7 +231,7 @@ def discover() -> Discovery:
     host = ollama_host()
     listed = _from_api(host)
     if listed is not None:
-        return Discovery(listed, f"the Ollama server at {host}")
+        return Discovery(listed[0], f"the Ollama server at {host}", listed[1])
     root = models_dir()
     models, skipped = _from_store(root)
     return Discovery(models, f"the model store at {root} (no server answered at {host})", skipped)
@@ -244,6 +244,9 @@ def find_model(name: str) -> OllamaModel:
     for model in found.models:
         if [part.lower() for part in parse_name(model.name)] == wanted:
             return model
+    for line in found.skipped:  # listed, but the server could not describe it
+        if [part.lower() for part in parse_name(line.partition(": ")[0])] == wanted:
+            raise InputError(f"Ollama model {line}")
     raise InputError(
         f"no Ollama model {name!r} in {found.source}: `ollama pull {name}`, "
         "or see `forgebench models`"
@@ -282,19 +285,29 @@ def _blob(root: Path, digest: str) -> Path:
     return root / "blobs" / digest.replace(":", "-")
 
 
-def _from_api(host: str) -> list[OllamaModel] | None:
-    """The server's models (/api/tags, then /api/show each); None when no server answers."""
+def _from_api(host: str) -> tuple[list[OllamaModel], list[str]] | None:
+    """The server's models (/api/tags, then /api/show each) and a line for each one it
+    could not show; None when no server answers. One /api/show that fails (a cloud model
+    while offline: server/routes.go ShowHandler asks ollama.com) costs that model only."""
     import httpx
     import ollama
 
     client = ollama.Client(host=host, timeout=10)
     try:
         listed = client.list()
-        return [_api_model(client, item) for item in listed.models if item.model]
     except (ConnectionError, httpx.TransportError):
         return None
     except ollama.ResponseError as exc:
         raise ForgebenchError(f"the Ollama server at {host} failed: {exc.error}") from None
+    models, skipped = [], []
+    for item in (item for item in listed.models if item.model):
+        try:
+            models.append(_api_model(client, item))
+        except ollama.ResponseError as exc:
+            skipped.append(f"{item.model}: /api/show failed ({exc.status_code}): {exc.error}")
+        except httpx.TransportError as exc:
+            skipped.append(f"{item.model}: /api/show did not answer ({exc})")
+    return models, skipped
 
 
 def _api_model(client: Any, item: Any) -> OllamaModel:

@@ -32,24 +32,26 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import jinja2
 import llama_cpp
+import ollama_double_native as native
 
-VERSION = "0.0.0-double"
+VERSION = "0.33.0-double"
+"""The Ollama whose source the double follows; 0.30-double emulates the older counts."""
 DIGEST = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
-NAME = re.compile(r"^(?:[\w.-]+/)?\w[\w.-]*(?::\w[\w.-]*)?$")
 # fs/ggml/type.go FileType.String(), indexed by general.file_type
 QUANTS = "F32 F16 Q4_0 Q4_1 - - - Q8_0 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S"
 FILE_TYPES = dict(enumerate((QUANTS + " Q5_K_M Q6_K").split())) | {32: "BF16"}
-# api/types.go DefaultOptions; num_ctx 4096 is Ollama's default without a large GPU
+# api/types.go DefaultOptions; num_ctx comes from the server's memory (OllamaDouble.num_ctx)
 DEFAULTS = {"num_predict": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0}
 DEFAULTS |= {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
-DEFAULTS |= {"seed": -1, "num_ctx": 4096}
+DEFAULTS |= {"seed": -1, "num_keep": 4}
 SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p"}
 SAMPLING |= {k: k for k in ("repeat_penalty", "presence_penalty", "frequency_penalty")}
 OPENAI = {"max_tokens": "num_predict"} | {k: k for k in ("temperature", "top_p", "stop", "seed")}
 Parts = Iterator[tuple[str, dict | None]]
 """Streamed text, then "" with the final metrics."""
-UNSUPPORTED = ("format", "tools", "think", "images", "system", "template", "raw", "suffix")
+UNSUPPORTED = ("format", "tools", "images", "system", "template", "raw", "suffix")
 SAMPLE = [{"role": r, "content": r} for r in ("system", "user", "assistant", "user")]
 
 
@@ -216,6 +218,47 @@ class Model:
     system: str
     parameters: dict
     modified_at: str
+    native: bool = False
+    """Served on llama-server's Jinja path with the GGUF's own chat template (no Go template
+    given, or PreferChatTemplate): server/routes.go chatModeForModel."""
+
+    @property
+    def capabilities(self) -> list[str]:
+        """Model.Capabilities for the selected template (server/images.go)."""
+        if self.native:
+            return [*native.chat_template_capabilities(gguf_chat(self.path).template), "completion"]
+        return ["completion", *native.go_template_capabilities(self.template)]
+
+    @property
+    def served_template(self) -> str:
+        """server/routes.go selectedModelTemplate: what /api/show calls the template."""
+        return gguf_chat(self.path).template if self.native else self.template
+
+
+@dataclass(frozen=True)
+class GgufChat:
+    """What llama-server's Jinja path reads from the GGUF."""
+
+    template: str
+    bos: str
+    eos: str
+    train_ctx: int
+
+
+@functools.cache
+def gguf_chat(path: Path) -> GgufChat:
+    """Read through llama.cpp's own loader (vocabulary only), as quick as the server's."""
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    meta = vocab.metadata
+
+    def text(key: str) -> str:
+        found = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return vocab.detokenize([int(found)], special=True).decode() if found else ""
+
+    trained = meta.get(f"{meta.get('general.architecture', '')}.context_length", "0")
+    template, bos, eos = meta.get("tokenizer.chat_template", ""), text("bos"), text("eos")
+    vocab.close()
+    return GgufChat(template, bos, eos, int(trained))
 
 
 @dataclass
@@ -321,14 +364,32 @@ def hold_back(text: str, stops: list[str]) -> tuple[str, str, bool]:
     return text[: len(text) - keep], text[len(text) - keep :], False
 
 
-def generate(runner: Runner, prompt: str, options: dict) -> Parts:
+def generate(runner: Runner, prompt: str, options: dict, counts_cached: bool, shift: bool) -> Parts:
     """Sample until an end-of-generation token, a stop string or num_predict; the last item
-    carries Ollama's metrics (api.Metrics omits zero values)."""
+    carries Ollama's metrics (api.Metrics omits zero values).
+
+    A prompt that fills num_ctx is refused with llama-server's error, or, on the Go template
+    path with context shift (`shift`), cut as llm/llama_server.go completionPromptForRequest
+    cuts it. The prompt cache is llama-cpp-python's own, which reuses the longest prefix
+    shared with what the runner last held, as llama-server's slot does with `cache_prompt`
+    (always set by Ollama); `prompt_eval_count` counts only the tokens evaluated before
+    Ollama 0.31, cached ones too from 0.31 on (promptEvalCount = cache_n + prompt_n,
+    ollama commit 35fa277), while `prompt_eval_duration` is always the evaluated ones' time.
+    """
     llm = runner.llm
     tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    if len(tokens) >= runner.num_ctx:
+        if not shift:
+            error = native.CONTEXT_OVERFLOW.format(n=len(tokens), ctx=runner.num_ctx)
+            raise ApiError(error, 400)
+        tokens = shifted(tokens, runner.num_ctx, options["num_keep"], llm.token_bos())
+    cached = 0
+    for held, wanted in zip(llm._input_ids[: llm.n_tokens].tolist(), tokens, strict=False):
+        if held != wanted:
+            break
+        cached += 1
+    cached = min(cached, len(tokens) - 1)  # the last prompt token is always evaluated
     room = runner.num_ctx - len(tokens)
-    if room <= 0:
-        raise ApiError(f"the prompt ({len(tokens)} tokens) does not fit num_ctx {runner.num_ctx}")
     limit = min(room, options["num_predict"]) if options["num_predict"] > 0 else room
     stops = [s for s in options.get("stop") or [] if s]
     if options["seed"] >= 0:
@@ -353,23 +414,44 @@ def generate(runner: Runner, prompt: str, options: dict) -> Parts:
     if held:  # the start of a stop string that never came
         yield held, None
     ended = time.perf_counter()
-    metrics = {"done_reason": reason, "prompt_eval_count": len(tokens), "eval_count": count}
+    prompt_count = len(tokens) if counts_cached else len(tokens) - cached
+    metrics = {"done_reason": reason, "prompt_eval_count": prompt_count, "eval_count": count}
     metrics |= {"prompt_eval_duration": _ns(first - started), "eval_duration": _ns(ended - first)}
     yield "", {k: v for k, v in metrics.items() if v}
 
 
+def shifted(tokens: list[int], num_ctx: int, num_keep: int, bos: int) -> list[int]:
+    """completionPromptForRequest with context shift: keep num_keep tokens (and BOS), drop
+    from after them so that half the context's remainder is free (contextShiftPromptLimit)."""
+    keep = min(max(num_keep, 0) + (tokens[:1] == [bos]), num_ctx - 1)
+    limit = num_ctx - max((num_ctx - keep) // 2, 1)
+    return tokens[:keep] + tokens[keep + len(tokens) - limit :]
+
+
 def answer_chunk(model: str, key: str, text: str, final: dict | None) -> dict:
-    """One /api/chat ("message") or /api/generate ("response") object; `final` ends it."""
-    content = {"role": "assistant", "content": text} if key == "message" else text
+    """One /api/chat ("message") or /api/generate ("response") object; `final` ends it.
+    Thinking goes in message.thinking (chat) or `thinking` (generate), never in content."""
+    thought = isinstance(text, native.Thought)
+    said = {"thinking": str(text)} if thought else {}
+    text = "" if thought else text
+    content = {"role": "assistant", "content": text} | said if key == "message" else text
     chunk = {"model": model, "created_at": _iso(), key: content, "done": final is not None}
-    return chunk | (final or {})
+    return chunk | ({} if key == "message" else said) | (final or {})
 
 
 class OllamaDouble:
     """`with OllamaDouble() as double:` serves at `double.host` until the block ends. Loaded
     models stay loaded until unloaded (keep_alive 0); `expires_at` is only reported."""
 
-    def __init__(self) -> None:
+    def __init__(self, version: str = VERSION, vram_bytes: int = 0) -> None:
+        """`version` as /api/version reports it: before 0.31, prompt_eval_count leaves out
+        cached prompt tokens. `vram_bytes`: the GPUs' memory, which sets the default
+        num_ctx (none here: 4096)."""
+        self.version = version
+        self.counts_cached = tuple(int(p) for p in version.split(".")[:2]) >= (0, 31)
+        self.num_ctx = native.default_num_ctx(vram_bytes)
+        self.unreachable: dict[str, str] = {}
+        """Listed models whose /api/show fails, name -> error (a cloud model offline)."""
         self.folder = Path(tempfile.mkdtemp(prefix="ollama-double-"))
         (self.folder / "blobs").mkdir()
         self.models: dict[str, Model] = {}
@@ -420,7 +502,7 @@ class OllamaDouble:
         name, files = body.get("model") or body.get("name") or "", body.get("files") or {}
         if not all(files.values()):
             raise ApiError("invalid digest format", 400)
-        if not NAME.match(name):
+        if not native.valid_name(name):
             raise ApiError("invalid model name", 400)
         if any(body.get(k) for k in ("from", "adapters", "quantize", "messages")) or (
             len(files) != 1 or not next(iter(files)).endswith(".gguf")
@@ -440,19 +522,23 @@ class OllamaDouble:
                 raise ApiError("supplied file was not in GGUF format", 400)
         yield {"status": f"using existing layer {digest}"}
         template, system = body.get("template") or "", body.get("system") or ""
-        if not template:
-            raise ApiError("the test double needs a template; it detects none from a GGUF", 400)
+        chat_template = gguf_chat(path).template
+        if not template and not chat_template:
+            raise ApiError("the test double needs a template: the GGUF has none either", 400)
         try:
-            render_prompt(template, SAMPLE)
+            if template:
+                render_prompt(template, SAMPLE)
         except TemplateError as exc:
             raise ApiError(f"template error: {exc}", 400) from None
+        served_natively = not template or native.prefers_chat_template(chat_template, template)
         parameters = body.get("parameters") or {}
         for layer in filter(None, (template, system, json.dumps(parameters) if parameters else "")):
             yield {"status": f"creating new layer sha256:{_sha(layer)}"}
         yield {"status": "writing manifest"}
         describe(path)
         with self.lock:
-            self.models[name] = Model(name, digest, path, template, system, parameters, _iso())
+            made = Model(name, digest, path, template, system, parameters, _iso(), served_natively)
+            self.models[name] = made
         yield {"status": "success"}
 
     def model(self, name: str) -> Model:
@@ -463,6 +549,8 @@ class OllamaDouble:
     def show(self, h: _Handler, body: dict) -> None:
         if not (name := body.get("model") or body.get("name")):
             raise ApiError("model is required", 400)
+        if (error := self.unreachable.get(full_name(name))) is not None:
+            raise ApiError(error)
         m = self.model(full_name(name))
         options = [(k, v) for k, vs in sorted(m.parameters.items()) for v in _listed(vs)]
         lines = ['# Modelfile generated by "ollama show"']
@@ -474,9 +562,10 @@ class OllamaDouble:
         lines += [f"SYSTEM {go_quote(m.system)}"] if m.system else []
         lines += [f"PARAMETER {k} {go_quote(go_value(v))}" for k, v in options]
         details, info = describe(m.path)
-        reply = {"modelfile": "\n".join(lines) + "\n", "template": m.template, "details": details}
+        reply = {"modelfile": "\n".join(lines) + "\n", "template": m.served_template}
+        reply["details"] = details
         reply["parameters"] = "\n".join(f"{k:<30} {go_value(v, True)}" for k, v in options)
-        reply |= {"model_info": info, "capabilities": ["completion"], "modified_at": m.modified_at}
+        reply |= {"model_info": info, "capabilities": m.capabilities, "modified_at": m.modified_at}
         h.reply(200, reply | ({"system": m.system} if m.system else {}))
 
     def tags(self, h: _Handler, body: dict) -> None:
@@ -485,6 +574,9 @@ class OllamaDouble:
             entry = {"name": m.name, "model": m.name, "modified_at": m.modified_at}
             entry |= {"size": m.path.stat().st_size, "digest": _sha(m.name + m.digest + m.template)}
             listed.append(entry | {"details": describe(m.path)[0]})
+        for name in self.unreachable:  # a cloud model: listed, its weights elsewhere
+            entry = {"name": name, "model": name, "modified_at": _iso(), "size": 384}
+            listed.append(entry | {"digest": _sha(name), "remote_host": "https://ollama.com:443"})
         h.reply(200, {"models": listed})
 
     def ps(self, h: _Handler, body: dict) -> None:
@@ -520,6 +612,7 @@ class OllamaDouble:
         model = self.model(body.get("model", ""))
         if not messages:
             return h.reply(200, answer_chunk(body["model"], key, "", self._load(model, body)))
+        body = body | {"think": self._think(model, body)}
         if body.get("_debug_render_only"):
             return h.reply(200, self._render_only(model, messages, body, key))
         h.answer(self._chat(model, messages, body), body, key)
@@ -528,18 +621,56 @@ class OllamaDouble:
         """routes.go with DebugRenderOnly: the runner is scheduled (loaded) and the prompt
         rendered, then answered whole whatever `stream` says, with a zero message or
         response, done false and the prompt in _debug_info; nothing is generated."""
-        self._runner(model, DEFAULTS | model.parameters | (body.get("options") or {}), body)
-        try:
-            prompt = render_prompt(model.template, with_system(model, messages))
-        except TemplateError as exc:
-            raise ApiError(f"template: {exc}") from None
+        options = DEFAULTS | model.parameters | (body.get("options") or {})
+        runner = self._runner(model, options, body)
+        with runner.lock:
+            prompt = self._prompt(model, runner, with_system(model, messages), body)
         empty = {"role": "", "content": ""} if key == "message" else ""
         reply = {"model": body["model"], "created_at": _iso(), key: empty, "done": False}
         return reply | {"_debug_info": {"rendered_template": prompt}}
 
     def _chat(self, model: Model, messages: list, body: dict) -> Parts:
         messages = with_system(model, messages)
-        return self._run(model, lambda: render_prompt(model.template, messages), body)
+        return self._run(model, lambda r: self._prompt(model, r, messages, body), body)
+
+    def _think(self, model: Model, body: dict) -> bool | None:
+        """ChatHandler: a thinking model thinks unless told not to (think defaults to true);
+        asking any other model to think is an error."""
+        think = body.get("think")
+        if "thinking" in model.capabilities:
+            return True if think is None else bool(think)
+        if think:
+            raise ApiError(f'"{body.get("model")}" does not support thinking', 400)
+        return think
+
+    def _prompt(self, model: Model, runner: Runner, messages: list[dict], body: dict) -> str:
+        """The prompt for these messages: the oldest non-system ones dropped while it does
+        not fit num_ctx (truncateNativeChatMessages, server/prompt.go chatPrompt; unless
+        `truncate` is false), rendered by the GGUF's Jinja template on llama-server's path,
+        else by the Go template."""
+        think = body.get("think")
+        chat = gguf_chat(model.path)
+
+        def render(turns: list[dict]) -> str:
+            try:
+                if not model.native:
+                    return render_prompt(model.template, turns)
+                adds_bos = bool(runner.llm.tokenize(b"", add_bos=True, special=True))
+                return native.render_jinja(
+                    chat.template, turns, chat.bos, chat.eos, adds_bos, think
+                )
+            except (TemplateError, jinja2.TemplateError) as exc:
+                raise ApiError(f"template: {exc}") from None
+
+        if body.get("truncate") is False or len(messages) <= 1:
+            return render(messages)
+        for start in range(len(messages)):
+            system = [m for m in messages[:start] if m["role"] == "system"]
+            prompt = render(system + messages[start:])
+            tokens = runner.llm.tokenize(prompt.encode(), add_bos=True, special=True)
+            if len(tokens) <= runner.num_ctx:
+                break
+        return prompt
 
     def openai_chat(self, h: _Handler, body: dict) -> None:
         """/v1/chat/completions mapped onto /api/chat as openai.FromChatRequest maps it
@@ -555,8 +686,10 @@ class OllamaDouble:
             options["stop"] = [options["stop"]]
         model = self.model(body.get("model", ""))
         messages = [{"role": m["role"], "content": m["content"]} for m in body["messages"]]
-        texts, finals = zip(*self._chat(model, messages, {"options": options}), strict=True)
-        final, message = finals[-1], {"role": "assistant", "content": "".join(texts)}
+        asked = {"options": options, "think": self._think(model, body | {"think": None})}
+        texts, finals = zip(*self._chat(model, messages, asked), strict=True)
+        said = "".join(t for t in texts if not isinstance(t, native.Thought))
+        final, message = finals[-1], {"role": "assistant", "content": said}
         n, m = final["prompt_eval_count"], final.get("eval_count", 0)
         usage = {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
         choice = {"index": 0, "message": message, "finish_reason": final["done_reason"]}
@@ -573,9 +706,22 @@ class OllamaDouble:
         self._runner(model, DEFAULTS | model.parameters | (body.get("options") or {}), body)
         return {"done_reason": "load"}
 
+    def context_length(self, model: Model, options: dict) -> int:
+        """The runner's num_ctx: the option, else the server's memory tier default, never
+        above the model's trained context (server/sched.go effectiveContext) nor under 4."""
+        wanted = int(options.get("num_ctx") or self.num_ctx)
+        trained = gguf_chat(model.path).train_ctx
+        return max(4, min(wanted, trained) if trained > 0 else wanted)
+
     def _runner(self, model: Model, options: dict, body: dict) -> Runner:
-        """The model file's runner, (re)loaded when absent or its num_ctx changed."""
-        num_ctx = int(options["num_ctx"])
+        """The model file's runner, (re)loaded when absent or its num_ctx changed; options
+        of the wrong type fail here, at load (scheduleRunner's modelOptions: a 500), not
+        when the model was created."""
+        if error := native.option_error(model.parameters) or native.option_error(
+            body.get("options") or {}
+        ):
+            raise ApiError(error)
+        num_ctx = self.context_length(model, options)
         with self.lock:
             runner = self.runners.get(model.digest)
             if runner is None or runner.num_ctx != num_ctx:
@@ -588,17 +734,18 @@ class OllamaDouble:
             runner.expires_at = datetime.now(UTC) + keep_alive(body.get("keep_alive"))
             return runner
 
-    def _run(self, model: Model, render: Callable[[], str], body: dict) -> Parts:
+    def _run(self, model: Model, render: Callable[[Runner], str], body: dict) -> Parts:
         started = time.perf_counter()
         options = DEFAULTS | model.parameters | (body.get("options") or {})
         runner = self._runner(model, options, body)
         loaded = time.perf_counter()
-        try:
-            prompt = render()
-        except TemplateError as exc:
-            raise ApiError(f"template: {exc}") from None
+        shift = not model.native and body.get("truncate") is not False
         with runner.lock:
-            for text, final in generate(runner, prompt, options):
+            prompt = render(runner)
+            parts = generate(runner, prompt, options, self.counts_cached, shift)
+            if model.native and body.get("think"):
+                parts = native.split_thinking(parts, prompt.rstrip().endswith("<think>"))
+            for text, final in parts:
                 if final is not None:
                     final["total_duration"] = _ns(time.perf_counter() - started)
                     final["load_duration"] = _ns(loaded - started)
@@ -640,7 +787,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         routes = {
             ("GET", "/"): lambda h, b: h.reply(200, "Ollama is running"),
-            ("GET", "/api/version"): lambda h, b: h.reply(200, {"version": VERSION}),
+            ("GET", "/api/version"): lambda h, b: h.reply(200, {"version": double.version}),
             ("GET", "/api/tags"): double.tags,
             ("GET", "/api/ps"): double.ps,
             ("POST", "/api/create"): double.create,
@@ -703,8 +850,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self.stream(items)
         chunks = list(items)
         text = "".join(c[key]["content"] if key == "message" else c[key] for c in chunks)
+        held = (c[key] if key == "message" else c for c in chunks)
+        thinking = "".join(h.get("thinking", "") for h in held)
         final = chunks[-1]
         final[key] = final[key] | {"content": text} if key == "message" else text
+        if thinking:
+            final[key] = final[key] | {"thinking": thinking} if key == "message" else final[key]
+            final |= {} if key == "message" else {"thinking": thinking}
         self.reply(200, final)
 
     def stream(self, items: Iterator[dict]) -> None:

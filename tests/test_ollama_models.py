@@ -170,6 +170,31 @@ def test_api_path_through_the_ollama_double(monkeypatch):
     assert f"HF base: {REPO} (not cached)" in result.output
 
 
+def test_one_model_the_server_cannot_show_costs_only_that_model(monkeypatch):
+    """A cloud model while offline: listed by /api/tags, its /api/show fails. `models`
+    lists every other model and says which one failed and why; an `ollama:` base of
+    another model resolves; naming the failing one is one line with the server's words."""
+    import ollama
+    from ollama_double import OllamaDouble
+
+    with OllamaDouble() as double:
+        monkeypatch.setenv("OLLAMA_HOST", double.host)
+        client = ollama.Client(host=double.host)
+        digest = client.create_blob(smollm2_gguf())
+        client.create(model="smollm2:135m", files={"model.gguf": digest}, template="{{ .Prompt }}")
+        double.unreachable["gpt-oss:120b-cloud"] = "dial tcp: lookup ollama.com: no such host"
+        result = CliRunner().invoke(app, ["models"])
+        resolved = ollama_models.resolve_base({"ollama": "smollm2:135m", "fallback": "gguf"})
+        with pytest.raises(InputError, match=r"gpt-oss:120b-cloud: /api/show failed \(500\)"):
+            ollama_models.find_model("gpt-oss:120b-cloud")
+    assert result.exit_code == 0, result.output
+    assert "smollm2:135m  llama" in result.output
+    assert "gpt-oss:120b-cloud: /api/show failed (500): dial tcp: lookup ollama.com" in (
+        result.output
+    )
+    assert resolved.lineage["ollama_model"] == "smollm2:135m"
+
+
 def test_unknown_model_names_the_store():
     with pytest.raises(InputError, match=r"no Ollama model 'qwen2.5:7b' in the model store"):
         ollama_models.find_model("qwen2.5:7b")

@@ -4,9 +4,11 @@ Deploying uploads the GGUF as a blob (skipped when the server already holds that
 creates the model with a Go template derived from the model's own Jinja chat template, so
 Ollama renders prompts as the model was trained to see them, plus its stop strings, system
 prompt and parameters (Ollama's option names); `/api/show` is then read back to confirm what
-the server kept. Chat streams `/api/chat`; the last chunk carries Ollama's own token counts
-and timings (nanoseconds on the wire, seconds here). `modelfile()` writes the same deployment
-as a Modelfile, for `ollama create -f` by hand.
+the server kept. Ollama 0.30+ may serve the GGUF's own Jinja template instead (see
+`template_source`); the deployment records which one serves, and the check judges that one.
+Chat streams `/api/chat`; the last chunk carries Ollama's own token counts and timings
+(nanoseconds on the wire, seconds here), the model's thinking apart from its answer.
+`modelfile()` writes the same deployment as a Modelfile, for `ollama create -f` by hand.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import hashlib
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import ollama
 
+from harness import gguf_meta
 from harness.backends import NAMESPACE, Chunk, Deployment, ServeConfig, ollama_host
 from harness.errors import ForgebenchError
 
@@ -147,14 +151,50 @@ def sha256_digest(path: Path) -> str:
     return f"sha256:{sha.hexdigest()}"
 
 
-def chunk_from(part: Any) -> Chunk:
+GO_TEMPLATE, GGUF_TEMPLATE = "go_template", "gguf_chat_template"
+"""Which template serves, in Ollama's own words (server/images.go selectedTemplateSource)."""
+
+
+def template_source(shown: str | None, go: str, jinja: str) -> str | None:
+    """Which template Ollama serves, from what /api/show calls the template: the Go
+    template it was given, or the GGUF's own (tokenizer.chat_template), which Ollama 0.30+
+    prefers when that one mentions tools or <think> and the Go template lacks those
+    abilities (server/images.go GetModel, shouldPreferChatTemplate: PreferChatTemplate);
+    then chat runs llama-server's Jinja path and /api/show returns the Jinja text
+    (server/routes.go selectedModelTemplate). That is accepted only when it is the
+    deployment's own Jinja template (`jinja`, which the Go one was derived from); None
+    for anything else."""
+    if shown == go:
+        return GO_TEMPLATE
+    if shown == jinja:
+        return GGUF_TEMPLATE
+    return None
+
+
+@dataclass
+class ThinkingChunk(Chunk):
+    """A Chunk with the model's thinking, which Ollama streams apart from the answer
+    (message.thinking: llama-server's reasoning_content), so it is never scored."""
+
+    thinking: str = ""
+
+
+def chunk_from(part: Any) -> ThinkingChunk:
     """One streamed /api/chat object as a Chunk; the final one's durations, sent in
-    nanoseconds, become seconds."""
+    nanoseconds, become seconds.
+
+    `prompt_eval_count` is the whole prompt from Ollama 0.31 (cache_n + prompt_n of
+    llama-server's timings, llm/llama_server.go promptEvalCount) but only its part outside
+    the prompt cache in 0.30 (prompt_n), while `prompt_eval_duration` times that part in
+    both. Only on a cold cache (the first chat after `deploy`) do both versions give the
+    prompt's length and its prefill time; the check and bench read them there."""
     text = (part.message.content or "") if part.message else ""
+    thinking = (part.message.thinking or "") if part.message else ""
     if not part.done:
-        return Chunk(text)
-    return Chunk(
+        return ThinkingChunk(text, thinking=thinking)
+    return ThinkingChunk(
         text,
+        thinking=thinking,
         done=True,
         done_reason=part.done_reason,
         prompt_tokens=part.prompt_eval_count,
@@ -193,17 +233,22 @@ class OllamaBackend:
         shown = self._call(
             f"show {config.model_name}", lambda: self._client.show(config.model_name)
         )
-        if shown.template != template:
+        source = template_source(shown.template, template, config.chat_template)
+        if source is None:
+            embedded = gguf_meta.read(gguf).chat_template
+            kept = "the GGUF's own, " if embedded and shown.template == embedded else ""
             raise ForgebenchError(
-                f"Ollama at {self.host} kept another template for {config.model_name} than "
-                "the one it was given; it would not render prompts as the model expects"
+                f"Ollama at {self.host} kept another template for {config.model_name} "
+                f"({kept}not the one it was given nor the deployment's chat template); it "
+                "would not render prompts as the model expects"
             )
         details = shown.details
+        load_seconds = self._load_seconds(config.model_name)
         return Deployment(
             self.name,
             config.model_name,
             self.host,
-            self._load_seconds(config.model_name),
+            load_seconds,
             {
                 "ollama_version": version.get("version"),
                 "digest": digest,
@@ -212,6 +257,9 @@ class OllamaBackend:
                 "parameter_size": details.parameter_size if details else None,
                 "family": details.family if details else None,
                 "template": shown.template,
+                "template_source": source,
+                "capabilities": list(shown.capabilities or []),
+                "context_length": self._running(config.model_name).get("context_length"),
                 "stop": parameters.get("stop", []),
                 "modelfile": modelfile(gguf, template, config.system, parameters),
             },
@@ -261,15 +309,15 @@ class OllamaBackend:
         return self._client._request_raw(method, path, **request)
 
     def _load_seconds(self, name: str) -> float:
-        """Unload, then time a one-token generation's load (server-side, as Ollama reports
-        it), which also leaves the model loaded for KEEP_ALIVE."""
+        """Unload, then time a load with no prompt (GenerateHandler answers "load" once the
+        runner is up), which leaves the model loaded for KEEP_ALIVE with an empty prompt
+        cache: the first chat after a deploy is evaluated whole, whatever the server's
+        version counts as prompt tokens (see `chunk_from`). A load is also where Ollama
+        first checks the model's options, so a bad one fails the deploy here."""
         self._call(f"unload {name}", lambda: self._client.generate(name, "", keep_alive=0))
         started = time.perf_counter()
         reply = self._call(
-            f"load {name}",
-            lambda: self._client.generate(
-                name, "Hi", options={"num_predict": 1}, keep_alive=KEEP_ALIVE
-            ),
+            f"load {name}", lambda: self._client.generate(name, "", keep_alive=KEEP_ALIVE)
         )
         return _seconds(reply.load_duration) or time.perf_counter() - started
 
@@ -316,10 +364,18 @@ class OllamaBackend:
         weights, KV cache and compute graph, set at load, whatever was served since), in
         bytes; None when it is not loaded. Not a process's resident memory, which a remote
         server does not show: bench reports it as `ollama_ps_size_mb`, not `memory_mb`."""
+        size = self._running(deployment.model_name).get("size")
+        return int(size) if size is not None else None
+
+    def _running(self, name: str) -> dict[str, Any]:
+        """The model's /api/ps entry (size, context_length: the num_ctx it was loaded with,
+        which without a num_ctx parameter Ollama picks from the server's GPU memory, 4096,
+        32768 or 262144, server/routes.go Serve, capped at the model's trained context);
+        empty when it is not loaded."""
         running = self._call("list running models", self._client.ps)
-        wanted = {deployment.model_name, _tagged(deployment.model_name)}
-        sizes = [m.size for m in running.models if m.model in wanted or m.name in wanted]
-        return int(sizes[0]) if sizes and sizes[0] is not None else None
+        wanted = {name, _tagged(name)}
+        found = [m for m in running.models if m.model in wanted or m.name in wanted]
+        return found[0].model_dump() if found else {}
 
     def remove(self, deployment: Deployment) -> None:
         self.delete(deployment.model_name)

@@ -9,6 +9,13 @@ time to first token from the client's side, end-to-end stream tokens/s, and the
 server's own prefill and decode figures (llama-server `timings`, Ollama's
 nanosecond durations).
 
+Prefill is read from the first request after the deploy alone (a warm-up request
+unless `warmup` is 0), whose prompt nothing has cached yet: later prompts share the
+chat template's opening with the one before, which the servers' prompt cache skips, and
+Ollama counts those skipped tokens in `prompt_eval_count` from 0.31 on but not in 0.30,
+while its `prompt_eval_duration` leaves them out in both (harness/backends/ollama.py
+`chunk_from`); only a cold prompt gives one figure on every server.
+
 Every percentile is by nearest rank (the ceil(q/100 * n)-th smallest sample, so
 it is always a request that happened). Each figure is reported as its median
 (`_p50`) and its slow tail: `ttft_s_p95`/`ttft_ms_p95` for time to first token,
@@ -43,9 +50,10 @@ from harness.backends import Backend, Deployment
 from harness.evals import EVALS
 
 PROMPTS = EVALS / "bench_prompts.jsonl"
-VERSION = 2
+VERSION = 3
 """The bench's logic in the stage key (harness/keys.py): 2 is nearest-rank percentiles, the
-throughputs' slow tail (p5, no p95) and memory on a deployment of the bench's own."""
+throughputs' slow tail (p5, no p95) and memory on a deployment of the bench's own; 3 is
+prefill from the cold first request."""
 MEMORY_METRIC = {"llamacpp": "memory_mb", "ollama": "ollama_ps_size_mb"}
 """Backend name -> the name its `memory_bytes` is reported under (see the docstring)."""
 THROUGHPUTS = ("stream_tps", "prefill_tps", "decode_tps")
@@ -99,18 +107,17 @@ def measure(
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Summary figures and the per-request ones they summarise."""
     prompt_set = prompts()
-    for messages in prompt_set[: settings["warmup"]]:
-        one_request(backend, deployment, messages, settings["max_tokens"])
-    samples = []
-    total = settings["repeats"] * len(prompt_set)
-    for i in range(total):
-        progress(f"request {i + 1}/{total}", (i + 1) / total)
-        samples.append(
-            one_request(
-                backend, deployment, prompt_set[i % len(prompt_set)], settings["max_tokens"]
-            )
-        )
-    metrics = summarise(samples)
+    warmup, total = settings["warmup"], settings["repeats"] * len(prompt_set)
+    order = prompt_set[:warmup] + [prompt_set[i % len(prompt_set)] for i in range(total)]
+    samples, cold = [], None
+    for i, messages in enumerate(order):
+        if i >= warmup:
+            progress(f"request {i + 1 - warmup}/{total}", (i + 1 - warmup) / total)
+        sample = one_request(backend, deployment, messages, settings["max_tokens"])
+        cold = cold or sample  # the first: nothing cached since the deploy
+        if i >= warmup:
+            samples.append(sample)
+    metrics = summarise(samples, cold)
     metrics["load_s"] = round(deployment.load_seconds, 3)
     memory = backend.memory_bytes(deployment)
     if memory is not None:
@@ -118,15 +125,18 @@ def measure(
     return metrics, samples
 
 
-def summarise(samples: list[dict[str, float]]) -> dict[str, float]:
-    """Median and slow tail of each per-request figure (see the module docstring)."""
+def summarise(
+    samples: list[dict[str, float]], cold: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Median and slow tail of each per-request figure (see the module docstring); prefill
+    from the `cold` request when there is one."""
     metrics: dict[str, float] = {"bench_requests": float(len(samples))}
     ttft = [s["ttft_s"] for s in samples]
     for q in (50, 95):
         metrics[f"ttft_s_p{q}"] = round(percentile(ttft, q), 4)
         metrics[f"ttft_ms_p{q}"] = round(percentile(ttft, q) * 1000, 1)
     for name in THROUGHPUTS:
-        values = [s[name] for s in samples]
+        values = [s[name] for s in ([cold] if cold and name == "prefill_tps" else samples)]
         for q in (50, 5):
             metrics[f"{name}_p{q}"] = round(percentile(values, q), 4)
     return metrics

@@ -17,6 +17,14 @@ GGUF's tokenizer metadata (EOS, end of turn, BOS and add-BOS, special-token
 types, its own chat template) must agree with the tokenizer. Reasons of this
 kind start with "template:", the verdict's `broken (template)`; the renderings,
 their diff and the findings are written to parity_diff.txt.
+
+What is judged is what serves: Ollama 0.30+ may keep the GGUF's own Jinja template
+instead of the Go template it was given (`template_source` in the deployment), and then
+that Jinja text is the served template. A thinking model answers apart from its
+thinking (Ollama's default think=true, as users run it): only the answer is judged, the
+thinking is recorded, and it gets THINKING_TOKENS more to finish. The token comparison
+reads the first chat after the deploy, on a cold prompt cache, where every server
+version counts the whole prompt (see harness/backends/ollama.py `chunk_from`).
 """
 
 from __future__ import annotations
@@ -31,13 +39,15 @@ from typing import Any
 from harness import gguf_meta
 from harness.backends import Backend, Deployment
 
-VERSION = 2  # bump when this stage's outputs change: tests/test_keys.py checks it
+VERSION = 3  # bump when this stage's outputs change: tests/test_keys.py checks it
 
 # A question every sane chat model ends quickly: on SmolLM2-135M and its arithmetic
 # adapters, at every level from f16 to q2_k, it stops by itself, where "say hello"
 # sends some of them into an endless run of emoji, a quality problem, not a template one.
 CONVERSATION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 MAX_TOKENS = 96
+THINKING_TOKENS = 512
+"""Extra tokens for a model whose server says it thinks ("thinking" in its capabilities)."""
 ROLE_MARKERS = re.compile(
     r"<\|im_start\|>|<\|im_end\|>|<\|start_header_id\|>|<\|eot_id\|>|<start_of_turn>|"
     r"<end_of_turn>|^\s*(user|assistant|system)\s*[:\n]",
@@ -85,6 +95,8 @@ class Verdict:
     server_prompt_tokens: int | None
     template_prompt_tokens: int
     parity: Parity
+    thinking: str = ""
+    """What the model thought before answering (not judged); empty for other models."""
 
     @property
     def template_ok(self) -> bool:
@@ -238,6 +250,7 @@ def judge(
     server_tokens: int | None,
     template_tokens: int,
     by_text: bool = True,
+    max_tokens: int = MAX_TOKENS,
 ) -> list[str]:
     """Reasons the exchange shows a broken chat setup; empty when it is sound. No reason
     holds "; ", which joins them in `check_reasons`."""
@@ -245,7 +258,7 @@ def judge(
     if done_reason != "stop":
         reasons.append(
             f"did not stop by itself (done_reason={done_reason!r} after "
-            f"{MAX_TOKENS} tokens max): end-of-turn token never produced"
+            f"{max_tokens} tokens max): end-of-turn token never produced"
         )
     if marker := ROLE_MARKERS.search(response):
         reasons.append(f"wrote a role header or second turn ({marker.group(0).strip()!r})")
@@ -266,10 +279,14 @@ def run_check(
     served_template: str,
     system: str | None = None,
 ) -> Verdict:
+    """Chat first, while the prompt cache is cold (see the module docstring), then render."""
     messages = ([{"role": "system", "content": system}] if system else []) + CONVERSATION
-    text, final = "", None
-    for chunk in backend.chat(deployment, messages, max_tokens=MAX_TOKENS):
+    thinks = "thinking" in deployment.details.get("capabilities", [])
+    max_tokens = MAX_TOKENS + (THINKING_TOKENS if thinks else 0)
+    text, thinking, final = "", "", None
+    for chunk in backend.chat(deployment, messages, max_tokens=max_tokens):
         text += chunk.text
+        thinking += getattr(chunk, "thinking", "")  # only Ollama's chunks carry it
         if chunk.done:
             final = chunk
     done_reason = final.done_reason if final else None
@@ -284,9 +301,24 @@ def run_check(
                 "export parity unmeasured: the server showed neither its prompt nor its "
                 "prompt token count"
             )
-    behaviour = judge(text, done_reason, server_tokens, template_tokens, parity.by_text)
+    behaviour = judge(
+        text, done_reason, server_tokens, template_tokens, parity.by_text, max_tokens
+    )
     reasons = [*parity.reasons, *behaviour]
-    return Verdict(not reasons, reasons, text, done_reason, server_tokens, template_tokens, parity)
+    return Verdict(
+        not reasons, reasons, text, done_reason, server_tokens, template_tokens, parity, thinking
+    )
+
+
+def served_template(served) -> tuple[str, str]:
+    """(the Jinja template that serves, where it comes from): the deployment's own unless
+    Ollama kept the GGUF's (harness/backends/ollama.py `template_source`); llama-server
+    always serves the deployment's, from --chat-template-file."""
+    details = served.deployment.details
+    source = details.get("template_source") or "chat_template_file"
+    if source == "gguf_chat_template":
+        return details["template"], source
+    return served.config.chat_template, source
 
 
 def parity_report(parity: Parity, backend: str) -> str:
@@ -310,12 +342,13 @@ def parity_report(parity: Parity, backend: str) -> str:
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, served) -> dict:
     progress("template, stop and export parity check", None)
     served.deploy()
+    template, source = served_template(served)
     verdict = run_check(
         served.backend,
         served.deployment,
         served.tokenizer,
         served.gguf,
-        served.config.chat_template,
+        template,
         settings["serve"].get("system"),
     )
     (out / "verdict.json").write_text(json.dumps(asdict(verdict), indent=2))
@@ -328,6 +361,7 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, 
         "parity_ok": int(verdict.parity.ok),
         "parity_by_text": int(verdict.parity.by_text),
         "check_reasons": "; ".join(verdict.reasons),
+        "template_served": f"{served.backend.name} {source}",
     }
 
 

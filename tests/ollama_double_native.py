@@ -1,0 +1,187 @@
+"""What a real Ollama (0.30 and later, read from v0.33.0-rc2) decides that the double must too.
+
+Kept apart from ollama_double.py, which serves HTTP and runs inference: here are the rules
+that decide which template serves a model (server/images.go), how its Jinja chat template
+is rendered on llama-server's path (llm/llama_server.go), which names are valid
+(types/model/name.go), how options are type-checked when a model loads (api/types.go
+FromMap) and the default context length (server/routes.go Serve).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# api/types.go Options and Runner: the JSON kind FromMap wants for each option.
+INTEGER = "num_ctx num_batch num_gpu main_gpu num_thread draft_num_predict num_keep seed"
+INTEGER += " num_predict top_k repeat_last_n"
+FLOAT = "top_p min_p typical_p temperature repeat_penalty presence_penalty frequency_penalty"
+KINDS = dict.fromkeys(INTEGER.split(), "integer") | dict.fromkeys(FLOAT.split(), "float32")
+KINDS |= {"use_mmap": "boolean", "stop": "array"}
+CONTEXT_OVERFLOW = (
+    "request ({n} tokens) exceeds the available context size ({ctx} tokens), try increasing it"
+)
+"""llama-server's error (tools/server/server-context.cpp) for a prompt that fills the slot."""
+class Thought(str):
+    """Generated text that is thinking (llama-server's reasoning_content), not the answer."""
+
+
+def option_error(options: dict[str, Any]) -> str | None:
+    """api/types.go Options.FromMap: the first option of the wrong JSON type, as Ollama says
+    it; unknown options are only logged there, so they pass here. Run when a model loads
+    (server/routes.go modelOptions, from scheduleRunner), never at create."""
+    for key, value in options.items():
+        kind = KINDS.get(key)
+        ok = {
+            None: True,
+            "integer": isinstance(value, int | float) and not isinstance(value, bool),
+            "float32": isinstance(value, int | float) and not isinstance(value, bool),
+            "boolean": isinstance(value, bool),
+            "array": isinstance(value, list),
+        }[kind]
+        if value is not None and not ok:
+            return f"option {key!r} must be of type {kind}".replace("'", '"')
+    return None
+
+
+def valid_name(name: str) -> bool:
+    """types/model/name.go ParseName + IsValid: [host/][namespace/]model[:tag], each part of
+    ASCII letters, digits, `_`, `-`, `.` (none in a namespace), at most 80 characters (350
+    for the host), starting with a letter, digit or `_`."""
+    rest, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "")
+    parts = rest.split("/")
+    if len(parts) > 3 or (":" in name.rsplit("/", 1)[-1] and not tag):
+        return False
+    kinds = ["host", "namespace", "model"][-len(parts) :]
+    checks = list(zip(kinds, parts, strict=True)) + ([("tag", tag)] if tag else [])
+    return all(_valid_part(kind, part) for kind, part in checks)
+
+
+def _valid_part(kind: str, part: str) -> bool:
+    if not 1 <= len(part) <= (350 if kind == "host" else 80):
+        return False
+    allowed = r"[A-Za-z0-9_-]" if kind == "namespace" else r"[A-Za-z0-9_.-]"
+    allowed = r"[A-Za-z0-9_.:-]" if kind == "host" else allowed
+    return re.fullmatch(rf"[A-Za-z0-9_]{allowed}*", part) is not None
+
+
+def default_num_ctx(vram_bytes: int) -> int:
+    """server/routes.go Serve: the default context by the GPUs' total memory (47/23 GiB)."""
+    gib = 2**30
+    return 262144 if vram_bytes >= 47 * gib else 32768 if vram_bytes >= 23 * gib else 4096
+
+
+# --- which template serves: server/images.go ----------------------------------------------
+
+
+def chat_template_capabilities(chat_template: str) -> list[str]:
+    """chatTemplateCapabilities: tools and thinking, read from the GGUF's Jinja text."""
+    found = []
+    if "tools" in chat_template or "tool_call" in chat_template:
+        found.append("tools")
+    split = "content.split('</think>')" in chat_template or 'content.split("</think>")' in (
+        chat_template
+    )
+    if ("<think>" in chat_template and "</think>" in chat_template) or (
+        split and "reasoning_content" not in chat_template
+    ):
+        found.append("thinking")
+    return found
+
+
+def chat_template_round_trip(chat_template: str) -> bool:
+    """chatTemplateHasToolRoundTrip: tool calls written and tool results read back."""
+    if "tools" not in chat_template and "tool_call" not in chat_template:
+        return False
+    calls = "tool_calls" in chat_template or "assistant_tool_call" in chat_template
+    results = ("tool_response", "tool_results", "ipython", "== 'tool'", '== "tool"')
+    return calls and any(r in chat_template for r in results)
+
+
+def go_template_capabilities(template: str) -> list[str]:
+    """goTemplateCapabilities: `.Tools` makes tools (Vars), think tags thinking (InferTags,
+    approximated by the template using `.Thinking` or `.Think`)."""
+    found = ["tools"] if re.search(r"\.Tools\b", template) else []
+    return found + (["thinking"] if re.search(r"\.(Thinking|Think)\b", template) else [])
+
+
+def go_template_round_trip(template: str) -> bool:
+    """goTemplateHasToolRoundTrip."""
+    if not (re.search(r"\.Tools\b", template) and re.search(r"\.ToolCalls\b", template)):
+        return False
+    return any(s in template for s in ('eq .Role "tool"', "tool_response", "TOOL_RESULTS"))
+
+
+def prefers_chat_template(chat_template: str, go_template: str) -> bool:
+    """GetModel's PreferChatTemplate (shouldPreferChatTemplate), OLLAMA_GO_TEMPLATE unset:
+    the GGUF's own template serves when it has more abilities than the Go TEMPLATE, or the
+    same with tools where only it can read tool results back."""
+    if not chat_template or not go_template:
+        return False
+    chat, go = chat_template_capabilities(chat_template), go_template_capabilities(go_template)
+    if len(chat) > len(go):
+        return not go_template_round_trip(go_template) or chat_template_round_trip(chat_template)
+    if sorted(chat) != sorted(go) or "tools" not in chat:
+        return False
+    return chat_template_round_trip(chat_template) and not go_template_round_trip(go_template)
+
+
+# --- llama-server's Jinja path: llm/llama_server.go ApplyChatTemplate and Chat ------------
+
+
+def render_jinja(
+    chat_template: str,
+    messages: list[dict],
+    bos: str,
+    eos: str,
+    adds_bos: bool,
+    think: bool | None,
+) -> str:
+    """llama-server /apply-template: the GGUF's template with the generation prompt,
+    `enable_thinking` from Ollama's chat_template_kwargs (llamaServerChatTemplateKwargs: only
+    when think is set), and a leading BOS text taken out where the vocabulary adds BOS
+    (common/chat.cpp), as the HF-style environment renders it."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda value, **_: __import__("json").dumps(value)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    env.globals |= {"raise_exception": raise_exception}
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    kwargs = {} if think is None else {"enable_thinking": think}
+    text = env.from_string(chat_template).render(
+        messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos, **kwargs
+    )
+    return text.removeprefix(bos) if adds_bos and bos else text
+
+
+def split_thinking(parts, opened: bool):
+    """llama-server's reasoning extraction (reasoning_format auto): text inside
+    <think>...</think>, or after a generation prompt that opened <think>, becomes Thought,
+    the rest content; the tags are not sent. Works on the streamed (text, final) parts."""
+    thinking, pending = opened, ""
+    for text, final in parts:
+        pending += text
+        while (at := pending.find(tag := "</think>" if thinking else "<think>")) >= 0:
+            if at:
+                yield _marked(pending[:at], thinking), None
+            pending = pending[at + len(tag) :].lstrip("\n" if thinking else "")
+            thinking = not thinking
+        if final is not None:
+            if pending:
+                yield _marked(pending, thinking), None
+            yield "", final
+            return
+        keep = max((k for k in range(1, len(tag)) if pending.endswith(tag[:k])), default=0)
+        if out := pending[: len(pending) - keep]:
+            yield _marked(out, thinking), None
+        pending = pending[len(out) :]
+
+
+def _marked(text: str, thinking: bool) -> str:
+    return Thought(text) if thinking else text
