@@ -24,7 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ollama_double import OllamaDouble
 
 from harness import sources
-from harness.backends import ServeConfig, ollama_answers, ollama_host
+from harness.backends import Chunk, ServeConfig, ollama_answers, ollama_host
 from harness.backends.ollama import GGUF_TEMPLATE, GO_TEMPLATE, OllamaBackend
 from harness.errors import ForgebenchError
 
@@ -294,3 +294,74 @@ def test_an_option_of_the_wrong_type_fails_only_when_the_model_loads(backend, ho
     with pytest.raises(ForgebenchError, match=r"could not load .*must be of type integer"):
         backend.deploy(GGUF, config)
     backend.delete(name)
+
+
+# --- the check judges what serves ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+
+
+@pytest.mark.parametrize("template", [TOOLS_JINJA, THINK_JINJA], ids=["tools", "think"])
+def test_the_check_passes_a_model_served_by_its_own_jinja_template(
+    backend, deploy, ggufs, tokenizer, template
+):
+    """Qwen2.5/Qwen3-style templates: Ollama serves the GGUF's Jinja text, and the check
+    compares the tokenizer's rendering with that one (byte for byte, and the prompt token
+    count of the first, cold-cache chat) instead of refusing the deployment."""
+    from types import SimpleNamespace
+
+    from harness.stages import check
+
+    tokenizer.chat_template = template
+    deployment = deploy("checked", template)
+    served = SimpleNamespace(deployment=deployment, config=ServeConfig("x", template))
+    jinja, source = check.served_template(served)
+    assert (jinja, source) == (template, GGUF_TEMPLATE)
+    verdict = check.run_check(backend, deployment, tokenizer, ggufs[template], jinja)
+    assert verdict.parity.by_text and verdict.parity.ok, verdict.parity.reasons
+    assert verdict.server_prompt_tokens == verdict.template_prompt_tokens
+    assert verdict.template_ok, verdict.reasons
+
+
+class CachingServer:
+    """A backend as Ollama 0.31+ answers with a warm prompt cache: every request counts
+    its whole prompt (100 tokens), but after the first only 10 of them are evaluated."""
+
+    name = "ollama"
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def chat(self, deployment, messages, max_tokens=256):
+        cold, self.requests = self.requests == 0, self.requests + 1
+        yield Chunk("Paris")
+        yield Chunk(
+            ".",
+            done=True,
+            done_reason="stop",
+            prompt_tokens=100,
+            completion_tokens=2,
+            prompt_seconds=1.0 if cold else 0.1,
+            decode_seconds=0.1,
+        )
+
+    def memory_bytes(self, deployment):
+        return None
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 2])
+def test_prefill_is_read_from_the_cold_first_request(warmup):
+    """100 tokens/s is the prefill; the warm requests' 1,000 would be the cache's doing."""
+    from harness.backends import Deployment
+    from harness.stages import bench
+
+    settings = {"warmup": warmup, "repeats": 1, "max_tokens": 8}
+    deployment = Deployment("ollama", "m", "http://x", 0.5)
+    metrics, samples = bench.measure(CachingServer(), deployment, settings, lambda *a: None)
+    assert metrics["prefill_tps_p50"] == metrics["prefill_tps_p5"] == 100.0
+    assert len(samples) == len(bench.prompts())

@@ -152,7 +152,7 @@ def test_api_path_through_the_ollama_double(monkeypatch):
         monkeypatch.setenv("OLLAMA_HOST", double.host)
         client = ollama.Client(host=double.host)
         digest = client.create_blob(smollm2_gguf())
-        # like Ollama, the double needs a template to create a model from a bare GGUF
+        # a Go template, as forgebench gives one (without, Ollama serves the GGUF's own)
         client.create(model="smollm2:135m", files={"model.gguf": digest}, template="{{ .Prompt }}")
         listed = {m.model: m.digest for m in client.list().models}
         found = ollama_models.discover()

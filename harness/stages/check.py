@@ -362,6 +362,13 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, 
         "parity_by_text": int(verdict.parity.by_text),
         "check_reasons": "; ".join(verdict.reasons),
         "template_served": f"{served.backend.name} {source}",
+        # the num_ctx the server loaded the model with (Ollama's /api/ps): without a
+        # serve.parameters.num_ctx it is the server's, set by its GPU memory
+        **(
+            {"served_num_ctx": served.deployment.details["context_length"]}
+            if served.deployment.details.get("context_length")
+            else {}
+        ),
     }
 
 
