@@ -97,6 +97,12 @@ class Verdict:
     parity: Parity
     thinking: str = ""
     """What the model thought before answering (not judged); empty for other models."""
+    template_served: str = ""
+    """Which template the server renders with: "<backend> <source>", the source
+    `go_template` or `gguf_chat_template` (Ollama's words) or `chat_template_file`."""
+    served_num_ctx: int | None = None
+    """The num_ctx the server loaded the model with (Ollama's /api/ps); without a
+    serve.parameters.num_ctx, Ollama's own, set by its GPU memory."""
 
     @property
     def template_ok(self) -> bool:
@@ -351,6 +357,8 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, 
         template,
         settings["serve"].get("system"),
     )
+    verdict.template_served = f"{served.backend.name} {source}"
+    verdict.served_num_ctx = served.deployment.details.get("context_length")
     (out / "verdict.json").write_text(json.dumps(asdict(verdict), indent=2))
     (out / DIFF_FILE).write_text(parity_report(verdict.parity, served.backend.name))
     if text := modelfile(served):
@@ -361,14 +369,6 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, 
         "parity_ok": int(verdict.parity.ok),
         "parity_by_text": int(verdict.parity.by_text),
         "check_reasons": "; ".join(verdict.reasons),
-        "template_served": f"{served.backend.name} {source}",
-        # the num_ctx the server loaded the model with (Ollama's /api/ps): without a
-        # serve.parameters.num_ctx it is the server's, set by its GPU memory
-        **(
-            {"served_num_ctx": served.deployment.details["context_length"]}
-            if served.deployment.details.get("context_length")
-            else {}
-        ),
     }
 
 
