@@ -8,6 +8,7 @@ file, the line and the field (`quickstart.yaml:12: lora[1].r: ...`).
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +158,18 @@ class EvalTaskSpec(Strict):
                 raise ValueError(f"regex does not compile: {exc}") from None
         return self
 
+    @field_validator("name")
+    @classmethod
+    def _not_builtin(cls, name: str) -> str:
+        """Scores are logged by task name (`<name>_accuracy`), and the gate and the verdict
+        compare runs by it: a task of one's own must not pass for a built-in one."""
+        if name in typing.get_args(BuiltinTask):
+            raise ValueError(
+                f"{name!r} is a built-in task's name, and its scores would be logged as that "
+                f"task's ({name}_accuracy); name yours otherwise, or list {name} on its own"
+            )
+        return name
+
 
 BuiltinTask = Literal["arithmetic", "gsm8k", "capitals"]
 
@@ -303,7 +316,7 @@ def load(path: Path | str) -> Spec:
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
-        errors = _meant(exc.errors())
+        errors = _meant(exc.errors(), raw)
         err = errors[0]
         loc = tuple(part for part in err["loc"] if not _union_member(part))
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -349,15 +362,20 @@ def _union_member(part: str | int) -> bool:
     return isinstance(part, str) and ("[" in part or part[:1].isupper())
 
 
-def _meant(errors: list[dict]) -> list[dict]:
+def _meant(errors: list[dict], raw: Any) -> list[dict]:
     """Of a union's members' errors, those of the member the input was written as: a task
     given as a mapping is a task of one's own, so "should be 'arithmetic'" would mislead."""
 
     def written_as(err: dict) -> bool:
-        member = next((p for p in err["loc"] if _union_member(p)), None)
-        if member is None:
-            return True
-        return member.startswith("literal[") == isinstance(err["input"], str)
+        value = raw
+        for part in err["loc"]:
+            if _union_member(part):
+                return part.startswith("literal[") == isinstance(value, str)
+            try:
+                value = value[part]
+            except (KeyError, IndexError, TypeError):
+                return True
+        return True
 
     return [err for err in errors if written_as(err)] or errors
 
