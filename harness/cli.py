@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from harness import __version__
 from harness.errors import ForgebenchError, InputError
@@ -65,7 +66,8 @@ def friendly(command):
         except ForgebenchError as exc:
             if state["debug"]:
                 raise
-            err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message quoting "[invalid]" or "[q_proj]" is text, not Rich markup
+            err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper

@@ -80,7 +80,16 @@ class DataSpec(Strict):
     def _one_source(self) -> DataSpec:
         if (self.task is None) == (self.train is None):
             raise ValueError("give exactly one of task or train")
+        if self.task == "arithmetic" and self.n_train + self.n_eval > ARITHMETIC_PROBLEMS:
+            raise ValueError(
+                f"n_train + n_eval is {self.n_train + self.n_eval}, and the arithmetic task "
+                f"has {ARITHMETIC_PROBLEMS} distinct problems (0..99 + or - 0..99); ask for fewer"
+            )
         return self
+
+
+ARITHMETIC_PROBLEMS = 100 * 100 * 2
+"""Distinct problems `data.arithmetic` can draw; asking for more would never finish."""
 
 
 class TrainSpec(Strict):
@@ -135,6 +144,18 @@ class ServeSpec(Strict):
         description="leave each cell's model in Ollama after measuring (`forgebench clean` "
         "removes them); the llama.cpp backend cannot keep a model",
     )
+
+    @field_validator("system")
+    @classmethod
+    def _fits_a_modelfile(cls, system: str | None) -> str | None:
+        """The Ollama backend writes the deployment as a Modelfile, whose parser ends a
+        triple-quoted SYSTEM at the first three quotes and knows no escapes."""
+        if system is not None and ('"""' in system or system.endswith('"')):
+            raise ValueError(
+                'a system prompt holding """ or ending in " cannot be written to an Ollama '
+                "Modelfile; use other quotes"
+            )
+        return system
 
 
 class EvalTaskSpec(Strict):
