@@ -5,16 +5,16 @@ tested against this. It follows Ollama's source (ollama/ollama: server/routes.go
 server/create.go, api/types.go, template/template.go, openai/openai.go): the same fields,
 NDJSON streaming, nanosecond durations, error texts and status codes, including errors sent
 inside a 200 stream once it has begun, and `_debug_render_only` (the rendered prompt, nothing
-generated). Prompts are rendered from the Go template given to
-/api/create by a small interpreter for the part of Go's text/template that model templates
-use; anything else is an error, never a guess. Inference is llama-cpp-python on the
-uploaded GGUF, one runner per model file, as Ollama's scheduler keeps one.
+generated). Prompts are rendered from the Go template given to /api/create
+(ollama_double_gotemplate.py), or, where Ollama 0.30+ prefers the GGUF's own Jinja template,
+as llama-server renders that (ollama_double_native.py, with the other rules a real server
+applies: names, option types, default context, thinking). Inference is llama-cpp-python
+on the uploaded GGUF, one runner per model file, as Ollama's scheduler keeps one, its
+prompt cache llama-cpp-python's own.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import itertools
 import json
@@ -31,17 +31,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import gguf
 import jinja2
 import llama_cpp
 import ollama_double_native as native
+from ollama_double_gotemplate import SAMPLE, TemplateError, render_prompt
 
 VERSION = "0.33.0-double"
 """The Ollama whose source the double follows; 0.30-double emulates the older counts."""
 DIGEST = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
-# fs/ggml/type.go FileType.String(), indexed by general.file_type
-QUANTS = "F32 F16 Q4_0 Q4_1 - - - Q8_0 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S"
-FILE_TYPES = dict(enumerate((QUANTS + " Q5_K_M Q6_K").split())) | {32: "BF16"}
 # api/types.go DefaultOptions; num_ctx comes from the server's memory (OllamaDouble.num_ctx)
 DEFAULTS = {"num_predict": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0}
 DEFAULTS |= {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
@@ -52,7 +49,6 @@ OPENAI = {"max_tokens": "num_predict"} | {k: k for k in ("temperature", "top_p",
 Parts = Iterator[tuple[str, dict | None]]
 """Streamed text, then "" with the final metrics."""
 UNSUPPORTED = ("format", "tools", "images", "system", "template", "raw", "suffix")
-SAMPLE = [{"role": r, "content": r} for r in ("system", "user", "assistant", "user")]
 
 
 class ApiError(Exception):
@@ -61,149 +57,6 @@ class ApiError(Exception):
     def __init__(self, message: str, status: int = 500):
         super().__init__(message)
         self.message, self.status = message, status
-
-
-class TemplateError(ValueError):
-    """A template this interpreter cannot render, or that Go itself would reject."""
-
-
-# --- the Go text/template subset that Ollama model templates use ---------------------------
-
-ACTION = re.compile(r"\{\{(-[ \t\r\n])?(.*?)([ \t\r\n]-)?\}\}", re.S)
-TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[^\s"]+')
-SPACE = " \t\r\n"  # what Go's trim markers remove
-
-
-@dataclass
-class Block:
-    kind: str
-    """"if" (branch conditions, None for else) or "range" (one branch: what it ranges over)."""
-    branches: list[tuple[str | None, list]]
-
-
-def parse(source: str) -> list:
-    """Text (str), actions (one-item tuples) and if/range Blocks; trim markers applied as
-    Go's lexer applies them."""
-    root: list = []
-    stack: list[tuple[Block | None, list]] = [(None, root)]
-    pos, trim = 0, False
-    for match in ACTION.finditer(source):
-        text = source[pos : match.start()].lstrip(SPACE if trim else "")
-        if text := text.rstrip(SPACE if match.group(1) else ""):
-            stack[-1][1].append(text)
-        pos, trim = match.end(), bool(match.group(3))
-        expr = match.group(2).strip()
-        head, _, rest = expr.partition(" ")
-        block, body = stack[-1]
-        if head in ("if", "range"):
-            body.append(Block(head, [(rest, [])]))
-            stack.append((body[-1], body[-1].branches[0][1]))
-        elif head == "else" and block and block.kind == "if" and rest[:3] in ("", "if "):
-            block.branches.append((rest[3:] or None, []))
-            stack[-1] = (block, block.branches[-1][1])
-        elif head == "end" and block:
-            stack.pop()
-        elif head in ("else", "end", "with", "define", "template", "block", "break", "continue"):
-            raise TemplateError(f"{{{{ {expr} }}}} here is not supported by the test double")
-        elif not expr.startswith("/*"):
-            body.append((expr,))
-    if len(stack) > 1:
-        raise TemplateError("unexpected EOF: missing {{ end }}")
-    text = source[pos:].lstrip(SPACE if trim else "")
-    return [*root, text] if text else root
-
-
-class _Cut(Exception):
-    """Reached {{ .Response }} in the last turn: Ollama drops everything after it."""
-
-
-def _value(token: str, dot: Any, scope: dict) -> Any:
-    """A string, true/false, or a field path from `.`, `$` or a variable."""
-    if token.startswith('"'):
-        return json.loads(token)
-    if token in ("true", "false"):
-        return token == "true"
-    name, _, path = token.partition(".")
-    if name and name not in scope:
-        raise TemplateError(f"{token!r} is not supported by the test double (or undefined)")
-    value = scope[name] if name else dot
-    for key in filter(None, path.split(".")):
-        if not isinstance(value, dict) or key not in value:
-            raise TemplateError(f"can't evaluate field {key}")
-        value = value[key]
-    return value
-
-
-def _evaluate(expr: str, dot: Any, scope: dict) -> Any:
-    """A value; `eq a b...`; or `$x := v` / `$x = v`, which print nothing."""
-    tokens = TOKEN.findall(expr)
-    if not tokens:
-        raise TemplateError("missing value for command")
-    if len(tokens) > 2 and tokens[1] in (":=", "="):
-        if tokens[1] == "=" and tokens[0] not in scope:
-            raise TemplateError(f'undefined variable "{tokens[0]}"')
-        scope[tokens[0]] = _evaluate(" ".join(tokens[2:]), dot, scope)
-        return None
-    if tokens[0] == "eq" and len(tokens) > 2:
-        first, *others = (_value(t, dot, scope) for t in tokens[1:])
-        return any(first == other for other in others)
-    if len(tokens) == 1:
-        return _value(tokens[0], dot, scope)
-    raise TemplateError(f"{{{{ {expr} }}}}: only values, variables and eq are supported")
-
-
-def _render(nodes: list, dot: Any, scope: dict, out: list[str], cut: bool) -> None:
-    for node in nodes:
-        if isinstance(node, str):
-            out.append(node)
-        elif isinstance(node, tuple):
-            value = _evaluate(node[0], dot, scope)
-            if value is not None:
-                out.append(str(value).lower() if isinstance(value, bool) else str(value))
-            if cut and ".Response" in TOKEN.findall(node[0]):
-                raise _Cut
-        elif node.kind == "range":
-            for item in _evaluate(node.branches[0][0] or "", dot, scope) or []:
-                _render(node.branches[0][1], item, scope, out, cut)
-        else:
-            for condition, body in node.branches:
-                if condition is None or _evaluate(condition, dot, scope):
-                    _render(body, dot, scope, out, cut)
-                    break
-
-
-def execute(nodes: list, root: dict, cut: bool = False) -> str:
-    out: list[str] = []
-    with contextlib.suppress(_Cut):
-        _render(nodes, root, {"$": root}, out, cut)
-    return "".join(out)
-
-
-def render_prompt(template: str, messages: list[dict]) -> str:
-    """template.go Execute: a template using .Messages gets the collated conversation; an
-    older .System/.Prompt/.Response one runs once per turn, the last cut at .Response."""
-    nodes, think = parse(template), {"Think": False, "ThinkLevel": "", "IsThinkSet": False}
-    turns: list[dict] = []
-    for m in messages:  # collate: consecutive messages of one role are joined
-        if turns and turns[-1]["Role"] == m["role"] != "tool":
-            turns[-1]["Content"] += "\n\n" + m["content"]
-        else:
-            turns.append({"Role": m["role"], "Content": m["content"], "Thinking": ""})
-    if any(re.search(r"\.Messages\b", m.group(2)) for m in ACTION.finditer(template)):
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        return execute(nodes, {"System": system, "Messages": turns, "Tools": [], **think})
-    keys = {"system": "System", "user": "Prompt", "assistant": "Response"}
-    out, values = "", dict.fromkeys(keys.values(), "")
-    for turn in turns:
-        role = turn["Role"]
-        if (role == "system" and (values["Prompt"] or values["Response"])) or (
-            role == "user" and values["Response"]
-        ):
-            out += execute(nodes, values | think)
-            values = dict.fromkeys(keys.values(), "")
-        if role in keys:
-            values[keys[role]] = turn["Content"]
-    return out + execute(nodes, values | think, cut=True)
 
 
 # --- models, runners and what the API says about them -------------------------------------
@@ -226,39 +79,14 @@ class Model:
     def capabilities(self) -> list[str]:
         """Model.Capabilities for the selected template (server/images.go)."""
         if self.native:
-            return [*native.chat_template_capabilities(gguf_chat(self.path).template), "completion"]
+            found = native.chat_template_capabilities(native.gguf_chat(self.path).template)
+            return [*found, "completion"]
         return ["completion", *native.go_template_capabilities(self.template)]
 
     @property
     def served_template(self) -> str:
         """server/routes.go selectedModelTemplate: what /api/show calls the template."""
-        return gguf_chat(self.path).template if self.native else self.template
-
-
-@dataclass(frozen=True)
-class GgufChat:
-    """What llama-server's Jinja path reads from the GGUF."""
-
-    template: str
-    bos: str
-    eos: str
-    train_ctx: int
-
-
-@functools.cache
-def gguf_chat(path: Path) -> GgufChat:
-    """Read through llama.cpp's own loader (vocabulary only), as quick as the server's."""
-    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    meta = vocab.metadata
-
-    def text(key: str) -> str:
-        found = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return vocab.detokenize([int(found)], special=True).decode() if found else ""
-
-    trained = meta.get(f"{meta.get('general.architecture', '')}.context_length", "0")
-    template, bos, eos = meta.get("tokenizer.chat_template", ""), text("bos"), text("eos")
-    vocab.close()
-    return GgufChat(template, bos, eos, int(trained))
+        return native.gguf_chat(self.path).template if self.native else self.template
 
 
 @dataclass
@@ -293,39 +121,6 @@ def keep_alive(value: Any) -> timedelta:
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
     found = re.findall(r"([\d.]+)(ms|s|m|h)", value)
     return timedelta(seconds=sum(float(n) * units[u] for n, u in found))
-
-
-def human_number(n: int) -> str:
-    """format.HumanNumber, as /api/show's parameter_size."""
-    for size, unit, decimals in ((10**9, "B", 1), (10**6, "M", 2), (10**3, "K", 0)):
-        if n >= size:
-            return f"{n / size:.{0 if n % size == 0 else decimals}f}{unit}"
-    return str(n)
-
-
-@functools.cache
-def describe(path: Path) -> tuple[dict, dict]:
-    """`details` and `model_info` as Ollama reads them from a GGUF (arrays over 5 emptied)."""
-    reader = gguf.GGUFReader(path)
-    info: dict[str, Any] = {}
-    for key, item in reader.fields.items():
-        if not key.startswith("GGUF.") and key not in ("general.name", "tokenizer.chat_template"):
-            big = item.types[0] == gguf.GGUFValueType.ARRAY and len(item.data) > 5
-            info[key] = [] if big else item.contents()
-    count = info["general.parameter_count"] = sum(int(t.n_elements) for t in reader.tensors)
-    family = info.get("general.architecture", "")
-    details = {"parent_model": "", "format": "gguf", "family": family, "families": [family]}
-    quant = FILE_TYPES.get(info.get("general.file_type", -1), "unknown")
-    return details | {"parameter_size": human_number(count), "quantization_level": quant}, info
-
-
-def kv_cache_bytes(info: dict, num_ctx: int) -> int:
-    """F16 K and V for every layer and context slot, which /api/ps adds to the weights."""
-    arch = info["general.architecture"]
-    heads = info[f"{arch}.attention.head_count"]
-    kv_heads = info.get(f"{arch}.attention.head_count_kv", heads)
-    width = info[f"{arch}.embedding_length"] // heads * kv_heads
-    return 2 * 2 * info[f"{arch}.block_count"] * num_ctx * width
 
 
 def go_quote(s: str) -> str:
@@ -522,7 +317,7 @@ class OllamaDouble:
                 raise ApiError("supplied file was not in GGUF format", 400)
         yield {"status": f"using existing layer {digest}"}
         template, system = body.get("template") or "", body.get("system") or ""
-        chat_template = gguf_chat(path).template
+        chat_template = native.gguf_chat(path).template
         if not template and not chat_template:
             raise ApiError("the test double needs a template: the GGUF has none either", 400)
         try:
@@ -535,7 +330,7 @@ class OllamaDouble:
         for layer in filter(None, (template, system, json.dumps(parameters) if parameters else "")):
             yield {"status": f"creating new layer sha256:{_sha(layer)}"}
         yield {"status": "writing manifest"}
-        describe(path)
+        native.describe(path)
         with self.lock:
             made = Model(name, digest, path, template, system, parameters, _iso(), served_natively)
             self.models[name] = made
@@ -561,7 +356,7 @@ class OllamaDouble:
         lines += ["", f"FROM {m.path}", f"TEMPLATE {go_quote(m.template)}"]
         lines += [f"SYSTEM {go_quote(m.system)}"] if m.system else []
         lines += [f"PARAMETER {k} {go_quote(go_value(v))}" for k, v in options]
-        details, info = describe(m.path)
+        details, info = native.describe(m.path)
         reply = {"modelfile": "\n".join(lines) + "\n", "template": m.served_template}
         reply["details"] = details
         reply["parameters"] = "\n".join(f"{k:<30} {go_value(v, True)}" for k, v in options)
@@ -573,7 +368,7 @@ class OllamaDouble:
         for m in self.models.values():
             entry = {"name": m.name, "model": m.name, "modified_at": m.modified_at}
             entry |= {"size": m.path.stat().st_size, "digest": _sha(m.name + m.digest + m.template)}
-            listed.append(entry | {"details": describe(m.path)[0]})
+            listed.append(entry | {"details": native.describe(m.path)[0]})
         for name in self.unreachable:  # a cloud model: listed, its weights elsewhere
             entry = {"name": name, "model": name, "modified_at": _iso(), "size": 384}
             listed.append(entry | {"digest": _sha(name), "remote_host": "https://ollama.com:443"})
@@ -582,9 +377,9 @@ class OllamaDouble:
     def ps(self, h: _Handler, body: dict) -> None:
         listed = []
         for r in self.runners.values():
-            (details, info), size = describe(r.model.path), r.model.path.stat().st_size
+            (details, info), size = native.describe(r.model.path), r.model.path.stat().st_size
             entry = {"name": r.model.name, "model": r.model.name, "details": details}
-            entry |= {"size": size + kv_cache_bytes(info, r.num_ctx), "size_vram": 0}
+            entry |= {"size": size + native.kv_cache_bytes(info, r.num_ctx), "size_vram": 0}
             entry |= {"digest": _sha(r.model.name + r.model.digest + r.model.template)}
             listed.append(entry | {"expires_at": _iso(r.expires_at), "context_length": r.num_ctx})
         h.reply(200, {"models": listed})
@@ -649,7 +444,7 @@ class OllamaDouble:
         `truncate` is false), rendered by the GGUF's Jinja template on llama-server's path,
         else by the Go template."""
         think = body.get("think")
-        chat = gguf_chat(model.path)
+        chat = native.gguf_chat(model.path)
 
         def render(turns: list[dict]) -> str:
             try:
@@ -710,7 +505,7 @@ class OllamaDouble:
         """The runner's num_ctx: the option, else the server's memory tier default, never
         above the model's trained context (server/sched.go effectiveContext) nor under 4."""
         wanted = int(options.get("num_ctx") or self.num_ctx)
-        trained = gguf_chat(model.path).train_ctx
+        trained = native.gguf_chat(model.path).train_ctx
         return max(4, min(wanted, trained) if trained > 0 else wanted)
 
     def _runner(self, model: Model, options: dict, body: dict) -> Runner:

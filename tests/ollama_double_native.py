@@ -1,6 +1,7 @@
 """What a real Ollama (0.30 and later, read from v0.33.0-rc2) decides that the double must too.
 
-Kept apart from ollama_double.py, which serves HTTP and runs inference: here are the rules
+Kept apart from ollama_double.py, which serves HTTP and runs inference: here are what
+Ollama reads from a GGUF (/api/show's details and model_info, the chat template), the rules
 that decide which template serves a model (server/images.go), how its Jinja chat template
 is rendered on llama-server's path (llm/llama_server.go), which names are valid
 (types/model/name.go), how options are type-checked when a model loads (api/types.go
@@ -9,11 +10,16 @@ FromMap) and the default context length (server/routes.go Serve).
 
 from __future__ import annotations
 
+import functools
 import re
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import gguf
 import jinja2
+import llama_cpp
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # api/types.go Options and Runner: the JSON kind FromMap wants for each option.
@@ -73,6 +79,73 @@ def default_num_ctx(vram_bytes: int) -> int:
     """server/routes.go Serve: the default context by the GPUs' total memory (47/23 GiB)."""
     gib = 2**30
     return 262144 if vram_bytes >= 47 * gib else 32768 if vram_bytes >= 23 * gib else 4096
+
+
+# --- what Ollama reads from a GGUF ---------------------------------------------------------
+
+# fs/ggml/type.go FileType.String(), indexed by general.file_type
+QUANTS = "F32 F16 Q4_0 Q4_1 - - - Q8_0 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S"
+FILE_TYPES = dict(enumerate((QUANTS + " Q5_K_M Q6_K").split())) | {32: "BF16"}
+
+
+@dataclass(frozen=True)
+class GgufChat:
+    """What llama-server's Jinja path reads from the GGUF."""
+
+    template: str
+    bos: str
+    eos: str
+    train_ctx: int
+
+
+@functools.cache
+def gguf_chat(path: Path) -> GgufChat:
+    """Read through llama.cpp's own loader (vocabulary only), as quick as the server's."""
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    meta = vocab.metadata
+
+    def text(key: str) -> str:
+        found = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return vocab.detokenize([int(found)], special=True).decode() if found else ""
+
+    trained = meta.get(f"{meta.get('general.architecture', '')}.context_length", "0")
+    template, bos, eos = meta.get("tokenizer.chat_template", ""), text("bos"), text("eos")
+    vocab.close()
+    return GgufChat(template, bos, eos, int(trained))
+
+
+def human_number(n: int) -> str:
+    """format.HumanNumber, as /api/show's parameter_size."""
+    for size, unit, decimals in ((10**9, "B", 1), (10**6, "M", 2), (10**3, "K", 0)):
+        if n >= size:
+            return f"{n / size:.{0 if n % size == 0 else decimals}f}{unit}"
+    return str(n)
+
+
+@functools.cache
+def describe(path: Path) -> tuple[dict, dict]:
+    """`details` and `model_info` as Ollama reads them from a GGUF (arrays over 5 emptied)."""
+    reader = gguf.GGUFReader(path)
+    info: dict[str, Any] = {}
+    for key, item in reader.fields.items():
+        if not key.startswith("GGUF.") and key not in ("general.name", "tokenizer.chat_template"):
+            big = item.types[0] == gguf.GGUFValueType.ARRAY and len(item.data) > 5
+            info[key] = [] if big else item.contents()
+    count = info["general.parameter_count"] = sum(int(t.n_elements) for t in reader.tensors)
+    family = info.get("general.architecture", "")
+    details = {"parent_model": "", "format": "gguf", "family": family, "families": [family]}
+    quant = FILE_TYPES.get(info.get("general.file_type", -1), "unknown")
+    return details | {"parameter_size": human_number(count), "quantization_level": quant}, info
+
+
+def kv_cache_bytes(info: dict, num_ctx: int) -> int:
+    """F16 K and V for every layer and context slot, which /api/ps adds to the weights."""
+    arch = info["general.architecture"]
+    heads = info[f"{arch}.attention.head_count"]
+    kv_heads = info.get(f"{arch}.attention.head_count_kv", heads)
+    width = info[f"{arch}.embedding_length"] // heads * kv_heads
+    return 2 * 2 * info[f"{arch}.block_count"] * num_ctx * width
+
 
 
 # --- which template serves: server/images.go ----------------------------------------------
