@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -143,13 +144,45 @@ def require(spec: Spec) -> None:
     A base whose files are not at hand (an HF repo not yet downloaded) passes: the resolve
     stage refuses it with the same line before anything is trained."""
     template = given(spec)
-    if template is not None:
-        system = bool(spec.serve.system or spec.data.system)
-        _renders(template, system, spec.where("serve", "chat_template"))
-        return
     base = spec.base.model_dump(mode="json", exclude_none=True)
+    if template is not None:
+        where = spec.where("serve", "chat_template")
+        _renders(template, bool(spec.serve.system or spec.data.system), where)
+        vocab = vocabulary(base)
+        wrong = vocab is not None and misfit(template, vocab, _name(base))
+        if wrong:
+            raise InputError(f"{where}: {wrong}")
+        return
     if own(base) is False:
         raise InputError(missing(_name(base), spec.where("base")))
+
+
+MARKER = re.compile(r"<\|[^|<>\s]+\|>|<(?:start|end)_of_[a-z_]+>")
+"""A turn marker: `<|im_start|>`-style, and Gemma's `<start_of_turn>`-style."""
+
+
+def markers(text: str) -> list[str]:
+    """The turn markers a template writes, by one simple rule: every marker-shaped literal
+    in its text, Jinja comments aside. A marker an expression builds (`bos_token`, pieces
+    joined) is not seen; one the template only compares with is counted as written."""
+    return list(dict.fromkeys(MARKER.findall(re.sub(r"\{#.*?#\}", "", text, flags=re.S))))
+
+
+def misfit(template: Template, vocab: set[str], name: str) -> str | None:
+    """Why `template` does not fit a model whose vocabulary is `vocab`, or None.
+
+    A marker that is not one token is split into text pieces the model never learned as a
+    turn: training and serving go on, and the model does not stop at the end of its turn."""
+    absent = [marker for marker in markers(template.text) if marker not in vocab]
+    if not absent:
+        return None
+    fit = [f for f, text in FAMILIES.items() if all(m in vocab for m in markers(text))]
+    pick = f"the template family of the model ({', '.join(fit)}) or " if fit else ""
+    return (
+        f"{template.source} writes {', '.join(absent)}, not tokens of {name}'s vocabulary, so "
+        f"the model would read them as text it never learned and not stop; pick {pick}"
+        "a template file whose markers are its tokens"
+    )
 
 
 def _renders(template: Template, system: bool, where: str) -> None:
@@ -183,8 +216,9 @@ def _renders(template: Template, system: bool, where: str) -> None:
         )
 
 
-def own(base: dict[str, Any]) -> bool | None:
-    """Whether the base's files carry a chat template; None when they cannot be read yet."""
+def _tokenizer_at(base: dict[str, Any]) -> Path | None:
+    """The base's tokenizer before resolve: its GGUF or its HF folder; None when it is not
+    at hand (an HF repo not downloaded, an Ollama model that does not resolve)."""
     if base.get("ollama"):
         from harness import ollama_models
 
@@ -192,21 +226,54 @@ def own(base: dict[str, Any]) -> bool | None:
             resolved = ollama_models.resolve_base(base)
         except ForgebenchError:
             return None  # the plan says why, in its own words
-        return own(resolved.base)
-    if base.get("model") or base.get("gguf"):
+        return _tokenizer_at(resolved.base)
+    if base.get("model"):
         from harness import sources
 
-        path = sources.bundled_gguf(base["model"]) if base.get("model") else Path(base["gguf"])
-        try:
-            return bool(gguf_string(path, "tokenizer.chat_template"))
-        except (OSError, ValueError, struct.error):
-            return None  # preflight's GGUF checks say what is wrong with the file
-    if base.get("path"):
-        return _folder_has_template(Path(base["path"]))
+        return sources.bundled_gguf(base["model"])
+    if base.get("gguf") or base.get("path"):
+        return Path(base.get("gguf") or base["path"])
     from harness import ollama_models
 
-    snapshot = ollama_models.cached_snapshot(base["hf"], base.get("revision"))
-    return _folder_has_template(snapshot) if snapshot else None
+    return ollama_models.cached_snapshot(base["hf"], base.get("revision"))
+
+
+def own(base: dict[str, Any]) -> bool | None:
+    """Whether the base's files carry a chat template; None when they cannot be read yet."""
+    at = _tokenizer_at(base)
+    if at is None:
+        return None
+    if at.is_dir():
+        return _folder_has_template(at)
+    try:
+        return bool(gguf_field(at, "tokenizer.chat_template"))
+    except (OSError, ValueError, struct.error):
+        return None  # preflight's GGUF checks say what is wrong with the file
+
+
+def vocabulary(base: dict[str, Any]) -> set[str] | None:
+    """The base's tokens, read without loading a tokenizer: a GGUF's tokenizer.ggml.tokens,
+    a folder's tokenizer.json (model vocabulary and added tokens) and tokenizer_config.json's
+    added_tokens_decoder. None when they cannot be read yet (no tokenizer.json: a slow
+    tokenizer's SentencePiece model); the resolve stage then checks the loaded tokenizer."""
+    at = _tokenizer_at(base)
+    if at is None:
+        return None
+    try:
+        if not at.is_dir():
+            tokens = gguf_field(at, "tokenizer.ggml.tokens")
+            return set(tokens) if isinstance(tokens, list) else None
+        data = json.loads((at / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = data["model"].get("vocab") or {}
+        words = set(vocab) if isinstance(vocab, dict) else {piece for piece, _ in vocab}
+        words |= {token["content"] for token in data.get("added_tokens") or []}
+        config = at / "tokenizer_config.json"
+        if config.is_file():
+            added = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder")
+            words |= {token["content"] for token in (added or {}).values()}
+        return words
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return None  # preflight's checks of the base say what is wrong with its files
 
 
 def _folder_has_template(folder: Path) -> bool:
@@ -240,6 +307,10 @@ def apply(folder: Path, text: str | None, base: dict[str, Any]) -> str:
         if not tokenizer.chat_template:
             raise StageError(missing(_name(base)))
         return tokenizer.chat_template
+    named = next((f"family {f}" for f, known in FAMILIES.items() if known == text), "the template")
+    wrong = misfit(Template(text, named), set(tokenizer.get_vocab()), _name(base))
+    if wrong:  # a base validate could not read (an HF repo not downloaded then)
+        raise StageError(f"serve.chat_template: {wrong}")
     tokenizer.chat_template = text
     for stale in (FILE, "chat_template.json", "additional_chat_templates"):
         target = folder / stale
@@ -264,8 +335,9 @@ GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12
 """GGUF metadata value types -> bytes (8 is a string, 9 an array)."""
 
 
-def gguf_string(path: Path, key: str) -> str | None:
-    """One string value of a GGUF's metadata, read by walking the header.
+def gguf_field(path: Path, key: str) -> str | list[str] | None:
+    """One string or array-of-strings value of a GGUF's metadata (tokenizer.chat_template,
+    tokenizer.ggml.tokens), read by walking the header; None for a key not there as such.
 
     GGUFReader parses every field, the vocabulary into arrays (3.4 s for the bundled
     SmolLM2 here); `validate` needs one key, which this finds in a tenth of that."""
@@ -274,6 +346,9 @@ def gguf_string(path: Path, key: str) -> str | None:
 
         def unpack(fmt: str) -> int:
             return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return read(unpack("<Q")).decode("utf-8", errors="replace")
 
         def skip(kind: int) -> None:
             if kind == 8:
@@ -295,9 +370,11 @@ def gguf_string(path: Path, key: str) -> str | None:
         unpack("<I")  # version
         unpack("<Q")  # tensor count
         for _ in range(unpack("<Q")):
-            name = read(unpack("<Q")).decode("utf-8", errors="replace")
-            kind = unpack("<I")
+            name, kind = string(), unpack("<I")
             if name == key and kind == 8:
                 return read(unpack("<Q")).decode("utf-8")
+            if name == key and kind == 9:
+                item, count = unpack("<I"), unpack("<Q")
+                return [string() for _ in range(count)] if item == 8 else None
             skip(kind)
     return None

@@ -135,8 +135,9 @@ def templateless_gguf(path: Path) -> Path:
     return path
 
 
-def tokenizer_folder(folder: Path, template: str | None = None) -> Path:
-    """A Hugging Face model folder with a small tokenizer (no weights: nothing loads them)."""
+def tokenizer_folder(folder: Path, template: str | None = None, family: str | None = None) -> Path:
+    """A Hugging Face model folder with a small tokenizer (no weights: nothing loads them),
+    with the turn markers of a template family as its special tokens when one is named."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3}
@@ -145,6 +146,9 @@ def tokenizer_folder(folder: Path, template: str | None = None) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    if family:
+        extra = templates.markers(templates.FAMILIES[family])
+        tokenizer.add_special_tokens({"additional_special_tokens": extra})
     tokenizer.chat_template = template
     tokenizer.save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -177,12 +181,76 @@ def test_validate_renders_the_spec_template_once(tmp_path):
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_the_markers_of_a_template_are_its_special_token_literals():
+    found = {family: templates.markers(text) for family, text in templates.FAMILIES.items()}
+    assert found == {
+        "chatml": ["<|im_start|>", "<|im_end|>"],
+        "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "gemma": ["<start_of_turn>", "<end_of_turn>"],
+    }
+    text = "{# <|im_start|> in a comment #}<|begin_of_text|>{{ bos_token + '<start_of_image>' }}"
+    assert templates.markers(text) == ["<|begin_of_text|>", "<start_of_image>"]
+
+
+# A Llama 3 template on a ChatML model: its headers are no tokens of SmolLM2, so the model
+# would read them as text and not stop (once only seen at the check, after training).
+LLAMA3_FILE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+
+def test_a_template_whose_markers_are_not_tokens_of_the_base_is_refused_by_validate(tmp_path):
+    (tmp_path / "llama3.jinja").write_text(LLAMA3_FILE)
+    for value, source in (("llama3", "family llama3"), ("llama3.jinja", "file")):
+        path = write_spec(tmp_path, "{model: smollm2-135m}", value)
+        before = sorted(tmp_path.rglob("*"))
+        result = invoke(["validate", str(path)])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith(f"error: {path}:7: serve.chat_template: {source}")
+        assert result.output.strip().endswith(
+            " writes <|start_header_id|>, <|end_header_id|>, <|eot_id|>, not tokens of "
+            "smollm2-135m's vocabulary, so the model would read them as text it never learned "
+            "and not stop; pick the template family of the model (chatml) or a template file "
+            "whose markers are its tokens"
+        )
+        assert sorted(tmp_path.rglob("*")) == before  # nothing written, no MLflow database
+
+
+def test_a_family_whose_markers_are_tokens_of_the_base_passes(tmp_path):
+    path = write_spec(tmp_path, "{model: smollm2-135m}", "chatml")
+    assert invoke(["validate", str(path)]).exit_code == 0
+    # a folder's vocabulary: tokenizer.json's added tokens, here Gemma's turn markers
+    folder = tokenizer_folder(tmp_path / "hf", family="gemma")
+    path = write_spec(tmp_path, f"{{path: {folder}}}", "gemma")
+    result = invoke(["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    path = write_spec(tmp_path, f"{{path: {folder}}}", "chatml")
+    result = invoke(["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "family chatml writes <|im_start|>, <|im_end|>, not tokens of" in result.output
+    assert "pick the template family of the model (gemma) or" in result.output
+
+
+def test_a_base_validate_cannot_read_is_refused_at_resolve_with_the_same_reason(tmp_path):
+    base = tokenizer_folder(tmp_path / "base")  # no turn markers among its tokens
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StageError) as caught:
+        resolve.run({"base": {"path": str(base)}, "chat_template": LLAMA3_FILE}, {}, out, quiet)
+    assert str(caught.value) == (
+        "serve.chat_template: the template writes <|start_header_id|>, <|end_header_id|>, "
+        f"<|eot_id|>, not tokens of {base}'s vocabulary, so the model would read them as text "
+        "it never learned and not stop; pick a template file whose markers are its tokens"
+    )
+
+
 def quiet(*_):
     pass
 
 
 def test_resolve_writes_the_spec_template_into_the_tokenizer_and_not_into_the_base(tmp_path):
-    base = tokenizer_folder(tmp_path / "base")
+    base = tokenizer_folder(tmp_path / "base", family="llama3")
     config = json.loads((base / "tokenizer_config.json").read_text())
     config["chat_template"] = "{{ 'own' }}"  # where older tokenizers keep it
     (base / "tokenizer_config.json").write_text(json.dumps(config))
