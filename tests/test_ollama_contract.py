@@ -179,6 +179,18 @@ def test_a_gguf_template_with_tools_serves_instead_of_the_go_template(backend, d
     assert answer["done"] and answer["message"]["role"] == "assistant"
 
 
+def test_a_gguf_template_other_than_the_deployments_is_refused(backend, ggufs, vocab):
+    """The Go template derived from one Jinja template, a GGUF holding another (with tools):
+    Ollama serves the GGUF's, which is not what the model was given, so deploy refuses."""
+    jinja = vocab.metadata["tokenizer.chat_template"]
+    config = ServeConfig("forgebench-test/mismatch", jinja, parameters=PARAMETERS)
+    try:
+        with pytest.raises(ForgebenchError, match=r"kept another template .*\(the GGUF's own"):
+            backend.deploy(ggufs[TOOLS_JINJA], config)
+    finally:
+        backend.delete(config.model_name)
+
+
 def test_a_thinking_template_serves_and_thinks_by_default(backend, deploy):
     deployment = deploy("think", THINK_JINJA)
     assert deployment.details["template_source"] == GGUF_TEMPLATE
@@ -252,6 +264,7 @@ def test_an_overflowing_prompt_is_cut_on_the_go_path_and_refused_on_the_jinja_pa
 ):
     long = [{"role": "user", "content": "Paris is the capital of France. " * 40}]
     go = deploy("overflow-go", num_ctx=96)
+    assert backend._running(go.model_name)["context_length"] == 96  # /api/ps
     answer = chat(backend, go, long)
     assert answer["done"] and answer["prompt_eval_count"] < 96  # context shift cut it
     jinja = deploy("overflow-jinja", TOOLS_JINJA, num_ctx=96)
