@@ -239,8 +239,10 @@ class OllamaBackend:
             kept = "the GGUF's own, " if embedded and shown.template == embedded else ""
             raise ForgebenchError(
                 f"Ollama at {self.host} kept another template for {config.model_name} "
-                f"({kept}not the one it was given nor the deployment's chat template); it "
-                "would not render prompts as the model expects"
+                f"({kept}not the one it was given nor the deployment's chat template), so it "
+                "would not render prompts as the model expects; start it with "
+                "OLLAMA_GO_TEMPLATE=1 to serve the given one (server/routes.go "
+                "shouldUseGoTemplate) or use serve.backend: llamacpp"
             )
         details = shown.details
         load_seconds = self._load_seconds(config.model_name)
