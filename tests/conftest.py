@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 
+# the clone's own evals/, whatever the shell names; read when harness.evals is imported, so
+# dropped here (the rest of what the shell points at: away_from_the_clone)
+os.environ.pop("FORGEBENCH_EVALS", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -21,6 +24,28 @@ from harness.cli import app
 from harness.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def away_from_the_clone(tmp_path_factory):
+    """The suite never reads or writes what the user's shell points at: tox passes
+    MLFLOW_TRACKING_URI and FORGEBENCH_* through for the quickstart, and a test that logged to
+    that tracking server, or planned against that store, would write into it or judge by what
+    it holds. So MLFLOW_* and the user's store and config are dropped, and every relative
+    default (./mlflow.db and its ./mlruns, .forgebench/store, reports/) lands in a folder of the
+    session's, not in the clone the user ran the quickstart in. Kept: where the llama.cpp tools
+    are (FORGEBENCH_CACHE, FORGEBENCH_LLAMA_CPP, FORGEBENCH_LLAMA_CPP_BIN) and OLLAMA_HOST, which
+    the contract tests use when a real server answers."""
+    folder = tmp_path_factory.mktemp("cwd")
+    (folder / "config.yaml").write_text("")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("MLFLOW_") or name in ("FORGEBENCH_STORE", "FORGEBENCH_CONFIG"):
+                patch.delenv(name)
+        patch.chdir(folder)
+        patch.setenv("FORGEBENCH_CONFIG", str(folder / "config.yaml"))
+        yield folder
+
 
 # What every e2e variant shares, so they share the store's trained adapters.
 E2E_BASE = """\
