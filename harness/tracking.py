@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -30,6 +31,19 @@ if TYPE_CHECKING:
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT = "mlflow.parentRunId"
+
+# MLflow announces a new sqlite store at INFO ("Creating initial MLflow database tables...",
+# "Updating database tables") on the console of whichever command opens it first; nobody asked
+# for that. Its warnings and errors still show.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+"""MLflow's tag for what an experiment is: model training ("Machine learning" in the UI), not
+the GenAI apps the UI otherwise assumes for an experiment without traces."""
+VIEW = "forgebench"
+"""The experiment's saved runs view, kept as the MLflow UI keeps the views it saves (an
+experiment tag `mlflow.sharedViewState.<id>`; the UI's Views menu lists it)."""
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW}"
 
 
 def tracking_uri(spec: Spec) -> str:
@@ -48,8 +62,45 @@ def _alive(pid: str | None) -> bool:
     return True
 
 
-def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri}"
+def ui_command(uri: str, experiment: str | None = None) -> str:
+    """How to look at the results; given the experiment, also the address that opens it in
+    MLflow's model-training view on forgebench's view of the cells (`mlflow ui` serves at
+    127.0.0.1:5000). MLflow 3.17's UI takes the view kind from the address (`workflowType`)
+    before the experiment's kind tag."""
+    server = uri.startswith(("http://", "https://"))
+    command = f"open {uri}" if server else f"mlflow ui --backend-store-uri {uri}"
+    found = _client(uri).get_experiment_by_name(experiment) if experiment else None
+    if found is None:
+        return command
+    where = uri.rstrip("/") if server else "http://127.0.0.1:5000"
+    link = (
+        f"{where}/#/experiments/{found.experiment_id}/runs"
+        f"?viewStateShareKey={VIEW}&workflowType=machine_learning"
+    )
+    return f"open {link}" if server else f"{command}, then open {link}"
+
+
+def view_state(spec: Spec) -> dict[str, Any]:
+    """What forgebench's view shows: the cells alone, flat (sorted by name, MLflow does not
+    nest them under their invocation's run), the verdict, each task's accuracy (primary
+    first), speed, size and memory, then the verdict's reasons."""
+    tasks = [t if isinstance(t, str) else t.name for t in spec.evaluate.all_tasks]
+    columns = [
+        "tags.`forgebench.verdict`",
+        *(f"metrics.`accuracy_{task}`" for task in tasks),
+        "metrics.`decode_tps_p50`",
+        "metrics.`gguf_mb`",
+        "metrics.`memory_mb`",
+        "tags.`forgebench.verdict_reasons`",
+    ]
+    return {
+        "searchFilter": "tags.`forgebench.kind` = 'cell'",
+        "orderByKey": "tags.`mlflow.runName`",
+        "orderByAsc": True,
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "columnWidths": {"tags.`forgebench.verdict`": 230},
+    }
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -79,9 +130,24 @@ class Experiment:
             self.experiment_id = (
                 existing.experiment_id if existing else self.client.create_experiment(spec.name)
             )
+        self._declare_view()
         self.parent_id = ""
         self.cells: dict[str, str] = {}
         """run id -> cell name, for the tags set once every cell is known."""
+
+    def _declare_view(self) -> None:
+        """The experiment's kind (unless someone set another) and forgebench's view of it,
+        rewritten only when the spec's tasks change it."""
+        tags = self.client.get_experiment(self.experiment_id).tags
+        if KIND_TAG not in tags:
+            self.client.set_experiment_tag(self.experiment_id, KIND_TAG, KIND)
+        state = json.dumps(view_state(self.spec))
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            if json.loads(tags[VIEW_TAG])["state"] == state:
+                return
+        now = int(time.time() * 1000)
+        envelope = {"name": "forgebench", "createdAt": now, "updatedAt": now, "state": state}
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG, json.dumps(envelope))
 
     def __enter__(self) -> Experiment:
         killed = self._close_killed_runs()

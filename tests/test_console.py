@@ -93,3 +93,67 @@ def test_a_cell_nobody_judged_says_unjudged_and_why():
     assert "unjudged" in row and "no f16 cell to judge against" in row
     failed = line_of(lines, "main-q4_k_m")
     assert "failed" in failed and "[exit 1]" in failed, "an error's brackets are not markup"
+
+
+SPEC = """\
+name: viewed
+base: {model: smollm2-135m}
+data: {task: arithmetic, n_train: 40, n_eval: 20}
+lora: [{name: a, r: 4, alpha: 8, target_modules: [q_proj]}]
+quant: [q8_0]
+control: false
+evaluate: {tasks: [arithmetic], guard: [capitals]}
+tracking: {uri: "sqlite:///%s"}
+"""
+
+
+def logged(tmp_path, capfd):
+    """A spec's first invocation on a new sqlite store, outside any git checkout: one cell
+    logged and judged, as `forgebench run` logs it; (uri, the cell's name, the console)."""
+    from harness import pipeline, spec, tracking
+
+    path = tmp_path / "viewed.yaml"
+    path.write_text(SPEC % (tmp_path / "mlflow.db"))
+    loaded = spec.load(path)
+    (cell,) = pipeline.plan(loaded)
+    capfd.readouterr()
+    with tracking.Experiment(loaded, path) as experiment:
+        experiment.log_cell(cell, result(cell.name), {})
+        experiment.tag_verdicts({cell.name: Verdict(cell.name, "ok")}, "arithmetic")
+    out, err = capfd.readouterr()
+    return tracking.tracking_uri(loaded), cell.name, out + err
+
+
+def test_a_first_run_on_a_new_sqlite_store_prints_nothing_of_mlflows(tmp_path, capfd):
+    _, _, console = logged(tmp_path, capfd)
+    for noise in ("Creating initial MLflow", "Updating database", "alembic", "Context impl"):
+        assert noise not in console, console
+    assert "fatal:" not in console, "no git probe reaches the console"
+
+
+def test_the_experiment_opens_as_model_training_on_the_cells_with_their_verdict(tmp_path, capfd):
+    """MLflow's experiment kind, runs named after cells, and a saved view (the UI's Views
+    menu) whose first columns are the verdict and each task's accuracy, primary first."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from harness import tracking
+
+    uri, name, _ = logged(tmp_path, capfd)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("viewed")
+    assert experiment.tags[tracking.KIND_TAG] == "custom_model_development"
+    cells = client.search_runs([experiment.experiment_id], "tags.`forgebench.kind` = 'cell'")
+    assert [run.info.run_name for run in cells] == [name] == ["a-q8_0"]
+    view = json.loads(json.loads(experiment.tags["mlflow.sharedViewState.forgebench"])["state"])
+    assert view["selectedColumns"][:3] == [
+        "tags.`forgebench.verdict`",
+        "metrics.`accuracy_arithmetic`",
+        "metrics.`accuracy_capitals`",
+    ]
+    assert cells[0].data.tags["forgebench.verdict"] == "ok"
+    link = tracking.ui_command(uri, "viewed")
+    assert link.startswith(f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/")
+    assert f"/experiments/{experiment.experiment_id}/runs?viewStateShareKey=forgebench" in link
+    assert "workflowType=machine_learning" in link
