@@ -232,7 +232,6 @@ PATH_SETTINGS = (
     ("base", "gguf"),
     ("base", "resolved", "path"),  # an Ollama model's local HF copy
     ("data", "train"),
-    ("serve", "chat_template"),
     ("evaluate", "tasks", "*", "path"),
     ("evaluate", "guard", "*", "path"),
 )

@@ -206,3 +206,19 @@ def test_the_cell_keeps_the_first_line_and_mlflow_the_whole_reason(tmp_path, mon
     assert outcome.error == "llama-server was killed by signal 9 (SIGKILL) after 3 answers"
     assert outcome.detail == str(died) and "\n  x | y" in outcome.detail
     assert not Store(tmp_path / "store").has(call)
+
+
+def test_ollama_that_stops_answering_is_named_by_its_address():
+    """Ollama restarts its own runners, so the stage ends only when the server itself is
+    gone; a server that still answers is not called stopped."""
+    from ollama_double import OllamaDouble
+
+    from harness.backends.ollama import OllamaBackend
+
+    with OllamaDouble() as double:
+        assert OllamaBackend(double.host).stopped(None) is None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    stopped = OllamaBackend(f"http://127.0.0.1:{port}").stopped(None)
+    assert stopped.how == f"Ollama at http://127.0.0.1:{port} stopped answering"

@@ -25,7 +25,14 @@ import httpx
 import ollama
 
 from harness import gguf_meta
-from harness.backends import NAMESPACE, Chunk, Deployment, ServeConfig, ollama_host
+from harness.backends import (
+    NAMESPACE,
+    Chunk,
+    Deployment,
+    ServeConfig,
+    ServerStopped,
+    ollama_host,
+)
 from harness.errors import ForgebenchError
 
 KEEP_ALIVE = "10m"
@@ -378,6 +385,17 @@ class OllamaBackend:
         wanted = {name, _tagged(name)}
         found = [m for m in running.models if m.model in wanted or m.name in wanted]
         return found[0].model_dump() if found else {}
+
+    def stopped(self, deployment: Deployment) -> ServerStopped | None:
+        """Asked after a request failed to connect: whether Ollama still answers at its
+        address. Ollama's runner restarts itself, so only an unreachable server ends a stage."""
+        try:
+            self._raw("GET", "/api/version", timeout=2.0)
+        except (ConnectionError, httpx.HTTPError):
+            return ServerStopped(f"Ollama at {self.host} stopped answering")
+        except ollama.ResponseError:
+            return None
+        return None
 
     def remove(self, deployment: Deployment) -> None:
         self.delete(deployment.model_name)
