@@ -50,6 +50,21 @@ class BaseRef(Strict):
     revision: str | None = Field(None, description="HF revision (with hf: or ollama:)")
     trust_remote_code: bool = False
 
+    @field_validator("hf")
+    @classmethod
+    def _repo_id(cls, repo: str | None) -> str | None:
+        """The hub's own rule, so a malformed id is this line and not its traceback."""
+        if repo is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(repo)
+            except HFValidationError as exc:
+                raise ValueError(
+                    f"{repo!r} is not a Hugging Face repo id, org/name ({exc})"
+                ) from None
+        return repo
+
     @model_validator(mode="after")
     def _one_source(self) -> BaseRef:
         sources = ("model", "hf", "path", "gguf", "ollama")
@@ -61,6 +76,10 @@ class BaseRef(Strict):
             )
         if self.fallback and not self.ollama:
             raise ValueError("fallback: gguf applies to base: {ollama: ...} only")
+        if self.revision and not (self.hf or self.ollama):
+            raise ValueError(
+                "revision applies to base: {hf: ...} or {ollama: ...} only; drop it"
+            )
         return self
 
 
