@@ -10,6 +10,7 @@ the same and the command is chosen by the first positional argument; the rest go
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
     for line in lines:
-        print("$", Path(line[0]).name, *line[1:], flush=True)
+        print("$", shlex.join([Path(line[0]).name, *line[1:]]), flush=True)
         code = subprocess.run(line, check=False).returncode
         if code != 0:
             return code
