@@ -44,13 +44,27 @@ def arithmetic(n: int, seed: int, offset: int = 0) -> list[Conversation]:
 
 def read_jsonl(path: Path) -> list[Conversation]:
     conversations = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                conversations.append(_conversation(_parse(line, path, lineno), path, lineno))
+    for lineno, line in lines(path):
+        if line.strip():
+            conversations.append(_conversation(_parse(line, path, lineno), path, lineno))
     if not conversations:
         raise ForgebenchError(f"{path}: no examples; give one JSON object per line")
     return conversations
+
+
+def lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, JSON's own encoding; a line that is not UTF-8 is
+    named, rather than left to fail as a decoding traceback."""
+    out = []
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            out.append((lineno, raw.decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            raise ForgebenchError(
+                f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column "
+                f"{exc.start + 1}); save the file as UTF-8"
+            ) from None
+    return out
 
 
 def _parse(line: str, path: Path, lineno: int) -> Any:

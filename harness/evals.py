@@ -150,7 +150,7 @@ def check_qa_jsonl(path: Path, scorer: str = "exact", regex: str | None = None) 
         )
     extract = _extractor(LAST_NUMBER, -1) if scorer == "last_number" else None
     count = 0
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in data.lines(path):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

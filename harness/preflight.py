@@ -114,10 +114,16 @@ def _base(spec: Spec) -> Shape | None:
             raise InputError(
                 f"base.path: {base.path} is not a Hugging Face model folder (no config.json)"
             )
-        return Shape.of_folder(base.path)
+        try:
+            return Shape.of_folder(base.path)
+        except ForgebenchError as exc:
+            raise InputError(f"{spec.where('base', 'path')}: {exc}") from None
     if base.hf:
         snapshot = ollama_models.cached_snapshot(base.hf, base.revision)
-        return Shape.of_folder(snapshot) if snapshot else None
+        try:
+            return Shape.of_folder(snapshot) if snapshot else None
+        except ForgebenchError as exc:
+            raise InputError(f"{spec.where('base', 'hf')}: {exc}") from None
     return None
 
 
@@ -146,9 +152,16 @@ class Shape:
 
     @classmethod
     def of_folder(cls, folder: Path) -> Shape:
-        """From config.json, with the parameter count from the weight files' headers."""
-        config = json.loads((folder / "config.json").read_text())
-        config = {**config, **config.get("text_config", {})}
+        """From config.json, with the parameter count from the weight files' headers;
+        ForgebenchError naming the file that cannot be read as transformers will read it."""
+        path = folder / "config.json"
+        try:
+            config = json.loads(path.read_bytes())
+        except (ValueError, OSError) as exc:
+            raise ForgebenchError(f"{path}: not a readable JSON config ({exc})") from None
+        if not isinstance(config, dict):
+            raise ForgebenchError(f"{path}: a model config is a JSON object")
+        config = {**config, **(config.get("text_config") or {})}
         return cls(
             config.get("model_type"),
             _safetensors_parameters(folder),
@@ -166,11 +179,22 @@ def _safetensors_parameters(folder: Path) -> int | None:
         return None
     total = 0
     for path in files:
-        with path.open("rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-        header.pop("__metadata__", None)
-        total += sum(math.prod(t["shape"]) for t in header.values())
+        try:
+            with path.open("rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+            header.pop("__metadata__", None)
+            end = max((t["data_offsets"][1] for t in header.values()), default=0)
+            total += sum(math.prod(t["shape"]) for t in header.values())
+        except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ForgebenchError(
+                f"{path}: not a safetensors file (its header cannot be read); download it again"
+            ) from None
+        if path.stat().st_size < 8 + length + end:
+            raise ForgebenchError(
+                f"{path}: truncated: {path.stat().st_size} bytes, its header declares "
+                f"{8 + length + end}; download it again"
+            )
     return total
 
 

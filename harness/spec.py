@@ -340,9 +340,12 @@ def load(path: Path | str) -> Spec:
     """Read and validate a spec; relative paths in it are taken from the spec's folder."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise SpecError(f"{path}:{line}: not UTF-8 text; save the spec as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
