@@ -5,7 +5,7 @@ examples, in this one process, one after the other; the figure is useful
 (non-padding) tokens per second of the training loop itself (model loading
 excluded), and the table gives the ratio. Target: >= 1.2x.
 
-    tox -e bench                      # or: python benchmarks/train_throughput.py --examples 240
+    tox -e forgebench -- bench        # or: python benchmarks/train_throughput.py --examples 240
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ def run(
     console.print(
         f"[bold]{loaded.name}[/]: {len(cells)} cells, {total} stage calls, store {the_store.root}"
     )
-    with RichReporter(console, total) as reporter:
+    with RichReporter(console, total, debug=state["debug"]) as reporter:
         summary = pipeline.run(loaded, spec, the_store, reporter, fail_fast)
     console.print(summary_table(summary, pipeline.primary_task(loaded)))
     if times:
@@ -213,7 +213,7 @@ def run(
     work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in stages)
     console.print(f"work done: {work}", soft_wrap=True)
     console.print(
-        f"results: [bold]{tracking.ui_command(summary.tracking_uri)}[/]"
+        f"results: [bold]{tracking.ui_command(summary.tracking_uri, summary.experiment)}[/]"
         f" (experiment {summary.experiment!r}, run {summary.parent_run_id})",
         soft_wrap=True,
     )

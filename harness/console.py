@@ -22,8 +22,9 @@ from harness.pipeline import STAGES, Cell, CellResult, Outcome, RunSummary
 class RichReporter:
     """Live progress: one bar over all stage calls, one line for the stage at work."""
 
-    def __init__(self, console: Console, total: int):
+    def __init__(self, console: Console, total: int, debug: bool = False):
         self.console = console
+        self.debug = debug  # --debug: a failed stage's whole reason (a log tail) under its line
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -65,7 +66,10 @@ class RichReporter:
         self.progress.advance(self.overall)
         what = self.label
         if outcome.error:
-            self.console.print(f"[red]✗[/] {what}: {outcome.error}")
+            # as text, not markup: an error quoting "[user]" or "[invalid]" would lose it
+            self.console.print(Text.assemble(("✗", "red"), f" {what}: {outcome.error}"))
+            if self.debug and outcome.detail:
+                self.console.print(Text(outcome.detail, style="dim"))
         elif outcome.cached:
             self.console.print(f"[dim]· {what}: cached ({outcome.key})[/]")
         else:

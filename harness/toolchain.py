@@ -42,7 +42,7 @@ def runtime_version() -> str:
     except metadata.PackageNotFoundError:
         raise ForgebenchError(
             f"{PACKAGE} is not installed; install forgebench with its dependencies "
-            "(see the README: tox -e quickstart does it for you)"
+            "(see the README: tox -e forgebench -- quickstart does it for you)"
         ) from None
 
 

@@ -157,3 +157,25 @@ def test_the_experiment_opens_as_model_training_on_the_cells_with_their_verdict(
     assert link.startswith(f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/")
     assert f"/experiments/{experiment.experiment_id}/runs?viewStateShareKey=forgebench" in link
     assert "workflowType=machine_learning" in link
+
+
+def test_a_failed_stage_prints_its_words_as_written_and_the_whole_reason_only_with_debug():
+    from harness.console import RichReporter
+    from harness.pipeline import Cell
+
+    failed = Outcome(
+        "k-eval",
+        cached=False,
+        seconds=1.0,
+        error="evaluate: row [user] has no answer",
+        detail="evaluate: row [user] has no answer\nlast lines of its log:\n  srv  ready",
+    )
+    cell = Cell(None, "f16", {})
+    for debug, expected in ((False, 1), (True, 4)):
+        console = Console(width=160, record=True, color_system=None)
+        with RichReporter(console, total=1, debug=debug) as reporter:
+            reporter.stage_started(cell, "evaluate", cached=False)
+            reporter.stage_finished(cell, "evaluate", failed)
+        lines = [li for li in console.export_text().splitlines() if li.strip()]
+        assert lines[0] == f"✗ {cell.adapter} evaluate: evaluate: row [user] has no answer"
+        assert len(lines) == expected, lines

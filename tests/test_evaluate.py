@@ -289,3 +289,37 @@ def test_gsm8k_reports_both_filters(server, tmp_path, hf_cache):
         assert row["filters"]["flexible"]["correct"] == row["correct"]
         strict = row["filters"]["strict"]["extracted"]
         assert strict == "[invalid]" or f"#### {strict}" in row["response"]
+
+
+def test_scoring_outside_a_git_checkout_prints_nothing_of_git(
+    tmp_path, monkeypatch, hf_cache, capfd
+):
+    """lm-eval asks `git describe` for the folder's commit; outside a checkout git's "fatal:
+    not a git repository" used to reach the user's console once per scored model."""
+    from lm_eval.api.model import LM
+
+    class Answers42(LM):  # a model that always answers 42: what is scored does not matter here
+        def generate_until(self, requests, disable_tqdm=False):
+            return ["42" for _ in requests]
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def apply_chat_template(self, chat_history, add_generation_prompt=True):
+            return json.dumps(chat_history)
+
+        @property
+        def tokenizer_name(self):
+            return "answers-42"
+
+    data = {"task": "arithmetic", "n_train": 50, "n_eval": 4, "seed": 7}
+    tasks = evals.prepare(["arithmetic"], data, tmp_path / "tasks")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples").mkdir()
+    _, rows = stage.score(Answers42(), tasks, limit=4, out=tmp_path / "samples")
+    assert len(rows["arithmetic"]) == 4
+    out, err = capfd.readouterr()
+    assert "fatal:" not in out + err

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -219,6 +220,19 @@ def write_samples(rows: list[dict[str, Any]], path: Path) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def _quiet_git_hash() -> str | None:
+    """lm-eval's own `get_git_commit_hash` runs `git describe` and lets git's "fatal: not a
+    git repository" through to the console whenever the working folder is not a checkout;
+    this asks the same and keeps git's stderr. forgebench records its lineage itself."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always"], capture_output=True, text=True, check=False
+        )
+    except FileNotFoundError:
+        return None
+    return done.stdout.strip() or None
+
+
 def score(
     model: Any,
     tasks: list[EvalTask],
@@ -237,7 +251,10 @@ def score(
     the backends' own chat requests send it. `only` restricts a task to some doc ids.
     """
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.tasks import TaskManager
+
+    lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
 
     # with no tokenizer lm-eval cannot name the EOS string and says so per request batch
     # (the server stops at the model's own end-of-generation token regardless), and it
