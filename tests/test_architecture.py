@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
 from ollama_double import OllamaDouble
 
 from harness import gguf_meta, pipeline, sources, spec, templates
@@ -92,6 +93,13 @@ def assert_measured(chain: Chain, summary: pipeline.RunSummary, backend: str) ->
             spec.load(chain.folder / f"{backend}.yaml")
         )
         assert tags["forgebench.chat_template.sha256"] == hashlib.sha256(gemma.encode()).hexdigest()
+        kept = download_artifacts(
+            run_id=cell.run_id,
+            artifact_path="serve/chat_template.jinja",
+            tracking_uri=f"sqlite:///{chain.db}",
+            dst_path=str(chain.folder / "artifacts" / backend / name),
+        )
+        assert Path(kept).read_text() == gemma
     drift = cells["qkvo-q8_0"].stages["drift"].metrics
     assert drift["kld_mean"] >= 0
     assert drift["ppl_ratio"] > 0

@@ -7,7 +7,6 @@ holds, and MLflow records which template served."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -16,10 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import MEASURE_SPEC
 from gguf import GGUFReader
-from mlflow.artifacts import download_artifacts
-from mlflow.tracking import MlflowClient
 from ollama_double import OllamaDouble
 from transformers import AutoTokenizer
 
@@ -291,37 +287,3 @@ def test_a_slightly_wrong_template_fails_on_template_with_the_diff(
     report = (tmp_path / "check" / check.DIFF_FILE).read_text()
     assert "\n-You are a helpful AI assistant named SmolLM, trained by" in report
     assert "\n+You are a helpful AI assistant named TinyLM, trained by" in report
-
-
-@pytest.mark.slow
-def test_the_pipeline_trains_and_serves_the_spec_template_and_records_it(e2e, jinja, tmp_path):
-    """A spec's template is the model's everywhere, not only on the server: SmolLM2's own
-    with another default system prompt is trained on, served, and found equal to the
-    tokenizer's; MLflow says which template served and where it came from."""
-    template = e2e.folder / "renamed.jinja"
-    template.write_text(slightly_off(jinja))
-    path = e2e.folder / "renamed-template.yaml"
-    uri = f"sqlite:///{e2e.folder / 'mlflow.db'}"
-    text = MEASURE_SPEC.format(template=f", chat_template: {template}", db=e2e.folder / "mlflow.db")
-    text = text.replace("[f16, q8_0, q4_k_m, q2_k]", "[f16]").replace("n_train: 400", "n_train: 32")
-    path.write_text(text + "measure: [check]\n")
-    summary = e2e.run(path)
-    assert [c.status for c in summary.cells] == ["done", "done"], [c.error for c in summary.cells]
-    client = MlflowClient(uri)
-    for cell in summary.cells:
-        tags = client.get_run(cell.run_id).data.tags
-        assert tags["forgebench.chat_template.source"] == f"file {template}"
-        sha256 = hashlib.sha256(template.read_bytes()).hexdigest()
-        assert tags["forgebench.chat_template.sha256"] == sha256
-
-        def artifact(name: str, cell=cell) -> str:
-            where = tmp_path / cell.cell
-            got = download_artifacts(
-                run_id=cell.run_id, artifact_path=name, tracking_uri=uri, dst_path=str(where)
-            )
-            return Path(got).read_text()
-
-        assert artifact("serve/chat_template.jinja") == template.read_text()
-        verdict = json.loads(artifact("serve/verdict.json"))
-        assert verdict["parity"]["ok"], verdict["reasons"]
-        assert "named TinyLM, trained by" in verdict["parity"]["server_prompt"]
