@@ -141,3 +141,32 @@ def release_gate(uri: str, candidate: str, baseline: str, *extra: str):
     """`forgebench check` as a user's CI job calls it."""
     command = ["check", "--candidate", candidate, "--baseline", baseline, "--tracking-uri", uri]
     return CliRunner().invoke(app, [*command, *extra])
+
+
+def smollm2_gguf_with_template(path: Path, template: str | None) -> Path:
+    """The bundled SmolLM2 GGUF with another tokenizer.chat_template (none when None), its
+    tensors as they are (as gguf-py's gguf_new_metadata rewrites a GGUF's metadata)."""
+    import gguf
+
+    from harness import sources
+
+    reader = gguf.GGUFReader(sources.bundled_gguf("smollm2-135m"))
+    writer = gguf.GGUFWriter(path, "llama")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "tokenizer.chat_template"):
+            continue
+        kind = field.types[0]
+        sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), kind, sub)
+    if template is not None:
+        writer.add_chat_template(template)
+    for tensor in reader.tensors:
+        data = tensor.data
+        writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data)
+    writer.close()
+    return path

@@ -16,10 +16,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import gguf
 import llama_cpp
 import ollama
 import pytest
+from conftest import smollm2_gguf_with_template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ollama_double import OllamaDouble
 
@@ -63,27 +63,8 @@ THINK_JINJA = (
 
 
 def with_template(path: Path, template: str) -> Path:
-    """The bundled SmolLM2 with another tokenizer.chat_template, its tensors as they are (as
-    gguf-py's gguf_new_metadata rewrites a GGUF's metadata)."""
-    reader = gguf.GGUFReader(GGUF)
-    writer = gguf.GGUFWriter(path, "llama")
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "tokenizer.chat_template"):
-            continue
-        kind = field.types[0]
-        sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), kind, sub)
-    writer.add_chat_template(template)
-    for tensor in reader.tensors:
-        data = tensor.data
-        writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data)
-    writer.close()
-    return path
+    """The bundled SmolLM2 with another tokenizer.chat_template, its tensors as they are."""
+    return smollm2_gguf_with_template(path, template)
 
 
 def hf_rendering(template: str, messages: list[dict], **kwargs) -> str:

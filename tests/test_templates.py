@@ -9,13 +9,13 @@ import hashlib
 import json
 from pathlib import Path
 
-import gguf
 import pytest
+from conftest import smollm2_gguf_with_template
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
 from typer.testing import CliRunner
 
-from harness import pipeline, sources, spec, templates
+from harness import pipeline, spec, templates
 from harness.backends.ollama import go_template
 from harness.cli import app
 from harness.errors import InputError, StageError
@@ -113,26 +113,9 @@ def write_spec(folder: Path, base: str, template: str | None) -> Path:
 
 
 def templateless_gguf(path: Path) -> Path:
-    """The bundled SmolLM2 without tokenizer.chat_template (as gguf-py's gguf_new_metadata
-    rewrites a GGUF): what a pretrained base's GGUF looks like."""
-    reader = gguf.GGUFReader(sources.bundled_gguf("smollm2-135m"))
-    writer = gguf.GGUFWriter(path, "llama")
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "tokenizer.chat_template"):
-            continue
-        kind = field.types[0]
-        sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), kind, sub)
-    for tensor in reader.tensors:
-        data = tensor.data
-        writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data)
-    writer.close()
-    return path
+    """The bundled SmolLM2 without tokenizer.chat_template: what a pretrained base's GGUF
+    looks like."""
+    return smollm2_gguf_with_template(path, None)
 
 
 def tokenizer_folder(folder: Path, template: str | None = None, family: str | None = None) -> Path:
