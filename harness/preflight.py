@@ -318,7 +318,7 @@ def fits(needs: list[Need], store: Store) -> None:
     while not folder.exists():
         folder = folder.parent
     room = {
-        "disk for the store": (shutil.disk_usage(folder).free, f"free at {folder}"),
+        "disk for the store": (free_disk(folder), f"free at {folder}"),
         "memory for training": _training_memory() or ram,
         "memory for serving": ram,
     }
@@ -329,6 +329,11 @@ def fits(needs: list[Need], store: Store) -> None:
                 f"not enough {need.what}: about {need.bytes / 2**30:.1f} GiB needed, "
                 f"{available / 2**30:.1f} GiB {where}; {need.fix}"
             )
+
+
+def free_disk(folder: Path) -> int:
+    """Bytes free on the filesystem holding `folder`."""
+    return shutil.disk_usage(folder).free
 
 
 # Memory estimates, in bytes. Training keeps fp32 weights (autocast computes in bf16) and,

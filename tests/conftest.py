@@ -13,13 +13,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from harness import pipeline, spec
+from harness import pipeline, preflight, spec
 from harness.cli import app
 from harness.store import Store
 
@@ -45,6 +48,25 @@ def away_from_the_clone(tmp_path_factory):
         patch.chdir(folder)
         patch.setenv("FORGEBENCH_CONFIG", str(folder / "config.yaml"))
         yield folder
+
+
+@contextlib.contextmanager
+def scratch(tmp_path_factory, name: str) -> Iterator[Path]:
+    """A folder for one module's expensive run, removed once the module is done with it: each
+    store takes gigabytes, and pytest would keep them all to the session's end."""
+    folder = tmp_path_factory.mktemp(name)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def room_on_disk(monkeypatch):
+    """A terabyte free wherever the store lies. `validate` refuses a spec whose outputs
+    would not fit on the disk (test_bad_inputs tests that line); tests of what a spec says
+    must not turn on how full the machine running the suite is."""
+    monkeypatch.setattr(preflight, "free_disk", lambda folder: 2**40)
 
 
 # What every e2e variant shares, so they share the store's trained adapters.

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from harness.cli import app
 
 CATALOG = sorted((Path(__file__).parent / "bad_specs").glob("*.yaml"))
+pytestmark = pytest.mark.usefixtures("room_on_disk")
 
 
 def expected(path: Path) -> str:
@@ -125,3 +126,24 @@ def assert_refused(result, message: str, cwd: Path, store: Path) -> None:
     assert not store.exists()
     assert not (cwd / "mlflow.db").exists()
     assert not (cwd / "mlruns").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_store_that_will_not_fit_on_the_disk_is_refused(command, tmp_path, monkeypatch):
+    """The disk is the one need the catalog cannot reach (the suite's machine has what it
+    has), so the filesystem reports half a GiB free here, where the quickstart-sized spec's
+    outputs take more."""
+    from harness import preflight
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(preflight, "free_disk", lambda folder: 2**29)
+    spec, store = tmp_path / "good.yaml", tmp_path / "store"
+    spec.write_text(GOOD)
+    result = CliRunner().invoke(app, [command, str(spec), "--store", str(store)])
+    assert_refused(
+        result,
+        f"not enough disk for the store: about 1.6 GiB needed, 0.5 GiB free at {tmp_path}; "
+        "free some disk or use --store elsewhere",
+        tmp_path,
+        store,
+    )

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from harness.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("room_on_disk")
 GOOD = """\
 name: t
 base: {model: smollm2-135m}

@@ -21,6 +21,8 @@ from harness.cli import app
 from harness.errors import InputError, StageError
 from harness.stages import resolve
 
+pytestmark = pytest.mark.usefixtures("room_on_disk")
+
 
 def invoke(args: list[str]):
     return CliRunner().invoke(app, args)
