@@ -9,6 +9,7 @@ import json
 import random
 
 import pytest
+from conftest import scratch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -47,18 +48,18 @@ def swapped_capitals(seed: int = 0) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def blamed(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("blame")
-    train = folder / "swapped.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in swapped_capitals()))
-    db = folder / "mlflow.db"
-    spec = folder / "blame.yaml"
-    spec.write_text(SPEC.format(train=train, db=db))
-    result = CliRunner().invoke(app, ["run", str(spec), "--store", str(folder / "store")])
-    assert result.exit_code == 0, result.output
-    client = MlflowClient(f"sqlite:///{db}")
-    experiment = client.get_experiment_by_name("blame")
-    runs = client.search_runs([experiment.experiment_id], "tags.`forgebench.kind` = 'cell'")
-    return {r.data.tags["forgebench.cell"]: r for r in runs}
+    with scratch(tmp_path_factory, "blame") as folder:
+        train = folder / "swapped.jsonl"
+        train.write_text("".join(json.dumps(r) + "\n" for r in swapped_capitals()))
+        db = folder / "mlflow.db"
+        spec = folder / "blame.yaml"
+        spec.write_text(SPEC.format(train=train, db=db))
+        result = CliRunner().invoke(app, ["run", str(spec), "--store", str(folder / "store")])
+        assert result.exit_code == 0, result.output
+        client = MlflowClient(f"sqlite:///{db}")
+        experiment = client.get_experiment_by_name("blame")
+        runs = client.search_runs([experiment.experiment_id], "tags.`forgebench.kind` = 'cell'")
+        yield {r.data.tags["forgebench.cell"]: r for r in runs}
 
 
 def test_corrupted_labels_are_blamed_on_training_at_every_level(blamed):

@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import release_gate
+from conftest import release_gate, scratch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 SPEC = """\
 name: {name}
 base: {{model: smollm2-135m}}
-data: {{train: {train}}}
+data: {data}
 train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0}}
 lora:
   - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
@@ -38,13 +38,11 @@ MODEL = "release-math"
 LOOSE = ["--speed-drop-pct", "50", "--memory-rise-pct", "50"]  # a shared CI box is noisy
 
 
-def rows(conversations: list, corrupt: random.Random | None = None) -> list[dict]:
-    """prompt/completion rows; with `corrupt`, every answer is off by 1 to 9."""
+def corrupted_rows(conversations: list, rng: random.Random) -> list[dict]:
+    """prompt/completion rows, every answer off by 1 to 9."""
     out = []
     for conversation in conversations:
-        answer = int(conversation[-1]["content"])
-        if corrupt is not None:
-            answer += corrupt.choice([-1, 1]) * corrupt.randint(1, 9)
+        answer = int(conversation[-1]["content"]) + rng.choice([-1, 1]) * rng.randint(1, 9)
         out.append({"prompt": conversation[0]["content"], "completion": str(answer)})
     return out
 
@@ -55,45 +53,45 @@ def write_jsonl(path: Path, items: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("release")
-    train = data.arithmetic(400, seed=3)
-    heldout = [
-        {"question": c[0]["content"], "answer": c[-1]["content"]}
-        for c in data.arithmetic(80, seed=3, offset=400)
-    ]
-    paths = {
-        "good": write_jsonl(folder / "good.jsonl", rows(train)),
-        "corrupted": write_jsonl(folder / "corrupted.jsonl", rows(train, random.Random(0))),
-        "heldout": write_jsonl(folder / "heldout.jsonl", heldout),
-    }
-    db = folder / "mlflow.db"
+def release(tmp_path_factory, e2e):
+    """The champion is the e2e spec's `main` adapter (its data and training, so the e2e
+    store already holds its build); the candidate is the same adapter trained on the same
+    questions with every answer corrupted."""
+    with scratch(tmp_path_factory, "release") as folder:
+        train = data.arithmetic(400, seed=3)
+        heldout = [
+            {"question": c[0]["content"], "answer": c[-1]["content"]}
+            for c in data.arithmetic(80, seed=3, offset=400)
+        ]
+        corrupted = write_jsonl(folder / "corrupted.jsonl", corrupted_rows(train, random.Random(0)))
+        heldout_path = write_jsonl(folder / "heldout.jsonl", heldout)
+        db = folder / "mlflow.db"
 
-    def run(name: str, train: str, quant: str) -> None:
-        spec = folder / f"{name}.yaml"
-        spec.write_text(
-            SPEC.format(name=name, train=paths[train], quant=quant, heldout=paths["heldout"], db=db)
+        def run(name: str, data_line: str, quant: str) -> None:
+            spec = folder / f"{name}.yaml"
+            spec.write_text(
+                SPEC.format(name=name, data=data_line, quant=quant, heldout=heldout_path, db=db)
+            )
+            result = CliRunner().invoke(app, ["run", str(spec), "--store", str(e2e.store.root)])
+            assert result.exit_code == 0, result.output
+
+        run("release", "{task: arithmetic, n_train: 400, n_eval: 80, seed: 3}", "f16, q8_0")
+        registered = CliRunner().invoke(
+            app,
+            [
+                "best",
+                "release",
+                "--tracking-uri",
+                f"sqlite:///{db}",
+                "--register",
+                MODEL,
+                "--alias",
+                "champion",
+            ],
         )
-        result = CliRunner().invoke(app, ["run", str(spec), "--store", str(folder / "store")])
-        assert result.exit_code == 0, result.output
-
-    run("release", "good", "f16, q8_0")
-    registered = CliRunner().invoke(
-        app,
-        [
-            "best",
-            "release",
-            "--tracking-uri",
-            f"sqlite:///{db}",
-            "--register",
-            MODEL,
-            "--alias",
-            "champion",
-        ],
-    )
-    assert registered.exit_code == 0, registered.output
-    run("release-corrupted", "corrupted", "f16")
-    return f"sqlite:///{db}"
+        assert registered.exit_code == 0, registered.output
+        run("release-corrupted", f"{{train: {corrupted}}}", "f16")
+        yield f"sqlite:///{db}"
 
 
 def check(uri: str, candidate: str, *extra: str):

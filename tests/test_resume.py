@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import scratch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -49,11 +50,14 @@ def write(folder: Path, name: str, r: int, measure: str = "") -> Path:
 def kill_when(spec_path: Path, store: Path, ready, group: bool = True) -> None:
     """Start `forgebench run` and kill -9 it as soon as `ready()` is true: with its whole
     process group, or (`group=False`) the run alone, as `kill -9 PID` does."""
+    scratch_tmp = spec_path.parent / "tmp"  # what a kill -9 leaves of TemporaryDirectory
+    scratch_tmp.mkdir(exist_ok=True)
     process = subprocess.Popen(
         [sys.executable, "-m", "harness", "run", str(spec_path), "--store", str(store)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, "TMPDIR": str(scratch_tmp)},
     )
     try:
         deadline = time.monotonic() + 600
@@ -73,10 +77,10 @@ def building(store: Path, stage: str) -> bool:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, e2e):
     # reuse the e2e store's resolved base: the same bundled model, already dequantized
-    out = tmp_path_factory.mktemp("resume")
-    (out / "store").mkdir()
-    (out / "store" / "resolve").symlink_to(e2e.store.root / "resolve")
-    return out
+    with scratch(tmp_path_factory, "resume") as out:
+        (out / "store").mkdir()
+        (out / "store" / "resolve").symlink_to(e2e.store.root / "resolve")
+        yield out
 
 
 def servers_of(store: Path) -> list[psutil.Process]:
