@@ -1,4 +1,5 @@
-"""A GGUF's tokenizer as llama.cpp will use it: special token ids and types, add-BOS/EOS.
+"""A GGUF's tokenizer as llama.cpp will use it (special token ids and types, add-BOS/EOS),
+and the file type its tensors were written as.
 
 A GGUF carries its own copy of the tokenizer's special tokens. When that copy disagrees
 with the HF tokenizer the model was trained with (another EOS id, a special token stored
@@ -99,6 +100,25 @@ def engine_view(path: Path, ids: set[int]) -> EngineView:
         )
     finally:
         llama_cpp.llama_model_free(model)
+
+
+def file_type(path: Path) -> int | None:
+    """`general.file_type`: the llama.cpp file type (`gguf.LlamaFileType`) its tensors were
+    written as, None when the writer left it out."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).get_field("general.file_type")
+    return None if field is None else int(field.contents())
+
+
+def file_type_name(number: int | None) -> str:
+    """`LlamaFileType` 15 -> "Q4_K_M"; "unknown" for a missing or unlisted number."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(int(number)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        return "unknown"
 
 
 def _int(value) -> int | None:

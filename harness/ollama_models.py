@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from harness import gguf_meta
 from harness.errors import ForgebenchError, InputError
 
 MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
@@ -387,21 +388,12 @@ def _read_gguf(path: str, size: int, mtime_ns: int) -> GgufInfo:
         architecture=arch,
         parameters=sum(int(t.n_elements) for t in reader.tensors),
         size_label=value("general.size_label"),
-        file_type=_file_type_name(value("general.file_type")),
+        file_type=gguf_meta.file_type_name(value("general.file_type")),
         context_length=value(f"{arch}.context_length"),
         block_count=value(f"{arch}.block_count"),
         embedding_length=value(f"{arch}.embedding_length"),
         vocab_size=len(tokens.data) if tokens is not None else value(f"{arch}.vocab_size"),
     )
-
-
-def _file_type_name(number: int | None) -> str:
-    from gguf import LlamaFileType
-
-    try:
-        return LlamaFileType(int(number)).name.removeprefix("MOSTLY_")
-    except (TypeError, ValueError):
-        return "unknown"
 
 
 # --- the Hugging Face side ------------------------------------------------------

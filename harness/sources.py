@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from harness import toolchain
+from harness import gguf_meta, toolchain
 from harness.errors import ForgebenchError, InputError
 from harness.store import content_sha256
 
@@ -147,7 +147,7 @@ def materialize(base: dict[str, Any], out: Path) -> dict[str, Any]:
 
     if base.get("model") or base.get("gguf"):
         gguf = bundled_gguf(base["model"]) if base.get("model") else Path(base["gguf"])
-        file_type = _gguf_file_type(gguf)
+        file_type = gguf_meta.file_type_name(gguf_meta.file_type(gguf))
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
@@ -197,12 +197,3 @@ def _hf_snapshot(repo: str, revision: str | None) -> Path:
             "(HF_HUB_OFFLINE=1): fetch it once on a machine with network "
             f"(`hf download {repo}`) or point base: {{path: ...}} at a local copy"
         ) from None
-
-
-def _gguf_file_type(path: Path) -> str:
-    from gguf import GGUFReader, LlamaFileType
-
-    field = GGUFReader(path).get_field("general.file_type")
-    if field is None:
-        return "unknown"
-    return LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import quant
+from harness import gguf_meta, quant
 from harness.errors import StageError
 from harness.stages import Progress
 
@@ -41,7 +41,7 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
         raise StageError(
             f"llama.cpp quantizer failed for {level} (exit {done.returncode}): {tail[0]}"
         )
-    written = read_file_type(dst)
+    written = gguf_meta.file_type(dst)
     if written != int(ftype):
         raise StageError(f"quantized file has file type {written}, expected {int(ftype)} ({level})")
     fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", log.read_text())
@@ -50,15 +50,6 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
         # tensors whose row size does not fit the level's block size get another type
         "fallback_tensors": int(fallback.group(1)) if fallback else 0,
     }
-
-
-def read_file_type(path: Path) -> int:
-    from gguf import GGUFReader
-
-    field = GGUFReader(path).get_field("general.file_type")
-    if field is None:
-        raise StageError(f"{path} has no general.file_type")
-    return int(field.contents())
 
 
 def _quantize(src: str, dst: str, ftype: int) -> int:
