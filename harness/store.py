@@ -10,7 +10,6 @@ leaves nothing that could be mistaken for one.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from harness.errors import ForgebenchError
 
@@ -61,11 +62,8 @@ class StageCall:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 class Store:
@@ -89,17 +87,13 @@ class Store:
     def lock(self, call: StageCall) -> Iterator[None]:
         """Hold the call's lock: a second process building the same key waits, then reuses.
 
-        An OS file lock (flock) is released by the kernel when its holder dies,
-        so a killed run never leaves a stale lock behind.
+        An OS file lock (flock, through filelock) is released by the kernel when its
+        holder dies, so a killed run never leaves a stale lock behind.
         """
         folder = self.root / call.stage
         folder.mkdir(parents=True, exist_ok=True)
-        with (folder / f".{call.key}.lock").open("w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with FileLock(folder / f".{call.key}.lock"):
+            yield
 
     @contextmanager
     def building(self, call: StageCall) -> Iterator[Path]:

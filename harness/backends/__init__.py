@@ -130,11 +130,14 @@ class Backend(Protocol):
 BACKENDS = ("ollama", "llamacpp")
 
 
-def ollama_host() -> str:
-    """OLLAMA_HOST as the ollama client reads it, with scheme and port filled in."""
+def ollama_host(host: str | None = None) -> str:
+    """`host` (default: OLLAMA_HOST, else 127.0.0.1:11434) as the ollama client reads it,
+    with scheme and port filled in."""
     import os
 
-    host = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434").strip()
+    if host is None:
+        host = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434")
+    host = host.strip()
     if "://" not in host:
         host = f"http://{host}"
     if host.count(":") < 2:

@@ -13,7 +13,6 @@ Chat streams `/api/chat`; the last chunk carries Ollama's own token counts and t
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from harness.backends import (
     ollama_host,
 )
 from harness.errors import ForgebenchError
+from harness.store import file_sha256
 
 KEEP_ALIVE = "10m"
 """How long Ollama keeps a deployed model loaded after each request."""
@@ -150,14 +150,6 @@ def create_parameters(config: ServeConfig, stops: list[str]) -> dict[str, Any]:
     return {**config.parameters, **({"stop": merged} if merged else {})}
 
 
-def sha256_digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            sha.update(block)
-    return f"sha256:{sha.hexdigest()}"
-
-
 GO_TEMPLATE, GGUF_TEMPLATE = "go_template", "gguf_chat_template"
 """Which template serves, in Ollama's own words (server/images.go selectedTemplateSource)."""
 
@@ -223,14 +215,14 @@ class OllamaBackend:
 
     def __init__(self, host: str | None = None) -> None:
         """`host` as OLLAMA_HOST takes it (default: OLLAMA_HOST, else 127.0.0.1:11434)."""
-        self.host = ollama_host() if host is None else _base_url(host)
+        self.host = ollama_host(host)
         self._client = ollama.Client(self.host, timeout=httpx.Timeout(600.0, connect=5.0))
 
     def deploy(self, gguf: Path, config: ServeConfig) -> Deployment:
         template, stops = go_template(config.chat_template)
         parameters = create_parameters(config, stops)
         version = self._call("report its version", lambda: self._raw("GET", "/api/version").json())
-        digest = sha256_digest(gguf)
+        digest = f"sha256:{file_sha256(gguf)}"  # remembered: bench deploys it again
         uploaded = not self._has_blob(digest)
         if uploaded:
             sent = self._call(f"take {gguf.name}", lambda: self._client.create_blob(gguf))
@@ -442,12 +434,6 @@ class OllamaBackend:
             raise ForgebenchError(
                 f"Ollama at {self.host} could not {what}{status}: {exc.error}"
             ) from exc
-
-
-def _base_url(host: str) -> str:
-    """A host as OLLAMA_HOST gives it, with scheme and port filled in as ollama_host() does."""
-    host = host.strip() if "://" in host else f"http://{host.strip()}"
-    return (host if host.count(":") >= 2 else f"{host}:11434").rstrip("/")
 
 
 def _tagged(name: str) -> str:
