@@ -189,7 +189,7 @@ def run(
     toolchain.ensure_source(log=lambda m: console.print(f"[dim]{m}[/]"))
     if loaded.measure:
         toolchain.build_tools(log=lambda m: console.print(f"[dim]{m}[/]"))
-    if {"check", "evaluate", "bench"} & set(loaded.measure):
+    if loaded.serves:
         console.print(
             f"serving through [bold]{cells[0].backend}[/]"
             + (

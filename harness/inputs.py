@@ -93,10 +93,9 @@ def _numeric_text(value: Any) -> bool:
 def token_counts(spec: Spec, context: int | None, drift_text: Path) -> None:
     """Token counts against the model's trained context and the served context."""
     num_ctx = spec.serve.parameters.get("num_ctx", 2048)
-    served = {"check", "evaluate", "bench"} & set(spec.measure)
     if context:
         limits = [("train", "max_seq_len", spec.train.max_seq_len, "training")]
-        if served:
+        if spec.serves:
             limits.append(("serve", "parameters", "num_ctx", num_ctx, "serving"))
         if "drift" in spec.measure:
             limits.append(("drift", "ctx", spec.drift.ctx, "drift"))

@@ -90,7 +90,7 @@ def plan(spec: Spec) -> list[Cell]:
         versions=_versions("transformers", "gguf") | keys.versions("resolve"),
     )
     data = _data_identity(spec)
-    backend = backends.resolve_name(spec.serve.backend) if set(SERVED) & set(spec.measure) else ""
+    backend = backends.resolve_name(spec.serve.backend) if spec.serves else ""
     adapters: list[LoraSpec | None] = ([None] if spec.control else []) + list(spec.lora)
     levels = sorted(spec.quant, key=lambda level: level != quant.REFERENCE)
     trust = spec.base.trust_remote_code

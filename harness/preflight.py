@@ -239,9 +239,8 @@ def _tracking(spec: Spec) -> None:
 def _serving(spec: Spec) -> None:
     from harness import backends
 
-    served = {"check", "evaluate", "bench"} & set(spec.measure)
     if (
-        served
+        spec.serves
         and spec.serve.backend == "ollama"
         and not backends.ollama_answers(inputs.SERVICE_TIMEOUT_S)
     ):
@@ -278,8 +277,8 @@ def needs(spec: Spec, shape: Shape | None, cells: list[Cell], store: Store) -> l
         )
     n_ctx = int(spec.serve.parameters.get("num_ctx", 2048))
     serving = serving_bytes(shape, n_ctx, spec.serve.slots)
-    served = {"check", "evaluate", "bench", "drift"} & set(spec.measure)
-    if serving is not None and served and not _remote_ollama(cells[0].backend):
+    loads = spec.serves or "drift" in spec.measure  # llama-perplexity loads the model too
+    if serving is not None and loads and not _remote_ollama(cells[0].backend):
         out.append(
             Need("memory for serving", serving, "lower serve.slots or serve.parameters.num_ctx")
         )

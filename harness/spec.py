@@ -263,6 +263,8 @@ class BudgetSpec(Strict):
 
 
 MEASUREMENTS = ("check", "evaluate", "bench", "drift")
+SERVED_MEASUREMENTS = ("check", "evaluate", "bench")
+"""The measurements made on a deployed model; drift reads the GGUFs with llama-perplexity."""
 
 
 class TrackingSpec(Strict):
@@ -290,6 +292,11 @@ class Spec(Strict):
     tracking: TrackingSpec = TrackingSpec()
     _source: tuple[Path, yaml.Node | None] | None = PrivateAttr(None)
     """The file and YAML tree `load` read, so checks made later can name the line."""
+
+    @property
+    def serves(self) -> bool:
+        """Whether a measurement deploys the cells' models (a backend is needed)."""
+        return bool(set(SERVED_MEASUREMENTS) & set(self.measure))
 
     def where(self, *loc: str | int) -> str:
         """`spec.yaml:12: serve.parameters.num_ctx`: where a setting is, for a message about
