@@ -33,26 +33,26 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from rich.console import Console
 from rich.table import Table
 
-from harness import host, pipeline, spec
+from harness import host, outcomes, pipeline, planning, spec
 from harness.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT = ("resolve", "train", "merge", "convert", "quantize", "reference")
 
 
-def run_once(loaded: spec.Spec, path: Path, store: Store, db: Path) -> pipeline.RunSummary:
+def run_once(loaded: spec.Spec, path: Path, store: Store, db: Path) -> outcomes.RunSummary:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
-    return pipeline.run(loaded, path, store, pipeline.Quiet())
+    return pipeline.run(loaded, path, store, outcomes.Quiet())
 
 
-def seed(source: Store, target: Store, cells: list[pipeline.Cell]) -> None:
+def seed(source: Store, target: Store, cells: list[planning.Cell]) -> None:
     """Copy the deterministic builds of `source` into `target`, so only measurements rerun."""
-    for call in pipeline.unique_calls(cells).values():
+    for call in planning.unique_calls(cells).values():
         if call.stage in BUILT and source.has(call):
             shutil.copytree(source.path(call), target.path(call), dirs_exist_ok=True)
 
 
-def rows(store: Store, cell: pipeline.Cell, stage: str) -> dict[str, dict]:
+def rows(store: Store, cell: planning.Cell, stage: str) -> dict[str, dict]:
     out = {}
     for path in sorted(store.path(cell.calls[stage]).glob("samples_*.jsonl")):
         task = path.stem.removeprefix("samples_")
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, help="the first run's store (default: a new one)")
     args = parser.parse_args()
     loaded = spec.load(args.spec)
-    cells = pipeline.plan(loaded)
+    cells = planning.plan(loaded)
     console = Console()
     with tempfile.TemporaryDirectory(prefix="forgebench-repeat-") as tmp:
         stores = [Store(args.store or Path(tmp) / "store1"), Store(Path(tmp) / "store2")]

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
 
-from harness import evals, host, pipeline, spec
+from harness import evals, executor, host, outcomes, planning, spec
 from harness.backends import ServeConfig, get
 from harness.stages import bench, evaluate
 from harness.store import Store
@@ -45,9 +45,9 @@ def main() -> None:
     args = parser.parse_args()
 
     quickstart = spec.load(ROOT / "experiments" / "quickstart.yaml")
-    cell = next(c for c in pipeline.plan(quickstart) if c.name == "r16-qkvo-q4_k_m")
+    cell = next(c for c in planning.plan(quickstart) if c.name == "r16-qkvo-q4_k_m")
     store = Store(args.store)
-    gguf = pipeline.ensure(cell.gguf, store, pipeline.Quiet()) / "model.gguf"
+    gguf = executor.ensure(cell.gguf, store, outcomes.Quiet()) / "model.gguf"
     tokenizer = AutoTokenizer.from_pretrained(store.path(cell.model) / "model")
     config = ServeConfig("bench", tokenizer.chat_template, parameters={"temperature": 0}, slots=4)
     console = Console()

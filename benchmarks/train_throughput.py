@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness import data, host, pipeline, spec
+from harness import data, executor, host, outcomes, planning, spec
 from harness.stages import train
 from harness.store import Store
 
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def base_model(store: Store) -> Path:
     """The quickstart's resolved base, built into the store if it is not there yet."""
     quickstart = spec.load(ROOT / "experiments" / "quickstart.yaml")
-    return pipeline.ensure(pipeline.plan(quickstart)[0].calls["resolve"], store, pipeline.Quiet())
+    return executor.ensure(planning.plan(quickstart)[0].calls["resolve"], store, outcomes.Quiet())
 
 
 def plain_loop(base_dir: Path, settings: dict) -> float:

@@ -81,7 +81,7 @@ def validate(
 ) -> None:
     """Check specs without running anything: everything `run` checks before its first stage
     (files, settings, services, the download, disk and memory on this machine)."""
-    from harness import pipeline, preflight
+    from harness import planning, preflight
     from harness import spec as spec_module
     from harness.store import Store
 
@@ -89,7 +89,7 @@ def validate(
         loaded = spec_module.load(path)
         shape = preflight.check(loaded)
         the_store = Store(store)
-        preflight.fits(preflight.needs(loaded, shape, pipeline.plan(loaded), the_store), the_store)
+        preflight.fits(preflight.needs(loaded, shape, planning.plan(loaded), the_store), the_store)
         fetch = preflight.download(loaded)
         console.print(
             f"[green]ok[/] {path}: {len(loaded.lora)} LoRA configs x "
@@ -107,7 +107,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
     """Show the matrix and which stages are cached or still to do; runs nothing."""
-    from harness import pipeline, preflight
+    from harness import planning, preflight
     from harness import spec as spec_module
     from harness.console import plan_table
     from harness.store import Store
@@ -116,7 +116,7 @@ def plan(
     shape = preflight.check(loaded)
     fetch = preflight.download(loaded)
     the_store = Store(store)
-    cells = pipeline.plan(loaded)
+    cells = planning.plan(loaded)
     needs = preflight.needs(loaded, shape, cells, the_store)
     rows = [
         {
@@ -129,7 +129,7 @@ def plan(
         }
         for c in cells
     ]
-    unique = pipeline.unique_calls(cells)
+    unique = planning.unique_calls(cells)
     todo = Counter(call.stage for call in unique.values() if not the_store.has(call))
     if as_json:
         print(
@@ -175,14 +175,14 @@ def run(
     ] = False,
 ) -> None:
     """Run every cell of a spec, reusing cached stages; log everything to MLflow."""
-    from harness import pipeline, preflight, toolchain, tracking
+    from harness import evidence, pipeline, planning, preflight, toolchain, tracking
     from harness import spec as spec_module
     from harness.console import RichReporter, summary_table, times_table
     from harness.store import Store
 
     loaded = spec_module.load(spec)
     shape = preflight.check(loaded)
-    cells = pipeline.plan(loaded)
+    cells = planning.plan(loaded)
     the_store = Store(store)
     preflight.fits(preflight.needs(loaded, shape, cells, the_store), the_store)
     _confirm_download(preflight.download(loaded), yes)
@@ -198,18 +198,18 @@ def run(
                 else ""
             )
         )
-    total = len(pipeline.unique_calls(cells))
+    total = len(planning.unique_calls(cells))
     console.print(
         f"[bold]{loaded.name}[/]: {len(cells)} cells, {total} stage calls, store {the_store.root}"
     )
     with RichReporter(console, total, debug=state["debug"]) as reporter:
         summary = pipeline.run(loaded, spec, the_store, reporter, fail_fast)
-    console.print(summary_table(summary, pipeline.primary_task(loaded)))
+    console.print(summary_table(summary, evidence.primary_task(loaded)))
     if times:
         console.print(times_table(summary))
     # by stage, not role: reference_base and drift_tuning run the reference and drift stages
-    present = {call.stage for call in pipeline.unique_calls(cells).values()}
-    stages = [stage for stage in pipeline.STAGES if stage in present]
+    present = {call.stage for call in planning.unique_calls(cells).values()}
+    stages = [stage for stage in planning.STAGES if stage in present]
     work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in stages)
     console.print(f"work done: {work}", soft_wrap=True)
     console.print(

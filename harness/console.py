@@ -16,7 +16,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from harness.pipeline import STAGES, Cell, CellResult, Outcome, RunSummary
+from harness.outcomes import CellResult, Outcome, RunSummary
+from harness.planning import STAGES, Cell
 
 
 class RichReporter:

@@ -19,7 +19,8 @@ from harness.errors import ForgebenchError
 from harness.spec import Spec
 
 if TYPE_CHECKING:
-    from harness.pipeline import Cell, CellResult
+    from harness.outcomes import CellResult
+    from harness.planning import Cell
     from harness.store import Store
 
 

@@ -60,7 +60,7 @@ a stage produces: left out of its sources, so editing them asks for no VERSION b
 def stage_sources(stage: str) -> list[Path]:
     """The stage module and every harness module it imports, directly or not, at the top or
     inside a function: the code whose change may change the stage's outputs. A served stage
-    also runs on the backend that `harness.pipeline` hands it, so the backends count too."""
+    also runs on the backend that `harness.served` hands it, so the backends count too."""
     seen: set[Path] = set()
     todo = [STAGES / f"{stage}.py"]
     if stage in _served():
@@ -234,9 +234,9 @@ when a served stage is served by it)."""
 
 
 def _served() -> tuple[str, ...]:
-    """The stages that run on a deployed model: harness.pipeline knows them (imported late,
-    as pipeline imports this module)."""
-    from harness.pipeline import SERVED
+    """The stages that run on a deployed model: harness.planning knows them (imported late,
+    as planning imports this module)."""
+    from harness.planning import SERVED
 
     return SERVED
 

@@ -20,7 +20,7 @@ from harness.spec import Spec
 from harness.store import Store
 
 if TYPE_CHECKING:
-    from harness.pipeline import Cell
+    from harness.planning import Cell
 
 # Linear layers LoRA can target, by architecture (GGUF names and HF model_type).
 LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -291,7 +291,7 @@ OUTPUT_BYTES_PER_WEIGHT = {"resolve": 4.0, "merge": 4.0, "convert": BYTES_PER_WE
 
 def _disk_bytes(spec: Spec, shape: Shape, cells: list[Cell], store: Store) -> int:
     """The outputs still to build, by stage, from the parameter count."""
-    from harness.pipeline import unique_calls
+    from harness.planning import unique_calls
 
     calls = unique_calls(cells)
     total = 0.0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from harness import quant
 from harness.best import pareto_front
-from harness.pipeline import CONTROL
+from harness.planning import CONTROL
 from harness.results import ORDER, Row
 
 STEPS = ("training", "export", "quantization")

@@ -27,7 +27,8 @@ from filelock import FileLock
 from harness import __version__, host, templates
 
 if TYPE_CHECKING:
-    from harness.pipeline import Cell, CellResult, RunSummary
+    from harness.outcomes import CellResult, RunSummary
+    from harness.planning import Cell
     from harness.spec import Spec
 
 DEFAULT_URI = "sqlite:///mlflow.db"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from harness import pipeline, preflight, spec
+from harness import outcomes, pipeline, planning, preflight, spec
 from harness.cli import app
 from harness.store import Store
 
@@ -111,7 +111,7 @@ class Experiment:
     spec_path: Path
     store: Store
     cli_output: str
-    measured: pipeline.RunSummary | None = None
+    measured: outcomes.RunSummary | None = None
 
     def write_spec(
         self, name: str, small_r: int = 4, quant: tuple[str, ...] = QUANT, measure: str = ""
@@ -123,11 +123,11 @@ class Experiment:
         path.write_text(text)
         return path
 
-    def run(self, spec_path: Path) -> pipeline.RunSummary:
-        return pipeline.run(spec.load(spec_path), spec_path, self.store, pipeline.Quiet())
+    def run(self, spec_path: Path) -> outcomes.RunSummary:
+        return pipeline.run(spec.load(spec_path), spec_path, self.store, outcomes.Quiet())
 
-    def cells(self) -> dict[str, pipeline.Cell]:
-        return {c.name: c for c in pipeline.plan(spec.load(self.spec_path))}
+    def cells(self) -> dict[str, planning.Cell]:
+        return {c.name: c for c in planning.plan(spec.load(self.spec_path))}
 
     def output(self, cell: str, stage: str) -> Path:
         return self.store.path(self.cells()[cell].calls[stage])
@@ -148,7 +148,7 @@ def e2e(tmp_path_factory) -> Experiment:
 
 
 @pytest.fixture(scope="session")
-def measured(e2e) -> dict[str, pipeline.CellResult]:
+def measured(e2e) -> dict[str, outcomes.CellResult]:
     """The e2e spec measured through llama-server: check, evaluate, bench, drift."""
     path = e2e.folder / "measure.yaml"
     path.write_text(MEASURE_SPEC.format(template="", db=e2e.folder / "mlflow.db"))

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from ollama_double import OllamaDouble
 
-from harness import gguf_meta, pipeline, sources, spec, templates
+from harness import gguf_meta, outcomes, pipeline, sources, spec, templates
 from harness.errors import ForgebenchError
 from harness.store import Store
 
@@ -52,10 +52,10 @@ class Chain:
         self.store = Store(folder / "store")
         self.db = folder / "mlflow.db"
 
-    def run(self, backend: str, quant: str = "f16, q8_0") -> pipeline.RunSummary:
+    def run(self, backend: str, quant: str = "f16, q8_0") -> outcomes.RunSummary:
         path = self.folder / f"{backend}.yaml"
         path.write_text(SPEC.format(backend=backend, quant=quant, template=TEMPLATE, db=self.db))
-        return pipeline.run(spec.load(path), path, self.store, pipeline.Quiet())
+        return pipeline.run(spec.load(path), path, self.store, outcomes.Quiet())
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def chain(tmp_path_factory) -> Iterator[Chain]:
         yield Chain(folder)
 
 
-def measured(summary: pipeline.RunSummary, names: list[str]) -> dict[str, pipeline.CellResult]:
+def measured(summary: outcomes.RunSummary, names: list[str]) -> dict[str, outcomes.CellResult]:
     cells = {c.cell: c for c in summary.cells}
     assert sorted(cells) == names
     assert [c.status for c in summary.cells] == ["done"] * len(names), [
@@ -74,7 +74,7 @@ def measured(summary: pipeline.RunSummary, names: list[str]) -> dict[str, pipeli
 
 
 def assert_measured(
-    chain: Chain, summary: pipeline.RunSummary, backend: str, names: list[str]
+    chain: Chain, summary: outcomes.RunSummary, backend: str, names: list[str]
 ) -> None:
     """What a user reads off a run: the check passed on the template the spec named, every
     cell has accuracy figures on the same items as its PyTorch reference, Q8_0 its drift

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness import data, quant, spec
+from harness import data, executor, outcomes, pipeline, planning, quant, spec
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +140,36 @@ def test_rerun_does_no_work(e2e):
     assert summary.executed == {}
     assert all(o.cached for c in summary.cells for o in c.stages.values())
     assert not summary.failed
+
+
+class LastFirst:
+    """An executor that hands the cells back last first, as a cluster's would in whatever
+    order they finish."""
+
+    def __init__(self) -> None:
+        self.serial = executor.Serial()
+        self.executed = self.serial.executed
+
+    def run(self, spec, cells, store, reporter):
+        yield from reversed(list(self.serial.run(spec, cells, store, reporter)))
+
+
+def test_cells_may_come_back_in_any_order(e2e):
+    """The driver logs each cell once, as it comes back, under one parent run, and the
+    summary and its verdicts keep the plan's order whatever order the executor kept."""
+    loaded = spec.load(e2e.spec_path)
+    summary = pipeline.run(loaded, e2e.spec_path, e2e.store, outcomes.Quiet(), executor=LastFirst())
+    planned = [cell.name for cell in planning.plan(loaded)]
+    assert [c.cell for c in summary.cells] == planned
+    assert list(summary.verdicts) == planned
+    client = MlflowClient(f"sqlite:///{e2e.folder / 'mlflow.db'}")
+    children = client.search_runs(
+        [client.get_experiment_by_name("e2e").experiment_id],
+        f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'",
+    )
+    assert sorted(r.data.tags["forgebench.cell"] for r in children) == sorted(planned)
+    assert {r.info.run_id for r in children} == {c.run_id for c in summary.cells}
+    assert all(r.info.status == "FINISHED" for r in children)
 
 
 def test_changing_one_lora_retrains_exactly_one(e2e):

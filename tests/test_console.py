@@ -7,7 +7,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from harness.console import REASONS_WIDTH, summary_table, times_table
-from harness.pipeline import CellResult, Outcome, RunSummary
+from harness.outcomes import CellResult, Outcome, RunSummary
 from harness.verdict import Verdict
 
 LONG = (
@@ -110,12 +110,12 @@ tracking: {uri: "sqlite:///%s"}
 def logged(tmp_path, capfd):
     """A spec's first invocation on a new sqlite store, outside any git checkout: one cell
     logged and judged, as `forgebench run` logs it; (uri, the cell's name, the console)."""
-    from harness import pipeline, spec, tracking
+    from harness import planning, spec, tracking
 
     path = tmp_path / "viewed.yaml"
     path.write_text(SPEC % (tmp_path / "mlflow.db"))
     loaded = spec.load(path)
-    (cell,) = pipeline.plan(loaded)
+    (cell,) = planning.plan(loaded)
     capfd.readouterr()
     with tracking.Experiment(loaded, path) as experiment:
         experiment.log_cell(cell, result(cell.name), {})
@@ -161,7 +161,7 @@ def test_the_experiment_opens_as_model_training_on_the_cells_with_their_verdict(
 
 def test_a_failed_stage_prints_its_words_as_written_and_the_whole_reason_only_with_debug():
     from harness.console import RichReporter
-    from harness.pipeline import Cell
+    from harness.planning import Cell
 
     failed = Outcome(
         "k-eval",

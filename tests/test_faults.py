@@ -188,11 +188,11 @@ def test_a_llama_server_killed_while_scored_ends_the_stage_saying_so(
 
 
 def test_the_cell_keeps_the_first_line_and_mlflow_the_whole_reason(tmp_path, monkeypatch):
-    """pipeline._execute: the first line is the stage's error (table, console), the whole
+    """executor._execute: the first line is the stage's error (table, console), the whole
     message its detail (MLflow's forgebench.error_detail.<stage>)."""
     from collections import Counter
 
-    from harness import pipeline
+    from harness import executor, outcomes
     from harness.store import StageCall, Store
 
     died = ServerStopped("llama-server was killed by signal 9 (SIGKILL)", ["x | y"]).after(3)
@@ -200,9 +200,9 @@ def test_the_cell_keeps_the_first_line_and_mlflow_the_whole_reason(tmp_path, mon
     def run(*args, **kwargs):
         raise died
 
-    monkeypatch.setattr(pipeline.importlib, "import_module", lambda name: SimpleNamespace(run=run))
+    monkeypatch.setattr(executor.importlib, "import_module", lambda name: SimpleNamespace(run=run))
     call = StageCall("evaluate", {"n": 1})
-    outcome = pipeline._execute(call, Store(tmp_path / "store"), pipeline.Quiet(), Counter())
+    outcome = executor._execute(call, Store(tmp_path / "store"), outcomes.Quiet(), Counter())
     assert outcome.error == "llama-server was killed by signal 9 (SIGKILL) after 3 answers"
     assert outcome.detail == str(died) and "\n  x | y" in outcome.detail
     assert not Store(tmp_path / "store").has(call)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import evals, keys, pipeline, sources, spec, store, toolchain
+from harness import evals, keys, planning, sources, spec, store, toolchain
 from harness.errors import ForgebenchError
 from harness.stages import bench, drift
 from harness.store import StageCall
@@ -322,7 +322,7 @@ def test_keys_see_the_content_of_files_named_in_settings(tmp_path):
         store.portable(tasks)
 
 
-# --- the plan: what the lead's pipeline.plan() does with all of the above ----------
+# --- the plan: what the lead's planning.plan() does with all of the above ----------
 
 SPEC = """\
 name: moved
@@ -346,7 +346,7 @@ def spec_folder(folder: Path) -> Path:
 
 
 def planned(path: Path) -> dict[tuple[str, str], StageCall]:
-    cells = pipeline.plan(spec.load(path))
+    cells = planning.plan(spec.load(path))
     return {(c.name, stage): call for c in cells for stage, call in c.calls.items()}
 
 

@@ -9,7 +9,7 @@ from conftest import MEASURE_SPEC
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from harness import pipeline, spec
+from harness import planning, spec
 from harness.blame import mcnemar
 from harness.cli import app
 from harness.evidence import paired_items
@@ -38,7 +38,7 @@ def test_training_shows_through_the_served_model(measured, e2e):
     base = metric(measured["base-q8_0"], "settle", "accuracy_arithmetic")
     tuned = metric(measured["main-q8_0"], "settle", "accuracy_arithmetic")
     assert tuned > base, f"served accuracy: base {base:.2f}, tuned {tuned:.2f}"
-    cells = {c.name: c for c in pipeline.plan(spec.load(e2e.folder / "measure.yaml"))}
+    cells = {c.name: c for c in planning.plan(spec.load(e2e.folder / "measure.yaml"))}
     rows = {
         name: paired_items(e2e.store.path(cells[name].calls["settle"]), "arithmetic")
         for name in ("base-q8_0", "main-q8_0")

@@ -172,7 +172,7 @@ def test_parity_of_a_rendering_against_the_real_tokenizer_and_gguf(tokenizer, ji
 
 @dataclass
 class Served:
-    """What the pipeline hands a served stage (harness.pipeline.Served), for one GGUF."""
+    """What the pipeline hands a served stage (harness.served.Served), for one GGUF."""
 
     backend: backends.Backend
     gguf: Path

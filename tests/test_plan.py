@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import pipeline, spec
+from harness import planning, spec
 from harness.store import StageCall, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ def quickstart() -> spec.Spec:
 
 
 def keys(s: spec.Spec) -> dict[tuple[str, str], str]:
-    return {(c.name, stage): call.key for c in pipeline.plan(s) for stage, call in c.calls.items()}
+    return {(c.name, stage): call.key for c in planning.plan(s) for stage, call in c.calls.items()}
 
 
 def edit_lora(s: spec.Spec, index: int, **changes) -> spec.Spec:
@@ -29,7 +29,7 @@ def edit_lora(s: spec.Spec, index: int, **changes) -> spec.Spec:
 
 
 def test_cells_share_stages(quickstart):
-    cells = pipeline.plan(quickstart)
+    cells = planning.plan(quickstart)
     by_adapter = {}
     for cell in cells:
         by_adapter.setdefault(cell.adapter, set()).add(cell.calls["convert"].key)

@@ -114,15 +114,15 @@ def test_deploy_names(experiment, adapter, quant, source, name):
 
 def test_disk_counts_only_what_the_store_lacks(tmp_path):
     """A rerun over a full store needs no new disk; a fresh store needs every output."""
-    from harness import pipeline, preflight, spec
+    from harness import planning, preflight, spec
     from harness.store import Store
 
     quickstart = spec.load(ROOT / "experiments" / "quickstart.yaml")
     store = Store(tmp_path / "store")
-    shape, cells = preflight.check(quickstart), pipeline.plan(quickstart)
+    shape, cells = preflight.check(quickstart), planning.plan(quickstart)
     disk = {n.what: n.bytes for n in preflight.needs(quickstart, shape, cells, store)}
     fresh = disk["disk for the store"]
-    for call in pipeline.unique_calls(cells).values():  # all built but the quantizations
+    for call in planning.unique_calls(cells).values():  # all built but the quantizations
         if call.stage != "quantize":
             (store.path(call)).mkdir(parents=True, exist_ok=True)
             (store.path(call) / "manifest.json").write_text("{}")

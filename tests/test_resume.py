@@ -20,7 +20,7 @@ from conftest import scratch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from harness import pipeline, spec
+from harness import executor, outcomes, pipeline, planning, spec
 from harness.store import Store, sha256_file
 
 pytestmark = pytest.mark.slow
@@ -117,10 +117,10 @@ def test_kill_and_rerun(folder, stage, r, measure):
         assert not alive, f"the killed run left its llama-server running: {alive}"
     else:
         kill_when(spec_path, store, lambda: building(store, stage))
-    cells = pipeline.plan(spec.load(spec_path))
+    cells = planning.plan(spec.load(spec_path))
     assert not Store(store).has(cells[-1].calls[stage]), "a killed stage left an output"
 
-    summary = pipeline.run(spec.load(spec_path), spec_path, Store(store), pipeline.Quiet())
+    summary = pipeline.run(spec.load(spec_path), spec_path, Store(store), outcomes.Quiet())
     assert [c.status for c in summary.cells] == ["done"] * 3
     assert summary.executed.get(stage, 0) >= 1
     assert not list(store.glob(f"{stage}/.tmp-*")), "the killed build's folder was left behind"
@@ -143,10 +143,10 @@ def test_resumed_training_matches_an_uninterrupted_one(folder, tmp_path):
     (straight / "resolve").symlink_to((resumed / "resolve").resolve())
     spec_path = write(folder, "train.yaml", 4)
     loaded = spec.load(spec_path)
-    train = pipeline.plan(loaded)[0].calls["train"]
+    train = planning.plan(loaded)[0].calls["train"]
     if not Store(resumed).has(train):
         pytest.skip("needs test_kill_and_rerun[train] first")
-    pipeline.ensure(train, Store(straight), pipeline.Quiet())
+    executor.ensure(train, Store(straight), outcomes.Quiet())
     a = load_file(Store(resumed).path(train) / "adapter" / "adapter_model.safetensors")
     b = load_file(Store(straight).path(train) / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -178,7 +178,7 @@ def test_two_runs_on_one_store_do_each_stage_once(folder, tmp_path):
     assert (done["train"], done["merge"], done["convert"], done["quantize"]) == (1, 1, 1, 2)
 
     loaded = Store(store)
-    for call in {c for cell in pipeline.plan(spec.load(spec_path)) for c in cell.calls.values()}:
+    for call in {c for cell in planning.plan(spec.load(spec_path)) for c in cell.calls.values()}:
         manifest = loaded.manifest(call)
         for name, digest in manifest["outputs"].items():
             assert sha256_file(loaded.path(call) / name) == digest, (call.stage, name)

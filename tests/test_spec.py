@@ -138,8 +138,8 @@ def test_plan_json_lists_every_cell_and_stage(tmp_path):
 def test_plan_loads_no_torch():
     """Planning and validating stay fast: torch is imported only by stages that train."""
     code = (
-        "import sys; from harness import pipeline, spec; "
-        f"pipeline.plan(spec.load({str(ROOT / 'experiments' / 'quickstart.yaml')!r})); "
+        "import sys; from harness import pipeline, planning, spec; "
+        f"planning.plan(spec.load({str(ROOT / 'experiments' / 'quickstart.yaml')!r})); "
         "print('torch' in sys.modules, 'mlflow' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
 from typer.testing import CliRunner
 
-from harness import pipeline, spec, templates
+from harness import outcomes, planning, spec, templates
 from harness.backends.ollama import go_template
 from harness.cli import app
 from harness.errors import InputError, StageError
@@ -272,7 +272,7 @@ def test_the_template_reaches_the_keys_by_its_text_not_its_name(tmp_path):
 
     def keys(template: str) -> dict[str, str]:
         path = write_spec(tmp_path, "{model: smollm2-135m}", template)
-        cells = pipeline.plan(spec.load(path))
+        cells = planning.plan(spec.load(path))
         return {f"{c.name}/{stage}": call.key for c in cells for stage, call in c.calls.items()}
 
     family, file = keys("chatml"), keys("a/same.jinja")
@@ -291,11 +291,11 @@ def test_mlflow_records_which_template_served_and_where_it_came_from(tmp_path):
     (tmp_path / "mine.jinja").write_text(templates.FAMILIES["chatml"])
     path = write_spec(tmp_path, "{model: smollm2-135m}", "mine.jinja")
     loaded = spec.load(path)
-    cell = pipeline.plan(loaded)[0]
+    cell = planning.plan(loaded)[0]
     served = tmp_path / "resolved" / templates.FILE  # as the resolve stage writes it
     served.parent.mkdir()
     served.write_text(templates.FAMILIES["chatml"])
-    result = pipeline.CellResult(cell.name, cell.adapter, cell.quant, "done", {})
+    result = outcomes.CellResult(cell.name, cell.adapter, cell.quant, "done", {})
     with tracking.Experiment(loaded, path) as experiment:
         run_id = experiment.log_cell(cell, result, {}, [], chat_template=served)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

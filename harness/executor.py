@@ -1,0 +1,185 @@
+"""Executors run a plan's cells: every stage call built at most once by key (or taken from
+the store), each cell's served stages on one deployment it owns, and each cell's result
+handed back to the driver as soon as it is complete. Only the driver (pipeline.run)
+writes MLflow, so an executor's work can move to other processes without a run left
+RUNNING by one that died.
+
+`Serial` runs everything in this process, cell after cell: the default."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+import traceback
+from collections import Counter
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any, Protocol
+
+from harness.errors import ForgebenchError, StageError
+from harness.outcomes import CellResult, Outcome, Reporter
+from harness.planning import ADVISORY, BUILD, SERVED, Cell
+from harness.served import Served
+from harness.spec import Spec
+from harness.store import StageCall, Store
+
+
+class Executor(Protocol):
+    """Runs cells; `executed` counts the stage calls built (not taken from the store)."""
+
+    executed: Counter
+
+    def run(
+        self, spec: Spec, cells: list[Cell], store: Store, reporter: Reporter
+    ) -> Generator[CellResult, None, None]:
+        """Each cell's result, as soon as it is complete (in any order an executor likes;
+        `CellResult.cell` names it). Closing the iterator early stops what is left."""
+        ...
+
+
+class Serial:
+    """Every cell in this process, in plan order, one deployment at a time."""
+
+    def __init__(self) -> None:
+        self.executed: Counter = Counter()
+        self._outcomes: dict[str, Outcome] = {}
+
+    def run(
+        self, spec: Spec, cells: list[Cell], store: Store, reporter: Reporter
+    ) -> Generator[CellResult, None, None]:
+        for cell in cells:
+            with Served(spec, cell, store) as served:
+                result = _run_cell(cell, store, reporter, self._outcomes, self.executed, served)
+                if served.kept and result.status == "done":
+                    try:
+                        result.deployed = served.deploy().deployment.model_name
+                    except ForgebenchError as exc:
+                        result.status, result.error = "failed", f"serve.keep: {exc}"
+            yield result
+
+
+def _run_cell(
+    cell: Cell,
+    store: Store,
+    reporter: Reporter,
+    outcomes: dict[str, Outcome],
+    executed: Counter,
+    served: Served,
+) -> CellResult:
+    """Run a cell's stages in order; a build failure ends the cell, a check that fails or
+    errors makes it "broken" or failed and ends its served stages (nothing is scored on a
+    model that is not a working chat model), a failed measurement marks it failed, and a
+    failed reference only leaves it to be judged "unjudged"."""
+    stages: dict[str, Outcome] = {}
+    status, error = "done", None
+    for role, call in cell.calls.items():
+        if role in SERVED and status != "done":
+            continue
+        if call.key not in outcomes:
+            missing = _inputs(call, store, reporter, outcomes, executed)
+            if missing:
+                if role == "settle":  # its reference cell failed: nothing to settle against
+                    continue
+                outcomes[call.key] = Outcome(call.key, False, 0.0, error=missing)
+            else:
+                reporter.stage_started(cell, role, store.has(call))
+                extra = {"served": served} if role in SERVED else {}
+                outcomes[call.key] = _execute(call, store, reporter, executed, **extra)
+                reporter.stage_finished(cell, role, outcomes[call.key])
+        outcome = stages[role] = outcomes[call.key]
+        if outcome.error and role not in ADVISORY:
+            status, error = "failed", f"{role}: {outcome.error}"
+            if role in BUILD:
+                return CellResult(cell.name, cell.adapter, cell.quant, status, stages, error=error)
+        elif role == "check" and not outcome.metrics.get("check_ok"):
+            status, error = "broken", f"check: {outcome.metrics.get('check_reasons')}"
+    gguf = store.path(cell.gguf) / "model.gguf"
+    return CellResult(
+        cell.name,
+        cell.adapter,
+        cell.quant,
+        status,
+        stages,
+        gguf=str(gguf),
+        gguf_bytes=gguf.stat().st_size,
+        error=error,
+    )
+
+
+def _inputs(
+    call: StageCall,
+    store: Store,
+    reporter: Reporter,
+    outcomes: dict[str, Outcome],
+    executed: Counter,
+) -> str | None:
+    """Build what `call` reads that is not in the store yet (a cell may read another
+    cell's output: drift_tuning the untuned F16's logits); why not, when it cannot be had.
+    Served outputs of other cells are never built here: they need that cell's model."""
+    for dep in call.inputs.values():
+        if store.has(dep):
+            continue
+        if dep.key in outcomes:
+            if outcomes[dep.key].error:
+                return f"its input {dep.stage} failed: {outcomes[dep.key].error}"
+            continue
+        if dep.stage in SERVED:
+            return f"its input {dep.stage} ({dep.key}) has not been measured"
+        if missing := _inputs(dep, store, reporter, outcomes, executed):
+            return missing
+        outcomes[dep.key] = _execute(dep, store, reporter, executed)
+        if outcomes[dep.key].error:
+            return f"its input {dep.stage} failed: {outcomes[dep.key].error}"
+    return None
+
+
+def _execute(
+    call: StageCall, store: Store, reporter: Reporter, executed: Counter, **extra: Any
+) -> Outcome:
+    if store.has(call):
+        return _cached_outcome(call, store)
+    inputs = {name: store.path(dep) for name, dep in call.inputs.items()}
+    module = importlib.import_module(f"harness.stages.{call.stage}")
+    started = time.perf_counter()
+    try:
+        with store.lock(call):
+            if store.has(call):  # another process built it while we waited
+                return _cached_outcome(call, store)
+            with store.building(call) as out:
+                if call.runtime.get("checkpoint_every"):
+                    extra |= {"scratch": store.scratch(call), **call.runtime}
+                metrics = module.run(call.settings, inputs, out, reporter.stage_progress, **extra)
+                (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # one cell's failure must not lose the others
+        whole = str(exc).strip()
+        message = whole.splitlines()[0] if whole else type(exc).__name__
+        return Outcome(
+            call.key,
+            False,
+            time.perf_counter() - started,
+            error=message,
+            detail=whole if whole != message else None,
+            traceback=traceback.format_exc(),
+        )
+    executed[call.stage] += 1
+    return Outcome(call.key, False, time.perf_counter() - started, metrics)
+
+
+def ensure(call: StageCall, store: Store, reporter: Reporter) -> Path:
+    """Build one call and what it depends on, unless the store has them; its output folder."""
+    for dep in call.inputs.values():
+        ensure(dep, store, reporter)
+    outcome = _execute(call, store, reporter, Counter())
+    if outcome.error:
+        raise StageError(f"{call.stage}: {outcome.error}")
+    return store.path(call)
+
+
+def _cached_outcome(call: StageCall, store: Store) -> Outcome:
+    folder = store.path(call)
+    metrics_file = folder / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return Outcome(call.key, True, store.manifest(call)["seconds"], metrics)
