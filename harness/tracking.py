@@ -381,7 +381,7 @@ def invocation(
     """A forgebench invocation (latest unless named) and its cell runs."""
     from harness.errors import ForgebenchError
 
-    client = _client(uri)
+    client = _reader(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ForgebenchError(f"no MLflow experiment {experiment!r} at {uri}; run the spec first")
@@ -419,12 +419,25 @@ def _client(uri: str):
     return MlflowClient(uri)
 
 
+def _reader(uri: str):
+    """A client for reading what runs logged: a sqlite store that does not exist is refused,
+    where MLflow would create an empty database (and ./mlruns) on the way to an empty answer."""
+    from harness.errors import InputError
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise InputError(
+            f"no MLflow database at {uri}: run a spec first, or pass --tracking-uri (or "
+            "MLFLOW_TRACKING_URI) where it logged"
+        )
+    return _client(uri)
+
+
 def tag(uri: str, run_id: str, key: str, value: str) -> None:
     _client(uri).set_tag(run_id, key, value)
 
 
 def run_view(uri: str, run_id: str) -> RunView:
-    client = _client(uri)
+    client = _reader(uri)
     return _view(client, client.get_run(run_id))
 
 
@@ -432,7 +445,7 @@ def resolve_run(uri: str, ref: str) -> str:
     """A run id from a run id or a registered model alias (`models:/NAME@ALIAS` or `NAME@ALIAS`)."""
     from harness.errors import ForgebenchError
 
-    client = _client(uri)
+    client = _reader(uri)
     if "@" in ref:
         name, alias = ref.removeprefix("models:/").split("@", 1)
         try:
@@ -449,7 +462,7 @@ def samples(uri: str, run_id: str) -> dict[str, dict[str, bool]]:
     """Per-item correctness logged by the evaluate stage: task -> item id -> correct."""
     from mlflow.artifacts import download_artifacts
 
-    client = _client(uri)
+    client = _reader(uri)
     out: dict[str, dict[str, bool]] = {}
     for artifact in client.list_artifacts(run_id, "samples"):
         name = Path(artifact.path).name

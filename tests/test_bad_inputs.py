@@ -147,3 +147,26 @@ def test_a_store_that_will_not_fit_on_the_disk_is_refused(command, tmp_path, mon
         tmp_path,
         store,
     )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["best", "quickstart"],
+        ["report", "quickstart"],
+        ["check", "--candidate", "quickstart:main-f16", "--baseline", "quickstart:main-q8_0"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_reading_results_from_a_database_that_does_not_exist_writes_none(
+    args, tmp_path, monkeypatch
+):
+    """MLflow would create ./mlflow.db (and ./mlruns) on the way to an empty answer."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        "error: no MLflow database at sqlite:///mlflow.db: run a spec first, or pass "
+        "--tracking-uri (or MLFLOW_TRACKING_URI) where it logged"
+    )
+    assert list(tmp_path.iterdir()) == []
