@@ -14,8 +14,11 @@ text (`<|im_end|>` stops generation even when no id names it), rules not worth c
 from __future__ import annotations
 
 import logging
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CONTROL = 3
 """gguf.TokenType.CONTROL: a special token, matched whole in a prompt, not split as text."""
@@ -102,13 +105,104 @@ def engine_view(path: Path, ids: set[int]) -> EngineView:
         llama_cpp.llama_model_free(model)
 
 
+SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?"}
+SCALARS |= {10: "<Q", 11: "<q", 12: "<d"}
+"""GGUF metadata value types -> struct format (8 is a string, 9 an array)."""
+STRING, ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class Array:
+    """An array field not read out: its item type and length (a vocabulary's size)."""
+
+    item: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """A GGUF's metadata and tensor table, read by walking the header. GGUFReader parses
+    every field, a vocabulary into numpy arrays, seconds for Gemma's 262k tokens; `validate`
+    needs a few keys, the parameter count and where the data ends."""
+
+    fields: dict[str, Any]
+    """Scalars and strings by key; an array as `Array`, or as its strings when asked for."""
+    parameters: int
+    tensor_count: int
+    data_end: int
+    """The size a whole file has: the aligned data section's end, past its last tensor."""
+
+
+def header(path: Path, strings: tuple[str, ...] = ()) -> Header:
+    """Walk `path`'s header; the arrays of strings named in `strings` are read out.
+    ValueError for a file that is not a GGUF, struct.error for one cut inside its header."""
+    from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
+
+    with Path(path).open("rb") as fh:
+        read = fh.read
+
+        def unpack(fmt: str) -> Any:
+            return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return read(unpack("<Q")).decode("utf-8", errors="replace")
+
+        def skip(kind: int) -> None:
+            if kind == STRING:
+                fh.seek(unpack("<Q"), 1)
+            elif kind == ARRAY:
+                item, count = unpack("<I"), unpack("<Q")
+                if item in SCALARS:
+                    fh.seek(struct.calcsize(SCALARS[item]) * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            elif kind in SCALARS:
+                fh.seek(struct.calcsize(SCALARS[kind]), 1)
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+        if read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        unpack("<I")  # version
+        tensor_count, field_count = unpack("<Q"), unpack("<Q")
+        fields: dict[str, Any] = {}
+        for _ in range(field_count):
+            name, kind = string(), unpack("<I")
+            if kind == STRING:
+                fields[name] = string()
+            elif kind in SCALARS:
+                fields[name] = unpack(SCALARS[kind])
+            elif kind == ARRAY:
+                at = fh.tell()
+                item, count = unpack("<I"), unpack("<Q")
+                if item == STRING and name in strings:
+                    fields[name] = [string() for _ in range(count)]
+                else:
+                    fh.seek(at)
+                    skip(ARRAY)
+                    fields[name] = Array(item, count)
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}")
+        parameters, ends = 0, []
+        for _ in range(tensor_count):
+            string()
+            dims = [unpack("<Q") for _ in range(unpack("<I"))]
+            kind, offset = unpack("<I"), unpack("<Q")
+            n = math.prod(dims)
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            parameters += n
+            ends.append(offset + n // block * size)
+        align = int(fields.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+        start = -(-fh.tell() // align) * align
+    return Header(fields, parameters, tensor_count, start + max(ends, default=0))
+
+
 def file_type(path: Path) -> int | None:
     """`general.file_type`: the llama.cpp file type (`gguf.LlamaFileType`) its tensors were
     written as, None when the writer left it out."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(path).get_field("general.file_type")
-    return None if field is None else int(field.contents())
+    value = header(path).fields.get("general.file_type")
+    return None if value is None else int(value)
 
 
 def file_type_name(number: int | None) -> str:

@@ -370,29 +370,29 @@ def read_gguf(path: Path) -> GgufInfo:
 
 @functools.lru_cache(maxsize=32)
 def _read_gguf(path: str, size: int, mtime_ns: int) -> GgufInfo:
-    """Cached on size and mtime: GGUFReader parses the whole vocabulary, seconds per file."""
-    from gguf import GGUFReader
-
+    """Cached on size and mtime; a file shorter than its tensors is refused."""
     try:
-        reader = GGUFReader(path)
+        header = gguf_meta.header(Path(path))
     except (ValueError, OSError) as exc:
         raise ForgebenchError(f"{path} is not a readable GGUF: {exc}") from None
-
-    def value(key: str) -> Any:
-        found = reader.get_field(key)
-        return None if found is None else found.contents()
-
+    if header.data_end > size:
+        raise ForgebenchError(
+            f"{path} is truncated: {size} bytes, its tensors end at {header.data_end}"
+        )
+    value = header.fields.get
     arch = value("general.architecture") or "?"
-    tokens = reader.get_field("tokenizer.ggml.tokens")
+    tokens = value("tokenizer.ggml.tokens")
     return GgufInfo(
         architecture=arch,
-        parameters=sum(int(t.n_elements) for t in reader.tensors),
+        parameters=header.parameters,
         size_label=value("general.size_label"),
         file_type=gguf_meta.file_type_name(value("general.file_type")),
         context_length=value(f"{arch}.context_length"),
         block_count=value(f"{arch}.block_count"),
         embedding_length=value(f"{arch}.embedding_length"),
-        vocab_size=len(tokens.data) if tokens is not None else value(f"{arch}.vocab_size"),
+        vocab_size=tokens.count
+        if isinstance(tokens, gguf_meta.Array)
+        else value(f"{arch}.vocab_size"),
     )
 
 

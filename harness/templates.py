@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness import gguf_meta
 from harness.errors import ForgebenchError, InputError, StageError
 
 if TYPE_CHECKING:
@@ -246,7 +247,7 @@ def own(base: dict[str, Any]) -> bool | None:
     if at.is_dir():
         return _folder_has_template(at)
     try:
-        return bool(gguf_field(at, "tokenizer.chat_template"))
+        return bool(gguf_meta.header(at).fields.get("tokenizer.chat_template"))
     except (OSError, ValueError, struct.error):
         return None  # preflight's GGUF checks say what is wrong with the file
 
@@ -261,7 +262,9 @@ def vocabulary(base: dict[str, Any]) -> set[str] | None:
         return None
     try:
         if not at.is_dir():
-            tokens = gguf_field(at, "tokenizer.ggml.tokens")
+            tokens = gguf_meta.header(at, ("tokenizer.ggml.tokens",)).fields.get(
+                "tokenizer.ggml.tokens"
+            )
             return set(tokens) if isinstance(tokens, list) else None
         data = json.loads((at / "tokenizer.json").read_text(encoding="utf-8"))
         vocab = data["model"].get("vocab") or {}
@@ -329,52 +332,3 @@ def apply(folder: Path, text: str | None, base: dict[str, Any]) -> str:
     if kept.chat_template != text:
         raise StageError(f"the tokenizer in {folder} did not keep the spec's chat template")
     return text
-
-
-GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-"""GGUF metadata value types -> bytes (8 is a string, 9 an array)."""
-
-
-def gguf_field(path: Path, key: str) -> str | list[str] | None:
-    """One string or array-of-strings value of a GGUF's metadata (tokenizer.chat_template,
-    tokenizer.ggml.tokens), read by walking the header; None for a key not there as such.
-
-    GGUFReader parses every field, the vocabulary into arrays (3.4 s for the bundled
-    SmolLM2 here); `validate` needs one key, which this finds in a tenth of that."""
-    with path.open("rb") as fh:
-        read = fh.read
-
-        def unpack(fmt: str) -> int:
-            return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            return read(unpack("<Q")).decode("utf-8", errors="replace")
-
-        def skip(kind: int) -> None:
-            if kind == 8:
-                fh.seek(unpack("<Q"), 1)
-            elif kind == 9:
-                item, count = unpack("<I"), unpack("<Q")
-                if item in GGUF_SCALARS:
-                    fh.seek(GGUF_SCALARS[item] * count, 1)
-                else:
-                    for _ in range(count):
-                        skip(item)
-            elif kind in GGUF_SCALARS:
-                fh.seek(GGUF_SCALARS[kind], 1)
-            else:
-                raise ValueError(f"{path}: unknown GGUF value type {kind}")
-
-        if read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        unpack("<I")  # version
-        unpack("<Q")  # tensor count
-        for _ in range(unpack("<Q")):
-            name, kind = string(), unpack("<I")
-            if name == key and kind == 8:
-                return read(unpack("<Q")).decode("utf-8")
-            if name == key and kind == 9:
-                item, count = unpack("<I"), unpack("<Q")
-                return [string() for _ in range(count)] if item == 8 else None
-            skip(kind)
-    return None
