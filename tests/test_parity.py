@@ -287,3 +287,25 @@ def test_a_slightly_wrong_template_fails_on_template_with_the_diff(
     report = (tmp_path / "check" / check.DIFF_FILE).read_text()
     assert "\n-You are a helpful AI assistant named SmolLM, trained by" in report
     assert "\n+You are a helpful AI assistant named TinyLM, trained by" in report
+
+
+def test_the_header_walk_reads_what_gguf_py_reads(tmp_path):
+    """gguf_meta.header, which validate uses instead of GGUFReader (seconds on a large
+    vocabulary), agrees with gguf-py on every scalar and string, the vocabulary, the
+    parameter count and where the tensor data ends; a file cut short ends past its size."""
+    walked = gguf_meta.header(GGUF, ("tokenizer.ggml.tokens",))
+    reader = GGUFReader(GGUF)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue  # the reader's own entries (version, counts)
+        value = walked.fields[name]
+        if isinstance(value, gguf_meta.Array):
+            assert value.count == len(field.data), name
+        else:
+            assert value == pytest.approx(field.contents()), name
+    assert walked.parameters == sum(int(t.n_elements) for t in reader.tensors)
+    assert walked.data_end == GGUF.stat().st_size
+    assert walked.data_end == max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(GGUF.read_bytes()[: GGUF.stat().st_size // 2])
+    assert gguf_meta.header(cut).data_end > cut.stat().st_size
