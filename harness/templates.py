@@ -331,4 +331,48 @@ def apply(folder: Path, text: str | None, base: dict[str, Any]) -> str:
     kept = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if kept.chat_template != text:
         raise StageError(f"the tokenizer in {folder} did not keep the spec's chat template")
+    _stop_at_end_of_turn(folder, kept, trust_remote_code)
     return text
+
+
+def end_of_turn(tokenizer) -> int | None:
+    """The special token the tokenizer's template writes right after an assistant's reply
+    (`<end_of_turn>` for the gemma family, `<|eot_id|>` for llama3), or None."""
+    reply = "forgebench-reply"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}],
+        tokenize=False,
+    )
+    after = tokenizer(rendered.split(reply, 1)[-1], add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return after[0] if after and after[0] in special else None
+
+
+def _stop_at_end_of_turn(folder: Path, tokenizer, trust_remote_code: bool) -> None:
+    """Make the model folder's generation config stop at the template's end of turn. A
+    base model's eos is its end of text, not a chat family's end of turn: llama-server and
+    Ollama stop at the turn marker, and the PyTorch reference (lm-eval's `hf` model stops at
+    generation_config's eos) would otherwise write on past the reply, and the export link
+    would be blamed for a difference the export did not make."""
+    from transformers import AutoConfig, GenerationConfig
+
+    stop = end_of_turn(tokenizer)
+    if stop is None:
+        return
+    target = folder / "generation_config.json"
+    if target.is_file():  # edited as JSON: transformers refuses to save many shipped configs
+        config = json.loads(target.read_text(encoding="utf-8"))
+    else:  # what transformers derives from config.json when the file is missing
+        model = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config = GenerationConfig.from_model_config(model).to_diff_dict()
+        config.pop("_from_model_config", None)  # or generate() derives it again, eos and all
+    eos = config.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    if stop in eos:
+        return
+    config["eos_token_id"] = [*eos, stop]
+    if target.is_symlink():
+        target.unlink()  # a link into the user's base or the HF cache: never written through
+    target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -257,6 +257,28 @@ def test_resolve_writes_the_spec_template_into_the_tokenizer_and_not_into_the_ba
     assert (kept / templates.FILE).read_text() == "{{ 'own' }}"
 
 
+@pytest.mark.parametrize("own_config", [True, False], ids=["its-config", "no-config"])
+def test_resolve_makes_the_model_stop_where_the_template_ends_a_turn(own_config, tmp_path):
+    """A base model's eos is its end of text; with the llama3 family it must also stop at
+    <|eot_id|>, as llama-server and Ollama do, or its PyTorch reference writes on past the
+    reply. The base's own generation_config.json is left as it was."""
+    base = tokenizer_folder(tmp_path / "base", family="llama3")
+    if own_config:
+        (base / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "top_k": 7}))
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    out = tmp_path / "out"
+    out.mkdir()
+    text = templates.FAMILIES["llama3"]
+    resolve.run({"base": {"path": str(base)}, "chat_template": text}, {}, out, quiet)
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert templates.end_of_turn(tokenizer) == eot
+    saved = json.loads((out / "model" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [2, eot]
+    assert saved.get("top_k") == (7 if own_config else None)
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
 def test_resolve_refuses_a_model_with_no_template_and_none_given(tmp_path):
     base = tokenizer_folder(tmp_path / "base")
     out = tmp_path / "out"
