@@ -128,7 +128,6 @@ class Header:
     fields: dict[str, Any]
     """Scalars and strings by key; an array as `Array`, or as its strings when asked for."""
     parameters: int
-    tensor_count: int
     data_end: int
     """The size a whole file has: the aligned data section's end, past its last tensor."""
 
@@ -195,7 +194,7 @@ def header(path: Path, strings: tuple[str, ...] = ()) -> Header:
             ends.append(offset + n // block * size)
         align = int(fields.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
         start = -(-fh.tell() // align) * align
-    return Header(fields, parameters, tensor_count, start + max(ends, default=0))
+    return Header(fields, parameters, start + max(ends, default=0))
 
 
 def file_type(path: Path) -> int | None:
