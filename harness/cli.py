@@ -173,13 +173,27 @@ def run(
     times: Annotated[
         bool, typer.Option("--times", help="also print the seconds each stage took, per cell")
     ] = False,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            "--executor",
+            help="where the cells run: serial or ray (default: the spec's executor.kind)",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="a Ray cluster, host:port (with --executor ray)"),
+    ] = None,
 ) -> None:
     """Run every cell of a spec, reusing cached stages; log everything to MLflow."""
     from harness import evidence, pipeline, planning, preflight, toolchain, tracking
+    from harness import executor as executors
     from harness import spec as spec_module
     from harness.console import RichReporter, summary_table, times_table
     from harness.store import Store
 
+    if executor not in (None, "serial", "ray"):
+        raise InputError(f"--executor {executor}: not an executor; use serial or ray")
     loaded = spec_module.load(spec)
     shape = preflight.check(loaded)
     cells = planning.plan(loaded)
@@ -203,7 +217,14 @@ def run(
         f"[bold]{loaded.name}[/]: {len(cells)} cells, {total} stage calls, store {the_store.root}"
     )
     with RichReporter(console, total, debug=state["debug"]) as reporter:
-        summary = pipeline.run(loaded, spec, the_store, reporter, fail_fast)
+        summary = pipeline.run(
+            loaded,
+            spec,
+            the_store,
+            reporter,
+            fail_fast,
+            executors.chosen(loaded, executor, ray_address),
+        )
     console.print(summary_table(summary, evidence.primary_task(loaded)))
     if times:
         console.print(times_table(summary))

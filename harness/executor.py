@@ -4,7 +4,8 @@ handed back to the driver as soon as it is complete. Only the driver (pipeline.r
 writes MLflow, so an executor's work can move to other processes without a run left
 RUNNING by one that died.
 
-`Serial` runs everything in this process, cell after cell: the default."""
+`Serial` runs everything in this process, cell after cell: the default. `chosen` picks
+the spec's or the command line's (harness.ray_executor runs cells as Ray tasks)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any, Protocol
 
+from harness import keys
 from harness.errors import ForgebenchError, StageError
 from harness.outcomes import CellResult, Outcome, Reporter
 from harness.planning import ADVISORY, BUILD, SERVED, Cell
@@ -29,6 +31,10 @@ class Executor(Protocol):
     """Runs cells; `executed` counts the stage calls built (not taken from the store)."""
 
     executed: Counter
+
+    def prepare(self, spec: Spec, cells: list[Cell]) -> None:
+        """Refuse, before anything is written, what this executor cannot run."""
+        ...
 
     def run(
         self, spec: Spec, cells: list[Cell], store: Store, reporter: Reporter
@@ -45,12 +51,15 @@ class Serial:
         self.executed: Counter = Counter()
         self._outcomes: dict[str, Outcome] = {}
 
+    def prepare(self, spec: Spec, cells: list[Cell]) -> None:
+        """Nothing to refuse: this process planned the cells."""
+
     def run(
         self, spec: Spec, cells: list[Cell], store: Store, reporter: Reporter
     ) -> Generator[CellResult, None, None]:
         for cell in cells:
             with Served(spec, cell, store) as served:
-                result = _run_cell(cell, store, reporter, self._outcomes, self.executed, served)
+                result = run_cell(cell, store, reporter, self._outcomes, self.executed, served)
                 if served.kept and result.status == "done":
                     try:
                         result.deployed = served.deploy().deployment.model_name
@@ -59,13 +68,14 @@ class Serial:
             yield result
 
 
-def _run_cell(
+def run_cell(
     cell: Cell,
     store: Store,
     reporter: Reporter,
     outcomes: dict[str, Outcome],
     executed: Counter,
     served: Served,
+    verify: bool = False,
 ) -> CellResult:
     """Run a cell's stages in order; a build failure ends the cell, a check that fails or
     errors makes it "broken" or failed and ends its served stages (nothing is scored on a
@@ -85,7 +95,7 @@ def _run_cell(
             else:
                 reporter.stage_started(cell, role, store.has(call))
                 extra = {"served": served} if role in SERVED else {}
-                outcomes[call.key] = _execute(call, store, reporter, executed, **extra)
+                outcomes[call.key] = execute(call, store, reporter, executed, verify, **extra)
                 reporter.stage_finished(cell, role, outcomes[call.key])
         outcome = stages[role] = outcomes[call.key]
         if outcome.error and role not in ADVISORY:
@@ -128,17 +138,27 @@ def _inputs(
             return f"its input {dep.stage} ({dep.key}) has not been measured"
         if missing := _inputs(dep, store, reporter, outcomes, executed):
             return missing
-        outcomes[dep.key] = _execute(dep, store, reporter, executed)
+        outcomes[dep.key] = execute(dep, store, reporter, executed)
         if outcomes[dep.key].error:
             return f"its input {dep.stage} failed: {outcomes[dep.key].error}"
     return None
 
 
-def _execute(
-    call: StageCall, store: Store, reporter: Reporter, executed: Counter, **extra: Any
+def execute(
+    call: StageCall,
+    store: Store,
+    reporter: Reporter,
+    executed: Counter,
+    verify: bool = False,
+    **extra: Any,
 ) -> Outcome:
+    """Build one call whose inputs are in the store (or take it from there). `verify`:
+    first refuse, as the outcome's error, to build with versions its key does not name
+    (a worker on another node; this process planned the keys itself)."""
     if store.has(call):
         return _cached_outcome(call, store)
+    if verify and (why := keys.differs_here(call)):
+        return Outcome(call.key, False, 0.0, error=why)
     inputs = {name: store.path(dep) for name, dep in call.inputs.items()}
     module = importlib.import_module(f"harness.stages.{call.stage}")
     started = time.perf_counter()
@@ -172,7 +192,7 @@ def ensure(call: StageCall, store: Store, reporter: Reporter) -> Path:
     """Build one call and what it depends on, unless the store has them; its output folder."""
     for dep in call.inputs.values():
         ensure(dep, store, reporter)
-    outcome = _execute(call, store, reporter, Counter())
+    outcome = execute(call, store, reporter, Counter())
     if outcome.error:
         raise StageError(f"{call.stage}: {outcome.error}")
     return store.path(call)
@@ -183,3 +203,13 @@ def _cached_outcome(call: StageCall, store: Store) -> Outcome:
     metrics_file = folder / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return Outcome(call.key, True, store.manifest(call)["seconds"], metrics)
+
+
+def chosen(spec: Spec, kind: str | None = None, address: str | None = None) -> Executor:
+    """The command line's executor (`kind`, `address`), else the spec's `executor:`."""
+    kind = kind or spec.executor.kind
+    if kind == "serial":
+        return Serial()
+    from harness.ray_executor import RayExecutor
+
+    return RayExecutor(address or spec.executor.address)

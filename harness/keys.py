@@ -299,5 +299,45 @@ def versions(stage: str, backend: str = "", tasks: Sequence[Any] = ()) -> dict[s
     return out
 
 
+def differs_here(call: Any) -> str | None:
+    """What this machine would build `call` with that its key does not say (a package, a
+    stage's logic, the llama.cpp tools), as a one-line refusal; None when all agree. A
+    worker on another node checks this before building, so a key never names an output
+    that other versions made."""
+    from importlib import metadata
+
+    from harness import evals
+
+    backend = call.settings.get("backend", "")
+    here: dict[str, Any] = stage_version(call.stage) | llama_cpp_identity(call.stage, backend)
+    if call.stage in _served():
+        here |= served_identity(backend)
+    for name, wanted in call.versions.items():
+        if name == "evals":  # by content, where this node's evals/ has the file
+            changed = [
+                file
+                for file, sha in wanted.items()
+                if (evals.EVALS / file).is_file() and file_sha256(evals.EVALS / file) != sha
+            ]
+            if changed:
+                return (
+                    f"{call.stage}: this node's evals/ differs from the plan's "
+                    f"({', '.join(changed)}): "
+                    "install the driver's forgebench on every node"
+                )
+            continue
+        if name not in here:
+            try:
+                here[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                here[name] = "not installed"
+        if here[name] != wanted:
+            return (
+                f"{call.stage}: this node has {name} {here[name]} where the plan has {wanted}: "
+                "install the driver's versions on every node"
+            )
+    return None
+
+
 if __name__ == "__main__":
     print(json.dumps(stage_record(), indent=2, sort_keys=True))

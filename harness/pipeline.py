@@ -30,6 +30,7 @@ def run(
 
     executor = executor or Serial()
     cells = plan(spec)
+    executor.prepare(spec, cells)
     by_name = {cell.name: cell for cell in cells}
     results: list[CellResult] = []
     with tracking.Experiment(spec, spec_path) as experiment:

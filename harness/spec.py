@@ -77,9 +77,7 @@ class BaseRef(Strict):
         if self.fallback and not self.ollama:
             raise ValueError("fallback: gguf applies to base: {ollama: ...} only")
         if self.revision and not (self.hf or self.ollama):
-            raise ValueError(
-                "revision applies to base: {hf: ...} or {ollama: ...} only; drop it"
-            )
+            raise ValueError("revision applies to base: {hf: ...} or {ollama: ...} only; drop it")
         return self
 
 
@@ -271,6 +269,32 @@ class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins")
 
 
+TASKS = ("resolve", "train", "merge", "convert", "quantize", "reference", "drift_base", "drift")
+"""What `executor.resources` may name: the stages that run as tasks of their own, and `serve`."""
+
+
+class Resources(Strict):
+    """What one task asks of a Ray node (Ray's own units: CPUs, GPUs, bytes of memory)."""
+
+    cpus: float = Field(1.0, ge=0)
+    gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0, description="reserved memory; none by default")
+
+
+class ExecutorSpec(Strict):
+    """Where the cells run: in this process (`serial`) or as tasks on a Ray cluster."""
+
+    kind: Literal["serial", "ray"] = "serial"
+    address: str | None = Field(
+        None, description="a Ray cluster (host:port or auto); a local one is started if unset"
+    )
+    resources: dict[Literal[(*TASKS, "serve")], Resources] = Field(
+        default_factory=dict,
+        description="per stage, and `serve` for a cell's served stages (default: 1 CPU each; "
+        "a cell that benches takes a whole node)",
+    )
+
+
 class Spec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
@@ -290,6 +314,7 @@ class Spec(Strict):
     drift: DriftSpec = DriftSpec()
     budgets: BudgetSpec = BudgetSpec()
     tracking: TrackingSpec = TrackingSpec()
+    executor: ExecutorSpec = ExecutorSpec()
     _source: tuple[Path, yaml.Node | None] | None = PrivateAttr(None)
     """The file and YAML tree `load` read, so checks made later can name the line."""
 

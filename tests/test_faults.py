@@ -188,7 +188,7 @@ def test_a_llama_server_killed_while_scored_ends_the_stage_saying_so(
 
 
 def test_the_cell_keeps_the_first_line_and_mlflow_the_whole_reason(tmp_path, monkeypatch):
-    """executor._execute: the first line is the stage's error (table, console), the whole
+    """executor.execute: the first line is the stage's error (table, console), the whole
     message its detail (MLflow's forgebench.error_detail.<stage>)."""
     from collections import Counter
 
@@ -202,7 +202,7 @@ def test_the_cell_keeps_the_first_line_and_mlflow_the_whole_reason(tmp_path, mon
 
     monkeypatch.setattr(executor.importlib, "import_module", lambda name: SimpleNamespace(run=run))
     call = StageCall("evaluate", {"n": 1})
-    outcome = executor._execute(call, Store(tmp_path / "store"), outcomes.Quiet(), Counter())
+    outcome = executor.execute(call, Store(tmp_path / "store"), outcomes.Quiet(), Counter())
     assert outcome.error == "llama-server was killed by signal 9 (SIGKILL) after 3 answers"
     assert outcome.detail == str(died) and "\n  x | y" in outcome.detail
     assert not Store(tmp_path / "store").has(call)

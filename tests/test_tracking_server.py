@@ -5,18 +5,7 @@ in the e2e store already, so this costs the logging, not the chain."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import httpx
 import pytest
-from conftest import scratch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -25,58 +14,10 @@ from harness.cli import app
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """`mlflow server` on loopback; its URL and where it keeps the artifacts it is sent."""
-    with scratch(tmp_path_factory, "tracking-server") as folder:
-        port, artifacts = free_port(), folder / "artifacts"
-        command = [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(artifacts),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ]
-        log = (folder / "server.log").open("w")
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 180
-            while not _healthy(url):
-                assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
-                assert time.monotonic() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
-            yield url, artifacts
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
-            log.close()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def test_a_run_logs_to_a_shared_server_and_reads_back_from_it(e2e, server, monkeypatch, tmp_path):
-    url, artifacts = server
+def test_a_run_logs_to_a_shared_server_and_reads_back_from_it(
+    e2e, mlflow_server, monkeypatch, tmp_path
+):
+    url, artifacts = mlflow_server
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # wins over the spec's sqlite file
     result = CliRunner().invoke(app, ["run", str(e2e.spec_path), "--store", str(e2e.store.root)])

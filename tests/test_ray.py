@@ -1,0 +1,206 @@
+"""The Ray executor on a real two-node Ray cluster made here, kept on loopback (its head
+runs no tasks; each node has one CPU), with a real `mlflow server` as the tracking store:
+the same outputs as a serial run of the same spec, every cell logged once under one
+parent run that finishes, a node lost mid-training retried to the same outputs, and a
+request no node can fit refused before anything is submitted. The spec trains for six
+steps on the bundled model, so the cost is the chain's, not the training's."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import scratch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from harness import outcomes, pipeline, planning, spec
+from harness.cli import app
+from harness.store import Store
+
+pytestmark = pytest.mark.slow
+
+SPEC = """\
+name: {name}
+base: {{model: smollm2-135m}}
+data: {{task: arithmetic, n_train: 48, n_eval: 16, seed: 5}}
+train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 96, seed: 0}}
+lora:
+  - {{name: a, r: 4, alpha: 8, target_modules: [q_proj]}}
+quant: [f16, q4_k_m]
+control: false
+measure: [{measure}]
+serve: {{backend: llamacpp, slots: 1}}
+evaluate: {{tasks: [arithmetic], concurrency: 1}}
+tracking: {{uri: "{uri}"}}
+"""
+VARIES = {"convert.log", "quantize.log", "Modelfile", "README.md", "adapter_config.json"}
+"""Outputs that name the store's own path or the tools' timings (metrics.json is compared
+less its timings)."""
+TIMED = re.compile(r"(seconds|per_s)$")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Iterator[Path]:
+    with scratch(tmp_path_factory, "ray") as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def cluster(folder) -> Iterator:
+    """A head that runs nothing and two one-CPU nodes, all on 127.0.0.1, token auth on and
+    usage stats off. Ray's sockets live in a short folder of their own (a Unix socket
+    path has a length limit that pytest's folders exceed)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        patch.setenv("RAY_AUTH_MODE", "token")
+        patch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        # loopback stays loopback: Ray otherwise rewrites 127.0.0.1 to the outward address
+        patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+        from ray._private import ray_constants
+        from ray.cluster_utils import Cluster
+
+        patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        temp = tempfile.mkdtemp(prefix="ray-")
+        loop = {"node_ip_address": "127.0.0.1", "temp_dir": temp}
+        made = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **loop}
+        )
+        try:
+            for _ in range(2):
+                made.add_node(num_cpus=1, **loop)
+            made.wait_for_nodes()
+            made.loop = loop
+            yield made
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            made.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def write(folder: Path, name: str, uri: str, measure: str = "check, evaluate") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(SPEC.format(name=name, uri=uri, measure=measure))
+    return path
+
+
+@pytest.fixture(scope="module")
+def serial(folder, mlflow_server) -> Store:
+    """The spec run in this process, the way every other test runs it."""
+    path = write(folder, "tiny", mlflow_server[0])
+    store = Store(folder / "serial")
+    pipeline.run(spec.load(path), path, store, outcomes.Quiet())
+    return store
+
+
+def outputs(store: Store, call) -> dict[str, object]:
+    """What a stage made, as the manifest hashes it, less what names a path or a time."""
+    made = {
+        name: sha
+        for name, sha in store.manifest(call)["outputs"].items()
+        if Path(name).name not in {*VARIES, "metrics.json"}
+    }
+    metrics = store.path(call) / "metrics.json"
+    if metrics.is_file():
+        made["metrics"] = {
+            k: v for k, v in json.loads(metrics.read_text()).items() if not TIMED.search(k)
+        }
+    return made
+
+
+def test_a_ray_run_makes_what_a_serial_run_makes_and_logs_each_cell_once(
+    serial, cluster, folder, mlflow_server
+):
+    url = mlflow_server[0]
+    path = write(folder, "tiny", url)
+    store = folder / "ray"
+    command = ["run", str(path), "--store", str(store), "--executor", "ray"]
+    result = CliRunner().invoke(app, [*command, "--ray-address", cluster.address])
+    assert result.exit_code == 0, result.output
+
+    calls = planning.unique_calls(planning.plan(spec.load(path)))
+    assert {call.stage for call in calls.values()} >= {"train", "quantize", "evaluate", "settle"}
+    for call in calls.values():
+        assert outputs(Store(store), call) == outputs(serial, call), call.stage
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("tiny")
+    parents = client.search_runs(
+        [experiment.experiment_id], "tags.`forgebench.kind` = 'invocation'"
+    )
+    assert len(parents) == 2  # the serial run's, then this one's
+    latest = max(parents, key=lambda run: run.info.start_time)
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{latest.info.run_id}'"
+    )
+    assert sorted(run.data.tags["forgebench.cell"] for run in children) == ["a-f16", "a-q4_k_m"]
+    everything = client.search_runs([experiment.experiment_id])
+    assert {run.info.status for run in everything} == {"FINISHED"}
+
+
+def test_a_node_lost_mid_training_is_retried_to_the_same_outputs(serial, cluster, folder):
+    """The node running the training is removed while it trains: Ray runs the task again
+    on the other node and the run ends as if nothing happened."""
+    path = write(folder, "builds", f"sqlite:///{folder / 'builds.db'}", measure="")
+    store = Store(folder / "lost")
+    summary: list[outcomes.RunSummary] = []
+    from harness.ray_executor import RayExecutor
+
+    def go() -> None:
+        ray = RayExecutor(cluster.address)
+        summary.append(pipeline.run(spec.load(path), path, store, outcomes.Quiet(), executor=ray))
+
+    worker = threading.Thread(target=go)
+    worker.start()
+    training = _process_named("ray::train", deadline=time.monotonic() + 300)
+    node = next(n for n in cluster.worker_nodes if _runs_under(training, n))
+    cluster.remove_node(node, allow_graceful=False)
+    worker.join(timeout=600)
+    assert not worker.is_alive()
+    assert not training.is_running()  # it died with its node, mid-training
+
+    (done,) = summary
+    assert [cell.status for cell in done.cells] == ["done", "done"]
+    for call in planning.unique_calls(planning.plan(spec.load(path))).values():
+        assert outputs(store, call) == outputs(serial, call), call.stage
+    cluster.add_node(num_cpus=1, **cluster.loop)  # back to two nodes for whatever follows
+
+
+def test_a_gpu_no_node_has_is_refused_before_anything_is_submitted(cluster, folder):
+    path = write(folder, "gpu", f"sqlite:///{folder / 'gpu.db'}", measure="")
+    path.write_text(path.read_text() + "executor: {kind: ray, resources: {train: {gpus: 1}}}\n")
+    store = folder / "gpu-store"
+    result = CliRunner().invoke(
+        app, ["run", str(path), "--store", str(store), "--ray-address", cluster.address]
+    )
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: executor.resources.train: 1 CPU, 1 GPU")
+    assert "fits no node" in lines[-1] and "Traceback" not in result.output
+    assert not store.exists() and not (folder / "gpu.db").exists()
+
+
+def _process_named(prefix: str, deadline: float) -> psutil.Process:
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["cmdline"]):
+            if (process.info["cmdline"] or [""])[0].startswith(prefix):
+                return process
+        time.sleep(0.2)
+    raise AssertionError(f"no {prefix} process came up")
+
+
+def _runs_under(process: psutil.Process, node) -> bool:
+    """Whether `process` is a worker of `node` (a child of its raylet)."""
+    raylets = {info.process.pid for info in node.all_processes["raylet"]}
+    return any(parent.pid in raylets for parent in process.parents())
