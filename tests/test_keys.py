@@ -387,3 +387,20 @@ def test_plan_keys_name_own_llama_cpp_programs(tmp_path, own_tools):
         bench_call.versions["llama.cpp-bin"]
         == keys.llama_cpp_identity("bench", "llamacpp")["llama.cpp-bin"]
     )
+
+
+def test_a_worker_refuses_what_its_key_does_not_name(tmp_path, evals_copy):
+    """A Ray worker builds only with what the driver planned the key with: its packages, a
+    stage's logic, the evals/ files; anything else is one line naming what differs."""
+    folder = evals_copy(tmp_path / "evals")
+    calls = planned(spec_folder(tmp_path / "spec"))
+    assert all(keys.differs_here(call) is None for call in calls.values())
+    train = next(call for (_, stage), call in calls.items() if stage == "train")
+    older = StageCall(train.stage, train.settings, train.inputs, {**train.versions, "peft": "0.1"})
+    assert keys.differs_here(older).startswith("train: this node has peft ")
+    assert "where the plan has 0.1: install the driver's versions" in keys.differs_here(older)
+    (folder / "bench_prompts.jsonl").write_text('{"messages": []}\n')
+    bench_call = next(call for (_, stage), call in calls.items() if stage == "bench")
+    assert "bench_prompts.jsonl" in keys.differs_here(bench_call)
+    evaluate = next(call for (_, stage), call in calls.items() if stage == "evaluate")
+    assert keys.differs_here(evaluate) is None  # reads no bench prompt
