@@ -44,6 +44,7 @@ def commands(what: str, extra: list[str]) -> list[list[str]]:
             tool("forgebench", "setup"),
             tool("python", "benchmarks/train_throughput.py"),
             tool("python", "benchmarks/serving.py"),
+            tool("python", "benchmarks/ray_overhead.py"),
         ]
     raise KeyError(what)
 
