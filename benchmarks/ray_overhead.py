@@ -104,6 +104,7 @@ def main() -> None:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="forgebench-ray-") as tmp:
         root = Path(tmp)
+        os.environ["RAY_TMPDIR"] = tmp  # Ray's sessions and sockets go with the rest
         path = args.spec or root / "ray-overhead.yaml"
         if args.spec is None:
             path.write_text(SPEC)

@@ -150,6 +150,9 @@ class LastFirst:
         self.serial = executor.Serial()
         self.executed = self.serial.executed
 
+    def prepare(self, spec, cells):
+        self.serial.prepare(spec, cells)
+
     def run(self, spec, cells, store, reporter):
         yield from reversed(list(self.serial.run(spec, cells, store, reporter)))
 

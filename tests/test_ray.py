@@ -58,8 +58,9 @@ def folder(tmp_path_factory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def cluster(folder) -> Iterator:
     """A head that runs nothing and two one-CPU nodes, all on 127.0.0.1, token auth on and
-    usage stats off. Ray's sockets live in a short folder of their own (a Unix socket
-    path has a length limit that pytest's folders exceed)."""
+    usage stats off. Ray's files (sessions, sockets, the current cluster's address) go to
+    a short folder of this test's (a Unix socket path has a length limit that pytest's
+    folders exceed), not to the machine's /tmp/ray."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
         patch.setenv("RAY_AUTH_MODE", "token")
@@ -71,8 +72,9 @@ def cluster(folder) -> Iterator:
         from ray.cluster_utils import Cluster
 
         patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        temp = tempfile.mkdtemp(prefix="ray-")
-        loop = {"node_ip_address": "127.0.0.1", "temp_dir": temp}
+        temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        patch.setenv("RAY_TMPDIR", temp)
+        loop = {"node_ip_address": "127.0.0.1"}
         made = Cluster(
             initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **loop}
         )
