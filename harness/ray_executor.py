@@ -66,8 +66,13 @@ class RayExecutor:
         if any(role in SERVED for cell in cells for role in cell.calls):
             tasks.add("serve")
         self._options = {task: _options(spec, task, nodes) for task in sorted(tasks)}
-        for task, options in self._options.items():
-            _refuse_infeasible(task, options, nodes)
+        try:
+            for task, options in self._options.items():
+                _refuse_infeasible(task, options, nodes)
+        except InputError:
+            if self._started:  # nothing will run: leave no connection behind
+                ray.shutdown()
+            raise
 
     def run(
         self, spec: Spec, cells: list[Cell], store: Store, reporter: Reporter

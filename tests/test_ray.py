@@ -191,6 +191,9 @@ def test_a_gpu_no_node_has_is_refused_before_anything_is_submitted(cluster, fold
     assert lines[-1].startswith("error: executor.resources.train: 1 CPU, 1 GPU")
     assert "fits no node" in lines[-1] and "Traceback" not in result.output
     assert not store.exists() and not (folder / "gpu.db").exists()
+    import ray
+
+    assert not ray.is_initialized()  # the refusal left no connection to the cluster
 
 
 def _process_named(prefix: str, deadline: float) -> psutil.Process:
