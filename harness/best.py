@@ -1,6 +1,7 @@
-"""Which quant level to ship, per adapter, and why.
+"""Which quant level (and route) to ship, per adapter, and why.
 
-Among an adapter's cells that finished and whose verdict is exactly "ok", the
+Among an adapter's cells that finished and whose verdict is exactly "ok", on every route
+the spec ran (merged, or the base GGUF with a LoRA GGUF, whose size counts both files), the
 smallest file (or, with `by="speed"`, the fastest decode); beside it, the
 Pareto front of accuracy against decode speed and size, so the trade-off the
 choice makes is visible. Every other verdict (slow, stupid, broken, unjudged,
@@ -71,11 +72,13 @@ def choose(rows: list[Row], by: str = "size") -> list[Choice]:
             reason = f"smallest file ({row.size_mb or 0:.1f} MB)"
         accuracy = row.accuracy(task)
         detail = f", {task} {accuracy:.2f}" if accuracy is not None and task else ""
+        routes = {r.route for r in mine}
+        shipped = f"{row.quant} by route {row.route}" if len(routes) > 1 else row.quant
         choices.append(
             Choice(
                 adapter,
                 row,
-                f"{row.quant}: {reason} among the {len(ok)} cells judged ok{detail}",
+                f"{shipped}: {reason} among the {len(ok)} cells judged ok{detail}",
                 front,
             )
         )

@@ -122,6 +122,7 @@ def plan(
         {
             "cell": c.name,
             "adapter": c.adapter,
+            "route": c.route,
             "quant": c.quant,
             "stages": {
                 s: {"key": call.key, "cached": the_store.has(call)} for s, call in c.calls.items()
@@ -307,24 +308,37 @@ def best(
     alias: Annotated[str, typer.Option("--alias", help="alias for the registered version")] = (
         "candidate"
     ),
+    route: Annotated[
+        str | None,
+        typer.Option("--route", help="choose among this route's cells only: merge or adapter"),
+    ] = None,
 ) -> None:
-    """The quant level to ship per adapter: the smallest (or fastest) cell that is ok."""
+    """The quant level (and route) to ship per adapter: the smallest (or fastest) ok cell."""
     from harness import tracking
     from harness.best import choose
 
     inv = _invocation(experiment, tracking_uri, run_id)
     uri = inv.tracking_uri
-    for choice in choose(inv.rows, by):
+    rows = [r for r in inv.rows if route is None or r.route == route or r.adapter == "base"]
+    if route is not None and not any(r.route == route and r.adapter != "base" for r in rows):
+        raise InputError(
+            f"--route {route}: the run {inv.run_id} has no cells on that route; its routes: "
+            + ", ".join(sorted({r.route for r in inv.rows if r.adapter != "base"}))
+        )
+    for choice in choose(rows, by):
         mark = "[green]✓[/]" if choice.row else "[red]✗[/]"
         console.print(f"{mark} [bold]{choice.adapter}[/]: {choice.why}", soft_wrap=True)
         if choice.front:
-            console.print("   Pareto front: " + ", ".join(r.quant for r in choice.front))
+            console.print("   Pareto front: " + ", ".join(r.cell for r in choice.front))
         if choice.row is None:
             continue
         tracking.tag(uri, choice.row.run_id, "forgebench.best", by)
         if register and choice.adapter != "base":
             gguf = Path(choice.row.tags["forgebench.gguf"])
-            version = tracking.register(uri, register, choice.row.run_id, gguf, alias)
+            lora = choice.row.tags.get("forgebench.lineage.lora_gguf")
+            version = tracking.register(
+                uri, register, choice.row.run_id, gguf, alias, Path(lora) if lora else None
+            )
             console.print(f"   registered {register} version {version} as @{alias}")
 
 

@@ -164,11 +164,12 @@ def times_table(summary: RunSummary) -> Table:
 def plan_table(rows: list[dict]) -> Table:
     table = Table()
     table.add_column("cell")
-    for stage in STAGES:
+    stages = [s for s in STAGES if any(s in row["stages"] for row in rows)]
+    for stage in stages:
         table.add_column(stage)
     for row in rows:
         cells = []
-        for stage in STAGES:
+        for stage in stages:
             entry = row["stages"].get(stage)
             cells.append(
                 "-"

@@ -72,13 +72,15 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
 
     check = result.stages.get("check")
     template_broken = check is not None and check.metrics.get("check_template_ok") == 0
+    unapplied = check is not None and check.metrics.get("adapter_applied") == 0
     fig = verdict.Figures(
         cell.name,
         cell.adapter,
         cell.quant,
         status=result.status,
+        route=cell.route,
         error=result.error,
-        broken="template" if template_broken else None,
+        broken="template" if template_broken else "adapter not applied" if unapplied else None,
         evaluated=evaluated,
         decode_tps=metric("bench", "decode_tps_p5"),
         ttft_ms_p95=metric("bench", "ttft_ms_p95"),

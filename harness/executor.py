@@ -101,10 +101,19 @@ def run_cell(
         if outcome.error and role not in ADVISORY:
             status, error = "failed", f"{role}: {outcome.error}"
             if role in BUILD:
-                return CellResult(cell.name, cell.adapter, cell.quant, status, stages, error=error)
+                return CellResult(
+                    cell.name,
+                    cell.adapter,
+                    cell.quant,
+                    status,
+                    stages,
+                    error=error,
+                    route=cell.route,
+                )
         elif role == "check" and not outcome.metrics.get("check_ok"):
             status, error = "broken", f"check: {outcome.metrics.get('check_reasons')}"
     gguf = store.path(cell.gguf) / "model.gguf"
+    adapter = store.path(cell.lora_gguf) / "adapter.gguf" if cell.lora_gguf else None
     return CellResult(
         cell.name,
         cell.adapter,
@@ -112,8 +121,9 @@ def run_cell(
         status,
         stages,
         gguf=str(gguf),
-        gguf_bytes=gguf.stat().st_size,
+        gguf_bytes=gguf.stat().st_size + (adapter.stat().st_size if adapter else 0),
         error=error,
+        route=cell.route,
     )
 
 

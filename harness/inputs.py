@@ -128,7 +128,10 @@ def model_names(spec: Spec) -> None:
     backend serves: `auto` picks Ollama wherever one runs."""
     from harness import backends
 
-    adapters: list[str | None] = [lora.name for lora in spec.lora]
+    suffixes = {"merge": "", "adapter": "-lora"}
+    adapters: list[str | None] = [
+        lora.name + suffixes[route] for lora in spec.lora for route in spec.route
+    ]
     if spec.control:
         adapters.append(None)
     for adapter in adapters:

@@ -221,6 +221,7 @@ def _ollama_version(host: str) -> str:
 
 LLAMA_CPP = {
     "convert": (),
+    "convert_lora": (),
     "quantize": (),
     "check": (),
     "evaluate": (),

@@ -57,6 +57,8 @@ class CellResult:
     run_id: str | None = None
     deployed: str | None = None
     """The Ollama model left in place (serve.keep), for `ollama run`."""
+    route: str = "merge"
+    """How the adapter ships: merged into the weights, or a LoRA GGUF beside the base."""
 
 
 @dataclass

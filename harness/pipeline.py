@@ -94,6 +94,16 @@ def _ok(result: CellResult, stage: str) -> bool:
 
 
 def _lineage(store: Store, cell: Cell) -> dict[str, Any]:
+    """Where the base came from, and the files the cell served with their sha256 (from the
+    store's manifests): the GGUF, and on the adapter route the LoRA GGUF beside it."""
     lineage_file = store.path(cell.calls["resolve"]) / "lineage.json"
     lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
+    served = {"gguf": (cell.gguf, "model.gguf")}
+    if cell.lora_gguf is not None:
+        served["lora_gguf"] = (cell.lora_gguf, "adapter.gguf")
+    for name, (call, file) in served.items():
+        if store.has(call):
+            lineage[f"{name}_sha256"] = store.manifest(call)["outputs"].get(file, "")
+    if cell.lora_gguf is not None:
+        lineage["lora_gguf"] = str(store.path(cell.lora_gguf) / "adapter.gguf")
     return {**lineage, "llama_cpp": toolchain.revision()}

@@ -2,12 +2,14 @@
 expanded into cells and their stage calls.
 
     resolve -> train -> merge -> convert (F16) -> quantize       builds the cell's GGUF
+    (route adapter: resolve -> convert (F16) -> quantize, the base's GGUF at each level,
+     and train -> convert_lora, the LoRA GGUF served beside it)
             -> reference_base, reference                          the HF models scored in PyTorch
             -> check -> evaluate -> settle -> bench               on the served model
             -> drift_base (F16, once per adapter) -> drift        llama-perplexity, offline
             -> drift_tuning                                       tuned F16 vs untuned F16
 
-`plan()` expands a spec into cells (one per LoRA config x quant level, plus
+`plan()` expands a spec into cells (one per LoRA config x route x quant level, plus
 the untuned base at every level) whose stage calls share keys wherever their
 inputs agree, so N adapters x M levels train N adapters and convert N models.
 A cell's `calls` map a role to a stage call; a role is the stage's name except
@@ -23,11 +25,11 @@ from importlib import metadata
 from typing import Any
 
 from harness import backends, host, keys, quant, sources, templates
-from harness.errors import ForgebenchError
+from harness.errors import ForgebenchError, InputError
 from harness.spec import LoraSpec, Spec
 from harness.store import StageCall, sha256_file
 
-BUILD = ("resolve", "train", "merge", "convert", "quantize")
+BUILD = ("resolve", "train", "merge", "convert", "convert_lora", "quantize")
 REFERENCES = ("reference_base", "reference")
 """PyTorch scores of the untuned base and of the cell's own HF model: the chain's start."""
 SERVED = ("check", "evaluate", "settle", "bench")
@@ -37,6 +39,10 @@ ADVISORY = (*REFERENCES, "drift_tuning")
 """Roles whose failure leaves the cell unjudged (or a note missing), not failed."""
 CONTROL = "base"
 """The adapter name of the control cells, which run the untuned base."""
+MERGE, ADAPTER = "merge", "adapter"
+"""The routes: the adapter merged in PyTorch, then converted and quantized; or the base
+converted and quantized once per level, served with the adapter as a LoRA GGUF."""
+NOT_CONVERTIBLE = ("embed_tokens", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -46,14 +52,25 @@ class Cell:
     calls: dict[str, StageCall]
     """stage name -> call, in chain order; only the stages this cell needs."""
     backend: str = "llamacpp"
+    route: str = MERGE
 
     @property
     def adapter(self) -> str:
         return self.lora.name if self.lora else CONTROL
 
     @property
+    def line(self) -> str:
+        """The adapter as this route ships it: `r8-qv`, on the adapter route `r8-qv-lora`."""
+        return f"{self.adapter}-lora" if self.route == ADAPTER else self.adapter
+
+    @property
     def name(self) -> str:
-        return f"{self.adapter}-{self.quant}"
+        return f"{self.line}-{self.quant}"
+
+    @property
+    def lora_gguf(self) -> StageCall | None:
+        """The call whose output holds the LoRA GGUF served beside the base (adapter route)."""
+        return self.calls.get("convert_lora")
 
     @property
     def gguf(self) -> StageCall:
@@ -111,40 +128,91 @@ def plan(spec: Spec) -> list[Cell]:
                 _versions("torch", "transformers", "peft") | keys.versions("train"),
                 runtime={"checkpoint_every": spec.train.checkpoint_every},
             )
-            model = calls["merge"] = StageCall(
+            model = StageCall(
                 "merge",
                 {"trust_remote_code": trust},
                 {"base": resolve, "adapter": calls["train"]},
                 _versions("torch", "transformers", "peft") | keys.versions("merge"),
             )
-        f16 = calls["convert"] = (
-            StageCall(
-                "convert", {"outtype": quant.REFERENCE}, {"model": model}, keys.versions("convert")
-            )
-            if lora is not None
-            else base_f16
-        )
         references = {}
         if base_reference is not None:
             if lora is not None:
                 references["reference_base"] = base_reference
+            # the adapter route's PyTorch model is the same base + adapter: the merged one
             references["reference"] = _reference(spec, model)
-        f16_settle = None
-        for level in levels:
-            cell_calls = dict(calls)
-            if level != quant.REFERENCE:
-                cell_calls["quantize"] = StageCall(
-                    "quantize", {"level": level}, {"gguf": f16}, keys.versions("quantize")
+        for route in spec.route if lora is not None else [MERGE]:
+            line = dict(calls)
+            if route == MERGE and lora is not None:
+                line["merge"] = model
+                line["convert"] = StageCall(
+                    "convert",
+                    {"outtype": quant.REFERENCE},
+                    {"model": model},
+                    keys.versions("convert"),
                 )
-            cell_calls |= references
-            judge_by = references.get("reference") if level == quant.REFERENCE else f16_settle
-            measured = _measurements(spec, cell_calls, model, f16, backend, judge_by)
-            if level == quant.REFERENCE:
-                f16_settle = measured.get("settle")
-                if lora is not None and "drift" in spec.measure:
-                    measured["drift_tuning"] = _tuning_drift(spec, f16, base_f16)
-            cells.append(Cell(lora, level, cell_calls | measured, backend))
+            else:
+                line["convert"] = base_f16
+            if route == ADAPTER:
+                _convertible(spec, lora)
+                line["convert_lora"] = StageCall(
+                    "convert_lora",
+                    {"outtype": quant.REFERENCE, "trust_remote_code": trust},
+                    {"base": resolve, "adapter": calls["train"]},
+                    _versions("transformers", "peft") | keys.versions("convert_lora"),
+                )
+            cells += _levels(spec, lora, route, line, references, levels, backend, base_f16)
     return cells
+
+
+def _levels(
+    spec: Spec,
+    lora: LoraSpec | None,
+    route: str,
+    calls: dict[str, StageCall],
+    references: dict[str, StageCall],
+    levels: list[str],
+    backend: str,
+    base_f16: StageCall,
+) -> list[Cell]:
+    """One route's cells, F16 first: each level's GGUF and what the spec measures on it."""
+    f16 = calls["convert"]
+    model = calls.get("merge") or calls["resolve"]
+    cells, f16_settle = [], None
+    for level in levels:
+        cell_calls = dict(calls)
+        if level != quant.REFERENCE:
+            cell_calls["quantize"] = StageCall(
+                "quantize", {"level": level}, {"gguf": f16}, keys.versions("quantize")
+            )
+        cell_calls |= references
+        judge_by = references.get("reference") if level == quant.REFERENCE else f16_settle
+        measured = _measurements(spec, cell_calls, model, f16, backend, judge_by)
+        if level == quant.REFERENCE:
+            f16_settle = measured.get("settle")
+            if lora is not None and route == MERGE and "drift" in spec.measure:
+                measured["drift_tuning"] = _tuning_drift(spec, f16, base_f16)
+        cells.append(Cell(lora, level, cell_calls | measured, backend, route))
+    return cells
+
+
+def _convertible(spec: Spec, lora: LoraSpec) -> None:
+    """What llama.cpp's LoRA converter and runtime cannot take, refused before anything runs:
+    an adapter on the embedding or the output head (tied to the embedding in small models,
+    and a full-rank delta llama.cpp's LoRA loader does not apply) or one that trains biases
+    (the converter stops at any tensor that is not lora_A or lora_B)."""
+    where = spec.where("lora", spec.lora.index(lora))
+    if bad := sorted(set(lora.target_modules) & set(NOT_CONVERTIBLE)):
+        raise InputError(
+            f"{where}.target_modules: LoRA {lora.name} trains {', '.join(bad)}, which "
+            "convert_lora_to_gguf.py cannot take for route adapter: drop them from "
+            "target_modules or use route: [merge]"
+        )
+    if lora.bias != "none":
+        raise InputError(
+            f"{where}.bias: LoRA {lora.name} trains biases ({lora.bias}), which "
+            "convert_lora_to_gguf.py cannot take for route adapter: set bias: none or use "
+            "route: [merge]"
+        )
 
 
 def unique_calls(cells: list[Cell]) -> dict[str, StageCall]:
@@ -202,6 +270,10 @@ def _measurements(
     """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served.
     `judge_by` holds the rows the cell's contested items are settled against."""
     gguf = calls.get("quantize") or f16
+    # the adapter route serves the base GGUF with the LoRA GGUF: both name what is measured
+    on = {"gguf": gguf, "model": model} | (
+        {"adapter": calls["convert_lora"]} if "convert_lora" in calls else {}
+    )
     # keep decides what happens after measuring, not what is measured; the template is the
     # model folder's (resolve's key holds the spec's text)
     exclude = {"keep", "chat_template"}
@@ -213,7 +285,7 @@ def _measurements(
         out["check"] = StageCall(
             "check",
             {**served, "probe": check.CONVERSATION, "max_tokens": check.MAX_TOKENS},
-            {"gguf": gguf, "model": model},
+            on,
             keys.versions("check", backend),
         )
     if "evaluate" in spec.measure:
@@ -222,24 +294,24 @@ def _measurements(
         out["evaluate"] = StageCall(
             "evaluate",
             scoring,
-            {"gguf": gguf, "model": model},
+            on,
             _versions("lm-eval") | keys.versions("evaluate", backend, tasks),
         )
         if judge_by is not None:
             out["settle"] = StageCall(
                 "settle",
                 scoring,
-                {"gguf": gguf, "model": model, "evaluate": out["evaluate"], "reference": judge_by},
+                {**on, "evaluate": out["evaluate"], "reference": judge_by},
                 _versions("lm-eval") | keys.versions("settle", backend, tasks),
             )
     if "bench" in spec.measure:
         out["bench"] = StageCall(
             "bench",
             {**served, "bench": spec.bench.model_dump(mode="json"), "machine": host.machine()},
-            {"gguf": gguf, "model": model},
+            on,
             keys.versions("bench", backend),
         )
-    if "drift" in spec.measure and gguf is not f16:
+    if "drift" in spec.measure and gguf is not f16 and "convert_lora" not in calls:
         drift = spec.drift.model_dump(mode="json")
         out["drift_base"] = StageCall(
             "drift_base", {"drift": drift}, {"gguf": f16}, keys.versions("drift_base")

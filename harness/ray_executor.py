@@ -182,7 +182,9 @@ def _lost(exc: Exception, cell: Cell, call: StageCall | None, outcomes: dict[str
     if call is not None:
         return Outcome(call.key, False, 0.0, error=error, detail=whole)
     stages = {r: outcomes[c.key] for r, c in cell.calls.items() if c.key in outcomes}
-    failed = CellResult(cell.name, cell.adapter, cell.quant, "failed", stages, error=error)
+    failed = CellResult(
+        cell.name, cell.adapter, cell.quant, "failed", stages, error=error, route=cell.route
+    )
     return failed, Counter(), cell
 
 

@@ -26,6 +26,7 @@ class Row:
     tags: dict[str, str]
     run_id: str
     loss: list[tuple[int, float]] = field(default_factory=list)
+    route: str = "merge"
 
     def accuracy(self, task: str | None = None) -> float | None:
         task = task or primary_task([self])
@@ -75,8 +76,9 @@ def load(uri: str, experiment: str, run_id: str | None = None) -> Invocation:
             tags=run.tags,
             run_id=run.run_id,
             loss=run.loss,
+            route=run.tags.get("forgebench.route", "merge"),
         )
         for run in children
     ]
-    rows.sort(key=lambda r: (r.adapter != "base", r.adapter, ORDER.get(r.quant, 99)))
+    rows.sort(key=lambda r: (r.adapter != "base", r.adapter, r.route, ORDER.get(r.quant, 99)))
     return Invocation(experiment, uri, parent.run_id, parent.tags, rows)

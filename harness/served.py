@@ -16,6 +16,8 @@ class Served:
     def __init__(self, spec: Spec, cell: Cell, store: Store):
         self.spec, self.cell, self.store = spec, cell, store
         self.gguf = store.path(cell.gguf) / "model.gguf"
+        self.adapter = store.path(cell.lora_gguf) / "adapter.gguf" if cell.lora_gguf else None
+        """The LoRA GGUF served beside the base GGUF (the adapter route), else None."""
         self.config: backends.ServeConfig | None = None
         self.backend: backends.Backend | None = None
         self.deployment: backends.Deployment | None = None
@@ -35,7 +37,7 @@ class Served:
             config = backends.ServeConfig(
                 model_name=backends.model_name(
                     self.spec.name,
-                    self.cell.lora.name if self.cell.lora else None,
+                    self.cell.line if self.cell.lora else None,
                     self.cell.quant,
                     self.spec.base.ollama,
                 ),
@@ -43,6 +45,7 @@ class Served:
                 system=self.spec.serve.system,
                 parameters=dict(self.spec.serve.parameters),
                 slots=self.spec.serve.slots,
+                adapter=self.adapter,
             )
             self.config = config
             self.backend = backends.get(self.cell.backend)

@@ -303,6 +303,12 @@ class Spec(Strict):
     train: TrainSpec = TrainSpec()
     lora: list[LoraSpec] = Field(min_length=1)
     quant: list[str] = Field(min_length=1)
+    route: list[Literal["merge", "adapter"]] = Field(
+        default_factory=lambda: ["merge"],
+        min_length=1,
+        description="merge: the adapter merged into the base, then converted and quantized; "
+        "adapter: the base GGUF at each level served with the LoRA as its own GGUF",
+    )
     control: bool = Field(True, description="also run the untuned base at every quant level")
     measure: list[Literal["check", "evaluate", "bench", "drift"]] = Field(
         default_factory=lambda: list(MEASUREMENTS),
@@ -355,6 +361,13 @@ class Spec(Strict):
         if dupes:
             raise ValueError(f"quant level listed twice: {', '.join(dupes)}")
         return canonical
+
+    @field_validator("route")
+    @classmethod
+    def _routes_once(cls, routes: list[str]) -> list[str]:
+        if len(set(routes)) != len(routes):
+            raise ValueError("route listed twice: list each of merge and adapter at most once")
+        return routes
 
     @field_validator("lora")
     @classmethod

@@ -24,6 +24,7 @@ from harness.store import file_sha256
 
 PACKAGE = "llama-cpp-python"
 CONVERTER = "convert_hf_to_gguf.py"
+LORA_CONVERTER = "convert_lora_to_gguf.py"
 TOOLS = ("llama-server", "llama-bench", "llama-perplexity")
 PORTABLE_FLAGS = (
     # A native build (-march=native) segfaults on quantized models on CPUs that
@@ -102,8 +103,9 @@ def _git_head(folder: Path) -> str | None:
     return done.stdout.strip() or None
 
 
-def converter() -> Path:
-    path = ensure_source() / CONVERTER
+def converter(name: str = CONVERTER) -> Path:
+    """One of the tree's converters: the model's (default) or LORA_CONVERTER."""
+    path = ensure_source() / name
     if not path.is_file():
         raise ForgebenchError(
             f"{path} is missing: FORGEBENCH_LLAMA_CPP must be a llama.cpp checkout"

@@ -217,6 +217,7 @@ class Experiment:
         )
         run_id = run.info.run_id
         params = {"cell": cell.name, "adapter": cell.adapter, "quant": cell.quant}
+        params["route"] = cell.route
         params |= flatten("base", self.spec.base.model_dump(mode="json", exclude_none=True))
         params |= flatten("data", self.spec.data.model_dump(mode="json", exclude_none=True))
         if cell.lora is not None:
@@ -226,6 +227,7 @@ class Experiment:
             "forgebench.cell": cell.name,
             "forgebench.adapter": cell.adapter,
             "forgebench.quant": cell.quant,
+            "forgebench.route": cell.route,
             "forgebench.status": result.status,
             "forgebench.backend": cell.backend,
             "forgebench.llama_cpp": lineage.get("llama_cpp", ""),
@@ -478,11 +480,16 @@ def samples(uri: str, run_id: str) -> dict[str, dict[str, bool]]:
     return out
 
 
-def register(uri: str, name: str, run_id: str, gguf: Path, alias: str) -> str:
-    """Register a cell's GGUF (logged to its run) as a model version and point `alias` at it."""
+def register(
+    uri: str, name: str, run_id: str, gguf: Path, alias: str, lora: Path | None = None
+) -> str:
+    """Register a cell's GGUF (logged to its run; on the adapter route with its LoRA GGUF
+    beside it) as a model version and point `alias` at it."""
     client = _client(uri)
     if not any(a.path == "gguf" for a in client.list_artifacts(run_id)):
         client.log_artifact(run_id, str(gguf), "gguf")
+        if lora is not None:
+            client.log_artifact(run_id, str(lora), "gguf")
     with contextlib.suppress(Exception):  # already registered
         client.create_registered_model(name)
     version = client.create_model_version(name, f"runs:/{run_id}/gguf", run_id=run_id)

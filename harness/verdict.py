@@ -41,6 +41,8 @@ class Figures:
     adapter: str
     quant: str
     status: str = "done"
+    route: str = "merge"
+    """A level is judged against the F16 of its own route."""
     error: str | None = None
     broken: str | None = None
     """What broke, for the label: "template" when the export parity check failed."""
@@ -139,8 +141,10 @@ def judge(
     """One verdict per cell. `references` maps an adapter (and `control`) to its HF scores;
     `tasks` lists every scored task, `guard` those an adapter must not hurt. Raises when
     an adapter has no F16 cell to judge its levels against."""
-    by_key = {(c.adapter, c.quant): c for c in cells}
-    missing = sorted({c.adapter for c in cells if (c.adapter, quant.REFERENCE) not in by_key})
+    by_key = {(c.adapter, c.route, c.quant): c for c in cells}
+    missing = sorted(
+        {c.adapter for c in cells if (c.adapter, c.route, quant.REFERENCE) not in by_key}
+    )
     if missing:
         raise ForgebenchError(
             f"no {quant.REFERENCE} cell for {', '.join(missing)}: accuracy is judged against the "
@@ -150,7 +154,8 @@ def judge(
     for fig in cells:
         scored = tasks if tasks is not None else sorted(fig.accuracy)
         ctx = Judging(references or {}, scored, set(guard), budgets, control)
-        verdicts[fig.cell] = _judge_cell(fig, by_key.get((fig.adapter, quant.REFERENCE)), ctx)
+        f16 = by_key.get((fig.adapter, fig.route, quant.REFERENCE))
+        verdicts[fig.cell] = _judge_cell(fig, f16, ctx)
     return verdicts
 
 

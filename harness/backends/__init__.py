@@ -48,6 +48,9 @@ class ServeConfig:
     """Sampling and context options in Ollama's names (temperature, num_ctx, top_k, ...)."""
     slots: int = 4
     """Parallel requests the server should handle (llama-server -np; OLLAMA_NUM_PARALLEL)."""
+    adapter: Path | None = None
+    """A LoRA GGUF served on top of the weights at scale 1 (the adapter route):
+    llama-server's --lora, Ollama's ADAPTER."""
 
 
 @dataclass
@@ -105,8 +108,16 @@ class Backend(Protocol):
     def deploy(self, gguf: Path, config: ServeConfig) -> Deployment: ...
 
     def chat(
-        self, deployment: Deployment, messages: list[dict[str, str]], max_tokens: int = 256
-    ) -> Iterator[Chunk]: ...
+        self,
+        deployment: Deployment,
+        messages: list[dict[str, str]],
+        max_tokens: int = 256,
+        adapter_scale: float | None = None,
+    ) -> Iterator[Chunk]:
+        """`adapter_scale`: a probe at this scale of the deployed adapter (0 answers as the
+        base alone), answered greedily; None serves the deployment as it is, with its
+        options. Ollama takes 0 or 1 only."""
+        ...
 
     def render_prompt(self, deployment: Deployment, messages: list[dict[str, str]]) -> str | None:
         """The prompt text the server builds for `chat` with these messages (its template,

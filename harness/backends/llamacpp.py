@@ -108,6 +108,7 @@ def server_command(gguf: Path, config: ServeConfig, port: int, template_file: Pa
         "--chat-template-file",
         str(template_file),
         "--no-webui",
+        *(["--lora", str(config.adapter)] if config.adapter else []),
     ]
 
 
@@ -118,8 +119,14 @@ def with_system(messages: list[dict[str, str]], config: ServeConfig) -> list[dic
     return messages
 
 
-def request_body(messages: list[dict[str, str]], config: ServeConfig, max_tokens: int) -> dict:
-    """An OpenAI-style chat request carrying the deployment's system prompt and options."""
+def request_body(
+    messages: list[dict[str, str]],
+    config: ServeConfig,
+    max_tokens: int,
+    adapter_scale: float | None = None,
+) -> dict:
+    """An OpenAI-style chat request carrying the deployment's system prompt and options;
+    with `adapter_scale`, the per-request scale of the one --lora adapter (id 0), greedy."""
     messages = with_system(messages, config)
     # cache_prompt off: every request is measured from a cold prompt, and the
     # server's prompt token count is the whole rendered prompt
@@ -134,6 +141,11 @@ def request_body(messages: list[dict[str, str]], config: ServeConfig, max_tokens
             body[field] = config.parameters[name]
     if config.stop:
         body["stop"] = list(config.stop)
+    if adapter_scale is not None:
+        if config.adapter is None:
+            raise ForgebenchError(f"{config.model_name} is served without an adapter to scale")
+        body["lora"] = [{"id": 0, "scale": adapter_scale}]
+        body["temperature"] = 0.0  # a probe: only the adapter may make two answers differ
     return body
 
 
@@ -217,10 +229,14 @@ class LlamaServer:
         raise ForgebenchError(f"llama-server not healthy after {HEALTH_TIMEOUT_S:.0f}s; see {log}")
 
     def chat(
-        self, deployment: Deployment, messages: list[dict[str, str]], max_tokens: int = 256
+        self,
+        deployment: Deployment,
+        messages: list[dict[str, str]],
+        max_tokens: int = 256,
+        adapter_scale: float | None = None,
     ) -> Iterator[Chunk]:
         _, config, _ = self._servers[deployment.model_name]
-        body = request_body(messages, config, max_tokens)
+        body = request_body(messages, config, max_tokens, adapter_scale)
         # one connection per request: llama-server closes kept-alive connections after a
         # few requests, which would surface as a spurious disconnect mid-benchmark
         try:

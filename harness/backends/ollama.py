@@ -103,7 +103,11 @@ def go_template(jinja_template: str) -> tuple[str, list[str]]:
 
 
 def modelfile(
-    gguf_path: Path, template: str, system: str | None, parameters: dict[str, Any]
+    gguf_path: Path,
+    template: str,
+    system: str | None,
+    parameters: dict[str, Any],
+    adapter: Path | None = None,
 ) -> str:
     """The deployment as a Modelfile, for `ollama create NAME -f Modelfile` by hand.
 
@@ -112,6 +116,8 @@ def modelfile(
     The parser has no escapes, so a value holding three quotes cannot be written.
     """
     lines = [f"FROM {_quoted(str(Path(gguf_path).resolve()), bare_ok=True)}"]
+    if adapter is not None:
+        lines.append(f"ADAPTER {_quoted(str(Path(adapter).resolve()), bare_ok=True)}")
     lines.append(f'TEMPLATE """{_checked(template)}"""')
     if system:
         lines.append(f'SYSTEM """{_checked(system)}"""')
@@ -217,6 +223,8 @@ class OllamaBackend:
         """`host` as OLLAMA_HOST takes it (default: OLLAMA_HOST, else 127.0.0.1:11434)."""
         self.host = ollama_host(host)
         self._client = ollama.Client(self.host, timeout=httpx.Timeout(600.0, connect=5.0))
+        self._made: dict[str, tuple[ServeConfig, dict[str, str], str, dict]] = {}
+        """model name -> what it was created from, to make it again without its adapter"""
 
     def deploy(self, gguf: Path, config: ServeConfig) -> Deployment:
         template, stops = go_template(config.chat_template)
@@ -228,7 +236,11 @@ class OllamaBackend:
             sent = self._call(f"take {gguf.name}", lambda: self._client.create_blob(gguf))
             if sent != digest:
                 raise ForgebenchError(f"{gguf} changed while it was uploaded to Ollama")
-        self._create(config, gguf.name, digest, template, parameters)
+        adapters = {}
+        if config.adapter is not None:
+            adapters = {config.adapter.name: self._upload(config.adapter)}
+        self._create(config, config.model_name, {gguf.name: digest}, template, parameters, adapters)
+        self._made[config.model_name] = (config, {gguf.name: digest}, template, parameters)
         shown = self._call(
             f"show {config.model_name}", lambda: self._client.show(config.model_name)
         )
@@ -262,22 +274,40 @@ class OllamaBackend:
                 "capabilities": list(shown.capabilities or []),
                 "context_length": self._running(config.model_name).get("context_length"),
                 "stop": parameters.get("stop", []),
-                "modelfile": modelfile(gguf, template, config.system, parameters),
+                "modelfile": modelfile(
+                    gguf, template, config.system, parameters, config.adapter
+                ),
+                "adapters": adapters,
             },
         )
 
+    def _upload(self, path: Path) -> str:
+        """The file as a blob on the server (sent only when it lacks that digest)."""
+        digest = f"sha256:{file_sha256(path)}"
+        if not self._has_blob(digest):
+            sent = self._call(f"take {path.name}", lambda: self._client.create_blob(path))
+            if sent != digest:
+                raise ForgebenchError(f"{path} changed while it was uploaded to Ollama")
+        return digest
+
     def _create(
-        self, config: ServeConfig, filename: str, digest: str, template: str, parameters: dict
+        self,
+        config: ServeConfig,
+        name: str,
+        files: dict[str, str],
+        template: str,
+        parameters: dict,
+        adapters: dict[str, str] | None = None,
     ) -> None:
-        """Create the model, following the status stream; a failure raises with the
-        server's own words."""
-        name = config.model_name
+        """Create the model (with its ADAPTER, when `adapters` names one), following the
+        status stream; a failure raises with the server's own words."""
 
         def create() -> None:
             last = ""
             for progress in self._client.create(
                 name,
-                files={filename: digest},
+                files=files,
+                adapters=adapters or None,
                 template=template,
                 system=config.system,
                 parameters=parameters,
@@ -323,17 +353,30 @@ class OllamaBackend:
         return _seconds(reply.load_duration) or time.perf_counter() - started
 
     def chat(
-        self, deployment: Deployment, messages: list[dict[str, str]], max_tokens: int = 256
+        self,
+        deployment: Deployment,
+        messages: list[dict[str, str]],
+        max_tokens: int = 256,
+        adapter_scale: float | None = None,
     ) -> Iterator[Chunk]:
+        """`adapter_scale` 0 asks the model made from the same base without its ADAPTER
+        (Ollama applies an adapter at scale 1 and takes no scale per request)."""
         name = deployment.model_name
+        options: dict[str, Any] = {"num_predict": max_tokens}
+        if adapter_scale is not None:
+            if not deployment.details.get("adapters") or adapter_scale not in (0.0, 1.0):
+                raise ForgebenchError(
+                    f"{name}: Ollama serves an ADAPTER at scale 1 only, and this model has "
+                    f"{'one' if deployment.details.get('adapters') else 'none'}; asked for "
+                    f"scale {adapter_scale}"
+                )
+            options["temperature"] = 0.0  # a probe: only the adapter may make answers differ
+            if adapter_scale == 0.0:
+                name = self._without_adapter(deployment)
         stream = self._call(
             f"chat with {name}",
             lambda: self._client.chat(
-                name,
-                messages,
-                stream=True,
-                options={"num_predict": max_tokens},
-                keep_alive=KEEP_ALIVE,
+                name, messages, stream=True, options=options, keep_alive=KEEP_ALIVE
             ),
         )
         parts = iter(stream)
@@ -389,7 +432,19 @@ class OllamaBackend:
             return None
         return None
 
+    def _without_adapter(self, deployment: Deployment) -> str:
+        """The deployment's base alone, its template, system and parameters the same, made
+        once as <name>-noadapter and removed with the deployment."""
+        name = f"{deployment.model_name}-noadapter"
+        if not deployment.details.get("without_adapter"):
+            config, files, template, parameters = self._made[deployment.model_name]
+            self._create(config, name, files, template, parameters)
+            deployment.details["without_adapter"] = name
+        return name
+
     def remove(self, deployment: Deployment) -> None:
+        if name := deployment.details.get("without_adapter"):
+            self.delete(name)
         self.delete(deployment.model_name)
 
     def delete(self, name: str) -> None:

@@ -14,7 +14,12 @@ scored on prompts the model never saw. So the prompt the server builds for the
 conversation (llama-server's /apply-template, Ollama's render-only chat) must
 equal, byte for byte, the HF tokenizer's `apply_chat_template` text, and the
 GGUF's tokenizer metadata (EOS, end of turn, BOS and add-BOS, special-token
-types, its own chat template) must agree with the tokenizer. Reasons of this
+types, its own chat template) must agree with the tokenizer.
+
+On the adapter route, a LoRA the server loaded but does not apply (a wrong tensor
+name, a zeroed adapter) passes all of that: the base answers. So a few fixed prompts are
+answered greedily with the adapter at scale 0 and at scale 1, and if no answer differs the
+cell is `broken (adapter not applied)`. Reasons of this
 kind start with "template:", the verdict's `broken (template)`; the renderings,
 their diff and the findings are written to parity_diff.txt.
 
@@ -39,7 +44,7 @@ from typing import Any
 from harness import gguf_meta
 from harness.backends import Backend, Deployment
 
-VERSION = 3  # bump when this stage's outputs change: tests/test_keys.py checks it
+VERSION = 4  # bump when this stage's outputs change: tests/test_keys.py checks it
 
 # A question every sane chat model ends quickly: on SmolLM2-135M and its arithmetic
 # adapters, at every level from f16 to q2_k, it stops by itself, where "say hello"
@@ -58,6 +63,16 @@ TEMPLATE = "template:"
 DIFF_FILE = "parity_diff.txt"
 TURN_PROBE = "forgebench-turn-probe"
 """Assistant text whose rendering shows what the template writes after a turn."""
+ADAPTER_PROBES = (
+    CONVERSATION,
+    [{"role": "user", "content": "What is 12 + 7?"}],
+    [{"role": "user", "content": "Write one sentence about the sea."}],
+)
+"""Asked greedily with the adapter at scale 0 and at scale 1 (the adapter route): a LoRA
+that changes none of the answers was not applied, or learned nothing."""
+ADAPTER_PROBE_TOKENS = 24
+NOT_APPLIED = "adapter not applied:"
+"""The reason, and the verdict's `broken (adapter not applied)`."""
 
 
 @dataclass(frozen=True)
@@ -316,6 +331,23 @@ def run_check(
     )
 
 
+def adapter_effect(backend: Backend, deployment: Deployment) -> dict[str, Any]:
+    """The probes answered greedily at adapter scale 0 and 1; `applied` when one differs."""
+    answers = []
+    for messages in ADAPTER_PROBES:
+        pair = [
+            "".join(
+                chunk.text
+                for chunk in backend.chat(
+                    deployment, messages, max_tokens=ADAPTER_PROBE_TOKENS, adapter_scale=scale
+                )
+            )
+            for scale in (0.0, 1.0)
+        ]
+        answers.append({"prompt": messages[-1]["content"], "scale_0": pair[0], "scale_1": pair[1]})
+    return {"applied": any(a["scale_0"] != a["scale_1"] for a in answers), "answers": answers}
+
+
 def served_template(served) -> tuple[str, str]:
     """(the Jinja template that serves, where it comes from): the deployment's own unless
     Ollama kept the GGUF's (harness/backends/ollama.py `template_source`); llama-server
@@ -359,6 +391,16 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, 
     )
     verdict.template_served = f"{served.backend.name} {source}"
     verdict.served_num_ctx = served.deployment.details.get("context_length")
+    effect = {}
+    if served.adapter is not None:
+        effect = adapter_effect(served.backend, served.deployment)
+        (out / "adapter_effect.json").write_text(json.dumps(effect, indent=2))
+        if not effect["applied"]:
+            verdict.ok = False
+            verdict.reasons.append(
+                f"{NOT_APPLIED} the greedy answers to {len(ADAPTER_PROBES)} prompts are the "
+                "same with the LoRA at scale 1 as at scale 0 (see adapter_effect.json)"
+            )
     (out / "verdict.json").write_text(json.dumps(asdict(verdict), indent=2))
     (out / DIFF_FILE).write_text(parity_report(verdict.parity, served.backend.name))
     if text := modelfile(served):
@@ -369,7 +411,7 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, 
         "parity_ok": int(verdict.parity.ok),
         "parity_by_text": int(verdict.parity.by_text),
         "check_reasons": "; ".join(verdict.reasons),
-    }
+    } | ({"adapter_applied": int(effect["applied"])} if effect else {})
 
 
 def modelfile(served) -> str | None:
