@@ -311,15 +311,16 @@ def _measurements(
             on,
             keys.versions("bench", backend),
         )
-    if "drift" in spec.measure and gguf is not f16 and "convert_lora" not in calls:
+    if "drift" in spec.measure and gguf is not f16:
         drift = spec.drift.model_dump(mode="json")
+        lora = {"adapter": on["adapter"]} if "adapter" in on else {}
         out["drift_base"] = StageCall(
-            "drift_base", {"drift": drift}, {"gguf": f16}, keys.versions("drift_base")
+            "drift_base", {"drift": drift}, {"gguf": f16, **lora}, keys.versions("drift_base")
         )
         out["drift"] = StageCall(
             "drift",
             {"drift": drift},
-            {"gguf": gguf, "reference": out["drift_base"]},
+            {"gguf": gguf, "reference": out["drift_base"], **lora},
             keys.versions("drift"),
         )
     return out

@@ -11,6 +11,7 @@ import html
 import platform
 from pathlib import Path
 
+from harness import routes
 from harness.best import Choice, choose
 from harness.report_plots import blamed, chain, chain_name, chain_tasks, plots
 from harness.results import Invocation, Row, primary_task
@@ -72,7 +73,7 @@ def lineage(rows: list[Row]) -> list[tuple[str, str]]:
         ("machine", t.get("forgebench.machine", platform.node())),
     ]
     for row in rows:
-        if row.quant == rows[0].quant and row.adapter != "base":
+        if row.adapter != "base" and f"LoRA {row.adapter}" not in dict(items):
             items.append(
                 (
                     f"LoRA {row.adapter}",
@@ -83,7 +84,14 @@ def lineage(rows: list[Row]) -> list[tuple[str, str]]:
                     ),
                 )
             )
+    for row in rows:
+        if sha := row.tags.get("forgebench.lineage.lora_gguf_sha256"):
+            items.append((f"{row.cell} served", f"GGUF sha256 {served(row)}, LoRA GGUF {sha}"))
     return [(k, v) for k, v in items if v]
+
+
+def served(row: Row) -> str:
+    return row.tags.get("forgebench.lineage.gguf_sha256", "-")
 
 
 def slow_or_stupid(rows: list[Row]) -> list[str]:
@@ -99,7 +107,7 @@ def quality_chain(rows: list[Row]) -> list[tuple[str, list[str]]]:
     the blamed step marked on the task the chart marks."""
     tasks = chain_tasks(rows, primary_task(rows))
     out = []
-    for adapter in dict.fromkeys(r.adapter for r in rows):
+    for adapter in dict.fromkeys(r.line for r in rows):
         points = chain(rows, adapter, tasks)
         if not points:
             continue
@@ -117,7 +125,17 @@ def quality_chain(rows: list[Row]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def markdown(inv: Invocation, choices: list[Choice], images: list[str]) -> str:
+ROUTES_NOTE = (
+    "Each figure merge / adapter. Paired: the items both were scored on, those the merged "
+    "cell got right and the adapter cell wrong, the reverse, exact McNemar p. Files: what "
+    "ships (base GGUF plus LoRA GGUF on the adapter route). Build: seconds of merge, "
+    "convert, convert_lora and quantize (training is the same for both routes)."
+)
+
+
+def markdown(
+    inv: Invocation, choices: list[Choice], images: list[str], pairs: list[routes.Pair] = ()
+) -> str:
     task = primary_task(inv.rows)
     lines = [
         f"# forgebench report: {inv.experiment}",
@@ -134,6 +152,13 @@ def markdown(inv: Invocation, choices: list[Choice], images: list[str]) -> str:
     for row in inv.rows:
         values = cell_values(row, task)
         lines.append("| " + " | ".join(values[key] for key, _ in COLUMNS) + " |")
+    if pairs:
+        lines += ["", "## Merge route against adapter route", "", ROUTES_NOTE, ""]
+        lines.append("| " + " | ".join(title for _, title in routes.COLUMNS) + " |")
+        lines.append("|" + "---|" * len(routes.COLUMNS))
+        for pair in pairs:
+            values = routes.values(pair)
+            lines.append("| " + " | ".join(values[key] for key, _ in routes.COLUMNS) + " |")
     lines += ["", "## Best quant level per adapter", ""]
     lines += [f"- **{c.adapter}**: {c.why}" for c in choices]
     chains = quality_chain(inv.rows)
@@ -149,7 +174,12 @@ def markdown(inv: Invocation, choices: list[Choice], images: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def page(inv: Invocation, choices: list[Choice], images: dict[str, bytes]) -> str:
+def page(
+    inv: Invocation,
+    choices: list[Choice],
+    images: dict[str, bytes],
+    pairs: list[routes.Pair] = (),
+) -> str:
     task = primary_task(inv.rows)
     esc = html.escape
     accuracy_note = f"; accuracy is <code>{esc(task)}</code>" if task else ""
@@ -162,6 +192,17 @@ def page(inv: Invocation, choices: list[Choice], images: dict[str, bytes]) -> st
             f'<tr class="{cls}">'
             + "".join(f"<td>{esc(values[key])}</td>" for key, _ in COLUMNS)
             + "</tr>\n"
+        )
+    compared = ""
+    if pairs:
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{esc(routes.values(p)[k])}</td>" for k, _ in routes.COLUMNS)
+            for p in pairs
+        )
+        titles = "".join(f"<th>{esc(t)}</th>" for _, t in routes.COLUMNS)
+        compared = (
+            f'<h2>Merge route against adapter route</h2><p>{esc(ROUTES_NOTE)}</p>'
+            f'<table id="routes"><tr>{titles}</tr>{rows}</table>'
         )
     best = "".join(f"<li><b>{esc(c.adapter)}</b>: {esc(c.why)}</li>" for c in choices)
     flagged = "".join(f"<li>{esc(s)}</li>" for s in slow_or_stupid(inv.rows)) or "<li>none</li>"
@@ -197,6 +238,7 @@ figure {{ display: inline-block; margin: 1em; }} img {{ max-width: 640px; }}
 <p>MLflow run <code>{esc(inv.run_id)}</code>{accuracy_note}.</p>
 <h2>Cells</h2><table id="cells"><tr>{head}</tr>
 {body}</table>
+{compared}
 <h2>Best quant level per adapter</h2><ul id="best">{best}</ul>
 {where}
 <h2>Not ok</h2><ul>{flagged}</ul>
@@ -207,13 +249,16 @@ figure {{ display: inline-block; margin: 1em; }} img {{ max-width: 640px; }}
 
 
 def write(inv: Invocation, out_dir: Path, by: str = "size") -> tuple[Path, Path]:
+    from harness import tracking
+
     out_dir.mkdir(parents=True, exist_ok=True)
     choices = choose(inv.rows, by)
     images = plots(inv.rows, primary_task(inv.rows))
     for name, png in images.items():
         (out_dir / name).write_bytes(png)
+    pairs = routes.pairs(inv, lambda row: tracking.samples(inv.tracking_uri, row.run_id))
     md = out_dir / "report.md"
-    md.write_text(markdown(inv, choices, list(images)))
+    md.write_text(markdown(inv, choices, list(images), pairs))
     index = out_dir / "index.html"
-    index.write_text(page(inv, choices, images))
+    index.write_text(page(inv, choices, images, pairs))
     return index, md

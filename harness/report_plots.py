@@ -61,7 +61,7 @@ def chain(rows: list[Row], adapter: str, tasks: list[str]) -> list[Point]:
     adapter share them); F16 GGUF is `chain_f16_<task>`, else the f16 cell's own
     accuracy; then one point per quantized cell, largest level first.
     """
-    mine = sorted((r for r in rows if r.adapter == adapter), key=lambda r: ORDER.get(r.quant, 99))
+    mine = sorted((r for r in rows if r.line == adapter), key=lambda r: ORDER.get(r.quant, 99))
 
     def shared(prefix: str) -> dict[str, float | None]:
         return {
@@ -181,7 +181,7 @@ def plots(rows: list[Row], task: str | None) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     out: dict[str, bytes] = {}
-    adapters = list(dict.fromkeys(r.adapter for r in rows))
+    adapters = list(dict.fromkeys(r.line for r in rows))
 
     def save(name: str, fig) -> None:
         buffer = io.BytesIO()
@@ -201,7 +201,7 @@ def plots(rows: list[Row], task: str | None) -> dict[str, bytes]:
             pts = [
                 (r.size_mb, r.accuracy(task), r.quant)
                 for r in rows
-                if r.adapter == adapter and r.status == "done"
+                if r.line == adapter and r.status == "done"
                 if r.size_mb is not None and r.accuracy(task) is not None
             ]
             if pts:
@@ -214,7 +214,7 @@ def plots(rows: list[Row], task: str | None) -> dict[str, bytes]:
 
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for adapter in adapters:
-            mine = [r for r in rows if r.adapter == adapter]
+            mine = [r for r in rows if r.line == adapter]
             front = {r.cell for r in pareto_front(mine, task)}
             pts = [
                 (r.decode_tps, r.accuracy(task), r.cell in front)
@@ -242,7 +242,7 @@ def plots(rows: list[Row], task: str | None) -> dict[str, bytes]:
             fig, ax = plt.subplots(figsize=(6.4, 4))
             width = 0.8 / (len(tuned) + 1)
             for i, adapter in enumerate([CONTROL, *tuned]):
-                acc = {r.quant: r.accuracy(task) for r in rows if r.adapter == adapter}
+                acc = {r.quant: r.accuracy(task) for r in rows if r.line == adapter}
                 ax.bar(
                     [j + i * width for j in range(len(levels))],
                     [acc.get(q) or 0 for q in levels],
@@ -259,7 +259,7 @@ def plots(rows: list[Row], task: str | None) -> dict[str, bytes]:
         levels = list(dict.fromkeys(r.quant for r in rows))
         width = 0.8 / max(1, len(adapters))
         for i, adapter in enumerate(adapters):
-            tps = {r.quant: r.decode_tps for r in rows if r.adapter == adapter}
+            tps = {r.quant: r.decode_tps for r in rows if r.line == adapter}
             ax.bar(
                 [j + i * width for j in range(len(levels))],
                 [tps.get(q) or 0 for q in levels],

@@ -33,6 +33,12 @@ class Row:
         return self.metrics.get(f"accuracy_{task}") if task else None
 
     @property
+    def line(self) -> str:
+        """The adapter as its route ships it (`r8-qv`, `r8-qv-lora`): what plots and the
+        quality chain group a level's cells by."""
+        return f"{self.adapter}-lora" if self.route == "adapter" else self.adapter
+
+    @property
     def size_mb(self) -> float | None:
         return self.metrics.get("gguf_mb")
 
@@ -80,5 +86,7 @@ def load(uri: str, experiment: str, run_id: str | None = None) -> Invocation:
         )
         for run in children
     ]
-    rows.sort(key=lambda r: (r.adapter != "base", r.adapter, r.route, ORDER.get(r.quant, 99)))
+    rows.sort(
+        key=lambda r: (r.adapter != "base", r.adapter, r.route != "merge", ORDER.get(r.quant, 99))
+    )
     return Invocation(experiment, uri, parent.run_id, parent.tags, rows)

@@ -74,6 +74,13 @@ class Model:
     native: bool = False
     """Served on llama-server's Jinja path with the GGUF's own chat template (no Go template
     given, or PreferChatTemplate): server/routes.go chatModeForModel."""
+    adapter: Path | None = None
+    """The ADAPTER layer's LoRA GGUF, applied at scale 1 by the runner (llama-server --lora)."""
+
+    @property
+    def runner_key(self) -> str:
+        """One runner per model file and adapter, as the scheduler reloads on either."""
+        return f"{self.digest}+{self.adapter.name}" if self.adapter else self.digest
 
     @property
     def capabilities(self) -> list[str]:
@@ -299,10 +306,17 @@ class OllamaDouble:
             raise ApiError("invalid digest format", 400)
         if not native.valid_name(name):
             raise ApiError("invalid model name", 400)
-        if any(body.get(k) for k in ("from", "adapters", "quantize", "messages")) or (
+        if any(body.get(k) for k in ("from", "quantize", "messages")) or (
             len(files) != 1 or not next(iter(files)).endswith(".gguf")
         ):
             raise ApiError("the test double creates models from one .gguf file only", 400)
+        adapters = body.get("adapters") or {}
+        if not all(adapters.values()):
+            raise ApiError("invalid digest format", 400)
+        if len(adapters) > 1:  # convertModelFromFiles: errOnlyOneAdapterSupported
+            raise ApiError("only one adapter is currently supported", 400)
+        if adapters and not next(iter(adapters)).endswith(".gguf"):
+            raise ApiError("the test double takes a GGUF adapter (ADAPTER x.gguf) only", 400)
         steps = self._create(full_name(name), next(iter(files.values())), body)
         h.stream(steps) if body.get("stream", True) else h.reply(200, list(steps)[-1])
 
@@ -316,6 +330,16 @@ class OllamaDouble:
             if fh.read(4) != b"GGUF":
                 raise ApiError("supplied file was not in GGUF format", 400)
         yield {"status": f"using existing layer {digest}"}
+        adapter = None
+        for adapter_digest in (body.get("adapters") or {}).values():
+            adapter = self.blob_path(adapter_digest, status=500)
+            if not adapter.exists():
+                raise ApiError(f"open {adapter}: no such file or directory")
+            # ggufLayers: a GGUF whose general.type is "adapter" is an adapter layer; any
+            # other would be a second model layer, which the runner cannot load as a LoRA
+            if native.gguf_kind(adapter) != "adapter":
+                raise ApiError("the ADAPTER file is not a LoRA GGUF (general.type adapter)", 400)
+            yield {"status": f"using existing layer {adapter_digest}"}
         template, system = body.get("template") or "", body.get("system") or ""
         chat_template = native.gguf_chat(path).template
         if not template and not chat_template:
@@ -332,7 +356,9 @@ class OllamaDouble:
         yield {"status": "writing manifest"}
         native.describe(path)
         with self.lock:
-            made = Model(name, digest, path, template, system, parameters, _iso(), served_natively)
+            made = Model(
+                name, digest, path, template, system, parameters, _iso(), served_natively, adapter
+            )
             self.models[name] = made
         yield {"status": "success"}
 
@@ -496,7 +522,7 @@ class OllamaDouble:
         """An empty prompt loads the model, or unloads it when keep_alive is 0."""
         if keep_alive(body.get("keep_alive")) == timedelta(0):
             with self.lock:
-                _close(self.runners.pop(model.digest, None))
+                _close(self.runners.pop(model.runner_key, None))
             return {"done_reason": "unload"}
         self._runner(model, DEFAULTS | model.parameters | (body.get("options") or {}), body)
         return {"done_reason": "load"}
@@ -518,13 +544,19 @@ class OllamaDouble:
             raise ApiError(error)
         num_ctx = self.context_length(model, options)
         with self.lock:
-            runner = self.runners.get(model.digest)
+            runner = self.runners.get(model.runner_key)
             if runner is None or runner.num_ctx != num_ctx:
                 _close(runner)
-                llm = llama_cpp.Llama(model_path=str(model.path), n_ctx=num_ctx, verbose=False)
+                llm = llama_cpp.Llama(
+                    model_path=str(model.path),
+                    n_ctx=num_ctx,
+                    lora_path=str(model.adapter) if model.adapter else None,
+                    verbose=False,
+                )
                 llm.eval([llm.token_bos(), llm.token_eos()])  # warm up, as llama-server does
                 llm.reset()
-                runner = self.runners[model.digest] = Runner(llm, num_ctx, model, datetime.now(UTC))
+                runner = Runner(llm, num_ctx, model, datetime.now(UTC))
+                self.runners[model.runner_key] = runner
             runner.model = model
             runner.expires_at = datetime.now(UTC) + keep_alive(body.get("keep_alive"))
             return runner

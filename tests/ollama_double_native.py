@@ -123,6 +123,12 @@ def human_number(n: int) -> str:
 
 
 @functools.cache
+def gguf_kind(path: Path) -> str:
+    """general.type of a GGUF ("model", "adapter"), as ggml's KV().Kind() reads it."""
+    field = gguf.GGUFReader(path).fields.get("general.type")
+    return field.contents() if field is not None else "model"
+
+
 def describe(path: Path) -> tuple[dict, dict]:
     """`details` and `model_info` as Ollama reads them from a GGUF (arrays over 5 emptied)."""
     reader = gguf.GGUFReader(path)

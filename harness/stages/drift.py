@@ -29,7 +29,11 @@ PATTERNS = {
 }
 
 
-def perplexity(model: Path, settings: dict[str, Any], extra: list[str], log: Path) -> str:
+def perplexity(
+    model: Path, settings: dict[str, Any], extra: list[str], log: Path, inputs: dict[str, Path]
+) -> str:
+    """llama-perplexity on `model`; on the adapter route (an `adapter` input) with its LoRA
+    GGUF applied, so that a level is compared with the F16 of its own route."""
     from harness import toolchain
 
     command = [
@@ -44,6 +48,8 @@ def perplexity(model: Path, settings: dict[str, Any], extra: list[str], log: Pat
         str(settings["chunks"]),
         *extra,
     ]
+    if "adapter" in inputs:
+        command += ["--lora", str(inputs["adapter"] / "adapter.gguf")]
     with log.open("w") as fh:
         done = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT)
     if done.returncode != 0:
@@ -60,6 +66,7 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
         settings["drift"],
         ["--kl-divergence-base", str(inputs["reference"] / "logits.bin"), "--kl-divergence"],
         out / "perplexity.log",
+        inputs,
     )
     metrics = {}
     for name, pattern in PATTERNS.items():

@@ -22,5 +22,6 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: 
         settings["drift"],
         ["--kl-divergence-base", str(out / "logits.bin")],
         out / "perplexity.log",
+        inputs,
     )
     return {}
