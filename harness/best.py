@@ -53,8 +53,12 @@ def rejection(row: Row) -> str:
     return f"{row.cell}: {verdict}{status}: {row.reasons or 'no reasons recorded'}"
 
 
-def choose(rows: list[Row], by: str = "size") -> list[Choice]:
+def choose(rows: list[Row], by: str = "size", route: str | None = None) -> list[Choice]:
+    """One choice per adapter; with `route`, among that route's cells only (the untuned
+    base has no route to choose)."""
     task = primary_task(rows)
+    if route is not None:
+        rows = [r for r in rows if r.route == route or r.adapter == "base"]
     choices = []
     for adapter in dict.fromkeys(r.adapter for r in rows):
         mine = [r for r in rows if r.adapter == adapter]
@@ -73,7 +77,8 @@ def choose(rows: list[Row], by: str = "size") -> list[Choice]:
         accuracy = row.accuracy(task)
         detail = f", {task} {accuracy:.2f}" if accuracy is not None and task else ""
         routes = {r.route for r in mine}
-        shipped = f"{row.quant} by route {row.route}" if len(routes) > 1 else row.quant
+        named = len(routes) > 1 or route is not None
+        shipped = f"{row.quant} by route {row.route}" if named else row.quant
         choices.append(
             Choice(
                 adapter,

@@ -319,13 +319,12 @@ def best(
 
     inv = _invocation(experiment, tracking_uri, run_id)
     uri = inv.tracking_uri
-    rows = [r for r in inv.rows if route is None or r.route == route or r.adapter == "base"]
-    if route is not None and not any(r.route == route and r.adapter != "base" for r in rows):
+    if route is not None and not any(r.route == route and r.adapter != "base" for r in inv.rows):
         raise InputError(
-            f"--route {route}: the run {inv.run_id} has no cells on that route; its routes: "
+            f"--route {route}: run {inv.run_id} has no cells on that route; its routes: "
             + ", ".join(sorted({r.route for r in inv.rows if r.adapter != "base"}))
         )
-    for choice in choose(rows, by):
+    for choice in choose(inv.rows, by, route):
         mark = "[green]✓[/]" if choice.row else "[red]✗[/]"
         console.print(f"{mark} [bold]{choice.adapter}[/]: {choice.why}", soft_wrap=True)
         if choice.front:

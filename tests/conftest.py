@@ -248,3 +248,32 @@ def smollm2_gguf_with_template(path: Path, template: str | None) -> Path:
         writer.write_tensor_data(tensor.data)
     writer.close()
     return path
+
+
+def lora_gguf(path: Path, base: Path, rank: int = 4, scale: float = 0.05, seed: int = 0) -> Path:
+    """A LoRA GGUF for `base` as convert_lora_to_gguf.py lays one out (general.type adapter,
+    adapter.type lora, lora_a and lora_b of every layer's attn_q), random where a trained
+    adapter would be (scale 0: a zeroed adapter, lora_b all zeros), so serving tests need
+    no training."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(base)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    layers = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+    width = int(reader.fields[f"{arch}.embedding_length"].parts[-1][0])
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))
+    for layer in range(layers):
+        a = rng.standard_normal((rank, width)).astype(np.float32)
+        b = (rng.standard_normal((width, rank)) * scale).astype(np.float32)
+        writer.add_tensor(f"blk.{layer}.attn_q.weight.lora_a", a)
+        writer.add_tensor(f"blk.{layer}.attn_q.weight.lora_b", b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,0 +1,277 @@
+"""The adapter route, without training: how a spec with `route: [merge, adapter]` plans, how
+its cells are judged, chosen and compared, and a LoRA GGUF served on both backends (a
+hand-made one: random where a trained adapter would be, or zeroed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import llama_cpp
+import pytest
+from conftest import lora_gguf
+from ollama_double import OllamaDouble
+
+from harness import best, evidence, planning, routes, sources, spec, verdict
+from harness.backends import ServeConfig, ollama_answers, ollama_host
+from harness.backends.llamacpp import LlamaServer, request_body, server_command
+from harness.backends.ollama import OllamaBackend, modelfile
+from harness.errors import ForgebenchError
+from harness.outcomes import CellResult, Outcome
+from harness.results import Invocation, Row
+from harness.stages import check
+
+ROOT = Path(__file__).resolve().parents[1]
+GGUF = sources.bundled_gguf("smollm2-135m")
+
+
+@pytest.fixture
+def both() -> spec.Spec:
+    """The shipped two-route example, with the untuned control cells."""
+    loaded = spec.load(ROOT / "experiments" / "quickstart-routes.yaml")
+    return loaded.model_copy(update={"control": True})
+
+
+def by_name(s: spec.Spec) -> dict[str, planning.Cell]:
+    return {c.name: c for c in planning.plan(s)}
+
+
+# --- planning ---------------------------------------------------------------------------
+
+
+def test_each_lora_x_route_x_level_is_a_cell_and_the_base_cells_are_shared(both):
+    cells = by_name(both)
+    assert sorted(cells) == sorted(
+        f"{line}-{level}"
+        for line in ("base", "r8-qv", "r8-qv-lora", "r16-qkvo", "r16-qkvo-lora")
+        for level in ("f16", "q4_k_m", "q2_k")
+    )
+    for level in ("f16", "q4_k_m", "q2_k"):
+        base, lora = cells[f"base-{level}"], cells[f"r8-qv-lora-{level}"]
+        # the adapter route serves the untuned base's own file at each level
+        assert lora.gguf.key == base.gguf.key
+        assert "merge" not in lora.calls and lora.model.key == base.model.key
+        assert lora.calls["train"].key == cells[f"r8-qv-{level}"].calls["train"].key
+        # what is measured names the LoRA GGUF: never the base's results
+        for stage in ("check", "evaluate", "bench", "drift"):
+            if stage in lora.calls:
+                assert lora.calls[stage].inputs["adapter"] is lora.lora_gguf
+                assert lora.calls[stage].key != base.calls[stage].key
+    quantized = [c.calls["quantize"].key for c in cells.values() if "quantize" in c.calls]
+    assert len(set(quantized)) == 2 * 3, "2 levels for base (shared by both LoRAs) + 2 x 2 merged"
+    assert len({c.lora_gguf.key for c in cells.values() if c.lora_gguf}) == 2
+
+
+def test_the_merge_route_keys_are_what_they_were(both):
+    """Adding the adapter route leaves every merge-route key alone: a store stays valid."""
+    merge_only = by_name(both.model_copy(update={"route": ["merge"]}))
+    two = by_name(both)
+    for name, cell in merge_only.items():
+        assert {r: c.key for r, c in cell.calls.items()} == {
+            r: c.key for r, c in two[name].calls.items()
+        }
+
+
+def test_a_level_settles_against_the_f16_of_its_own_route(both):
+    cells = by_name(both)
+    settle = cells["r8-qv-lora-q4_k_m"].calls["settle"]
+    assert settle.inputs["reference"].key == cells["r8-qv-lora-f16"].calls["settle"].key
+    drift = cells["r8-qv-lora-q4_k_m"].calls["drift"]
+    assert drift.inputs["reference"].inputs["gguf"].key == cells["base-f16"].gguf.key
+    assert drift.inputs["reference"].inputs["adapter"] is cells["r8-qv-lora-f16"].lora_gguf
+    # the PyTorch model of base + adapter is the merged one, scored once for both routes
+    assert (
+        cells["r8-qv-lora-f16"].calls["reference"].key == cells["r8-qv-f16"].calls["reference"].key
+    )
+
+
+# --- verdicts, best, the comparison -------------------------------------------------------
+
+
+def figures(cell: str, route: str, level: str, accuracy: float) -> verdict.Figures:
+    items = {"arithmetic": {str(i): i < accuracy * 100 for i in range(100)}}
+    return verdict.Figures(
+        cell,
+        "a",
+        level,
+        route=route,
+        evaluated=True,
+        accuracy={"arithmetic": accuracy},
+        items=items,
+    )
+
+
+def test_each_route_is_judged_against_its_own_f16():
+    """The adapter route's q4 loses nothing against the adapter route's F16, though it is
+    far below the merged F16: a route is not blamed for the other route's numbers."""
+    cells = [
+        figures("a-f16", "merge", "f16", 0.9),
+        figures("a-lora-f16", "adapter", "f16", 0.5),
+        figures("a-lora-q4_k_m", "adapter", "q4_k_m", 0.5),
+    ]
+    judged = verdict.judge(cells, spec.BudgetSpec(), {}, ["arithmetic"], [])
+    assert not judged["a-lora-q4_k_m"].verdict.startswith("stupid")
+
+
+def test_an_adapter_that_changes_nothing_is_broken_adapter_not_applied(both):
+    cell = by_name(both)["r8-qv-lora-f16"]
+    reasons = f"{check.NOT_APPLIED} the greedy answers to 3 prompts are the same"
+    stages = {
+        "check": Outcome(
+            "k",
+            False,
+            1.0,
+            {"check_ok": 0, "adapter_applied": 0, "check_template_ok": 1, "check_reasons": reasons},
+        )
+    }
+    result = CellResult(cell.name, "r8-qv", "f16", "broken", stages, error=f"check: {reasons}")
+    fig = evidence._figures(cell, result, None, [], False)
+    judged = verdict.judge([fig], spec.BudgetSpec(), {}, [], [])
+    assert judged[cell.name].verdict == "broken (adapter not applied)"
+
+
+def row(cell: str, route: str, level: str, mb: float, verdict_: str = "ok", **metrics) -> Row:
+    adapter = cell.split("-")[0]
+    tags = {"forgebench.primary_task": "arithmetic"}
+    values = {"gguf_mb": mb, "accuracy_arithmetic": 0.8, **metrics}
+    return Row(cell, adapter, level, "done", verdict_, "", values, {}, tags, cell, route=route)
+
+
+def test_best_names_the_route_and_route_restricts_it():
+    rows = [
+        row("a-f16", "merge", "f16", 258.0),
+        row("a-q4_k_m", "merge", "q4_k_m", 100.0, "stupid (quantization)"),
+        row("a-lora-f16", "adapter", "f16", 259.0),
+        row("a-lora-q4_k_m", "adapter", "q4_k_m", 101.0),
+    ]
+    (choice,) = best.choose(rows)
+    assert choice.row.cell == "a-lora-q4_k_m" and "q4_k_m by route adapter" in choice.why
+    (merged,) = best.choose(rows, route="merge")
+    assert merged.row.cell == "a-f16" and "f16 by route merge" in merged.why
+
+
+def test_the_comparison_pairs_the_routes_on_the_same_items():
+    rows = [
+        row("a-f16", "merge", "f16", 258.0, time_merge_s=2.0, time_convert_s=6.0),
+        row("a-lora-f16", "adapter", "f16", 259.0, time_convert_lora_s=3.0, time_convert_s=6.0),
+        row("a-q8_0", "merge", "q8_0", 138.0),
+    ]
+    samples = {
+        "a-f16": {"1": True, "2": True, "3": False, "4": True},
+        "a-lora-f16": {"1": True, "2": False, "3": False, "5": True},
+    }
+    inv = Invocation("x", "sqlite://", "p", {}, rows)
+    (pair,) = routes.pairs(inv, lambda r: {"arithmetic": samples[r.cell]})
+    assert pair.paired[:3] == (3, 1, 0), "items 1-3 on both: the merged cell alone got 2"
+    shown = routes.values(pair)
+    assert shown["size"] == "258.0 / 259.0" and shown["build"] == "8.0 / 9.0"
+    assert shown["pair"] == "a f16" and shown["mcnemar"].startswith("3 items: 1, 0, p=1")
+
+
+# --- serving a LoRA GGUF --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("lora")
+    return {
+        "random": lora_gguf(folder / "random.gguf", GGUF),
+        "zeroed": lora_gguf(folder / "zeroed.gguf", GGUF, scale=0.0),
+    }
+
+
+@pytest.fixture(scope="module")
+def template() -> str:
+    vocab = llama_cpp.Llama(model_path=str(GGUF), vocab_only=True, verbose=False)
+    return vocab.metadata["tokenizer.chat_template"]
+
+
+def test_llama_server_gets_the_lora_and_a_request_its_scale(adapters, template):
+    config = ServeConfig("forgebench-test/lora", template, adapter=adapters["random"])
+    command = server_command(GGUF, config, 8080, Path("t.jinja"))
+    assert command[command.index("--lora") + 1] == str(adapters["random"])
+    body = request_body([{"role": "user", "content": "hi"}], config, 8, adapter_scale=0.0)
+    assert body["lora"] == [{"id": 0, "scale": 0.0}] and body["temperature"] == 0.0
+    with pytest.raises(ForgebenchError, match="without an adapter"):
+        request_body([], ServeConfig("forgebench-test/x", template), 8, adapter_scale=1.0)
+
+
+def test_the_modelfile_names_the_adapter(adapters):
+    text = modelfile(GGUF, "{{ .Prompt }}", None, {}, adapters["random"])
+    assert text.splitlines()[:2] == [f"FROM {GGUF.resolve()}", f"ADAPTER {adapters['random']}"]
+
+
+def servers() -> list[str]:
+    return ["llamacpp", "ollama-double"] + (
+        ["ollama"] if os.environ.get("OLLAMA_HOST") and ollama_answers() else []
+    )
+
+
+@pytest.mark.parametrize("where", servers())
+def test_a_lora_changes_the_answers_and_a_zeroed_one_does_not(where, adapters, template):
+    """Scale 1 against scale 0 on the check's probes, on each backend: the random LoRA
+    changes an answer, the zeroed one none (the check's `adapter not applied`)."""
+    for name, changes in (("random", True), ("zeroed", False)):
+        config = ServeConfig(
+            f"forgebench-test/lora-{name}", template, slots=1, adapter=adapters[name]
+        )
+        if where == "llamacpp":
+            with LlamaServer() as backend:
+                effect = check.adapter_effect(backend, backend.deploy(GGUF, config))
+            assert effect["applied"] is changes, effect
+            continue
+        with OllamaDouble() if where == "ollama-double" else _real() as double:
+            host = double.host if where == "ollama-double" else ollama_host()
+            with OllamaBackend(host) as backend:
+                deployment = backend.deploy(GGUF, config)
+                try:
+                    assert deployment.details["adapters"], "created with its ADAPTER"
+                    assert "ADAPTER" in deployment.details["modelfile"]
+                    effect = check.adapter_effect(backend, deployment)
+                finally:
+                    backend.remove(deployment)
+                assert not [m for m in backend.deployed() if "lora-" in m], "both removed"
+        assert effect["applied"] is changes, effect
+
+
+class _real:
+    """A context for a real server: nothing to start or stop."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_the_double_takes_one_lora_gguf_adapter_as_ollama_does(adapters):
+    import ollama
+
+    with OllamaDouble() as double, OllamaBackend(double.host) as backend:
+        client = ollama.Client(f"http://{double.host}")
+        model = f"sha256:{_upload(client, GGUF)}"
+        lora = f"sha256:{_upload(client, adapters['random'])}"
+        with pytest.raises(ollama.ResponseError, match="only one adapter"):
+            client.create(
+                "forgebench-test/two",
+                files={"m.gguf": model},
+                adapters={"a.gguf": lora, "b.gguf": lora},
+            )
+        with pytest.raises(ollama.ResponseError, match="not a LoRA GGUF"):
+            list(
+                client.create(
+                    "forgebench-test/model-as-lora",
+                    files={"m.gguf": model},
+                    adapters={"a.gguf": model},
+                    template="{{ .Prompt }}",
+                    stream=True,
+                )
+            )
+        assert backend.deployed() == []
+
+
+def _upload(client, path: Path) -> str:
+    from harness.store import file_sha256
+
+    client.create_blob(path)
+    return file_sha256(path)
