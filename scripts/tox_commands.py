@@ -45,6 +45,7 @@ def commands(what: str, extra: list[str]) -> list[list[str]]:
             tool("python", "benchmarks/train_throughput.py"),
             tool("python", "benchmarks/serving.py"),
             tool("python", "benchmarks/ray_overhead.py"),
+            tool("python", "benchmarks/routes.py"),
         ]
     raise KeyError(what)
 

@@ -424,6 +424,8 @@ def modelfile(served) -> str | None:
     try:
         template, stops = ollama.go_template(served.config.chat_template)
         parameters = ollama.create_parameters(served.config, stops)
-        return ollama.modelfile(served.gguf, template, served.config.system, parameters)
+        return ollama.modelfile(
+            served.gguf, template, served.config.system, parameters, served.adapter
+        )
     except ValueError:
         return None
