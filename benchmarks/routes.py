@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -141,7 +142,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="forgebench-routes-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     store = Store(folder / "store")
-    console.print(f"routes benchmark, SmolLM2-135M ({host.machine()}), store {folder}")
+    console.print(f"routes benchmark, SmolLM2-135M ({host.machine()}), in {folder}")
     summary_table = Table(title="merge route / adapter route, N adapters x 3 levels")
     for column in (
         "N",
@@ -206,6 +207,7 @@ def main() -> None:
                 )
     console.print(summary_table)
     console.print(cells_table)
+    shutil.rmtree(folder, ignore_errors=True)  # 5 GB of models for N = 4
 
 
 def _mean(values: list[float | None], fmt: str) -> str:
