@@ -179,6 +179,7 @@ class Served:
     config: backends.ServeConfig
     tokenizer: object
     deployment: backends.Deployment | None = None
+    adapter: Path | None = None
 
     def deploy(self) -> Served:
         if self.deployment is None:
