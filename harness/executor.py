@@ -83,6 +83,19 @@ def run_cell(
     failed reference only leaves it to be judged "unjudged"."""
     stages: dict[str, Outcome] = {}
     status, error = "done", None
+
+    def result(**files: Any) -> CellResult:
+        return CellResult(
+            cell.name,
+            cell.adapter,
+            cell.quant,
+            status,
+            stages,
+            error=error,
+            route=cell.route,
+            **files,
+        )
+
     for role, call in cell.calls.items():
         if role in SERVED and status != "done":
             continue
@@ -101,30 +114,13 @@ def run_cell(
         if outcome.error and role not in ADVISORY:
             status, error = "failed", f"{role}: {outcome.error}"
             if role in BUILD:
-                return CellResult(
-                    cell.name,
-                    cell.adapter,
-                    cell.quant,
-                    status,
-                    stages,
-                    error=error,
-                    route=cell.route,
-                )
+                return result()
         elif role == "check" and not outcome.metrics.get("check_ok"):
             status, error = "broken", f"check: {outcome.metrics.get('check_reasons')}"
     gguf = store.path(cell.gguf) / "model.gguf"
     adapter = store.path(cell.lora_gguf) / "adapter.gguf" if cell.lora_gguf else None
-    return CellResult(
-        cell.name,
-        cell.adapter,
-        cell.quant,
-        status,
-        stages,
-        gguf=str(gguf),
-        gguf_bytes=gguf.stat().st_size + (adapter.stat().st_size if adapter else 0),
-        error=error,
-        route=cell.route,
-    )
+    size = gguf.stat().st_size + (adapter.stat().st_size if adapter else 0)
+    return result(gguf=str(gguf), gguf_bytes=size)
 
 
 def _inputs(

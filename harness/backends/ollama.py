@@ -230,15 +230,10 @@ class OllamaBackend:
         template, stops = go_template(config.chat_template)
         parameters = create_parameters(config, stops)
         version = self._call("report its version", lambda: self._raw("GET", "/api/version").json())
-        digest = f"sha256:{file_sha256(gguf)}"  # remembered: bench deploys it again
-        uploaded = not self._has_blob(digest)
-        if uploaded:
-            sent = self._call(f"take {gguf.name}", lambda: self._client.create_blob(gguf))
-            if sent != digest:
-                raise ForgebenchError(f"{gguf} changed while it was uploaded to Ollama")
+        digest, uploaded = self._upload(gguf)
         adapters = {}
         if config.adapter is not None:
-            adapters = {config.adapter.name: self._upload(config.adapter)}
+            adapters = {config.adapter.name: self._upload(config.adapter)[0]}
         self._create(config, config.model_name, {gguf.name: digest}, template, parameters, adapters)
         self._made[config.model_name] = (config, {gguf.name: digest}, template, parameters)
         shown = self._call(
@@ -274,21 +269,21 @@ class OllamaBackend:
                 "capabilities": list(shown.capabilities or []),
                 "context_length": self._running(config.model_name).get("context_length"),
                 "stop": parameters.get("stop", []),
-                "modelfile": modelfile(
-                    gguf, template, config.system, parameters, config.adapter
-                ),
+                "modelfile": modelfile(gguf, template, config.system, parameters, config.adapter),
                 "adapters": adapters,
             },
         )
 
-    def _upload(self, path: Path) -> str:
-        """The file as a blob on the server (sent only when it lacks that digest)."""
+    def _upload(self, path: Path) -> tuple[str, bool]:
+        """The file as a blob on the server, sent only when it lacks that digest (the digest
+        is remembered: bench deploys the same file again); (digest, whether it was sent)."""
         digest = f"sha256:{file_sha256(path)}"
-        if not self._has_blob(digest):
+        uploaded = not self._has_blob(digest)
+        if uploaded:
             sent = self._call(f"take {path.name}", lambda: self._client.create_blob(path))
             if sent != digest:
                 raise ForgebenchError(f"{path} changed while it was uploaded to Ollama")
-        return digest
+        return digest, uploaded
 
     def _create(
         self,
