@@ -47,7 +47,7 @@ class RichReporter:
         self.progress.stop()
 
     def stage_started(self, cell: Cell, stage: str, cached: bool) -> None:
-        self.label = f"{cell.adapter} {stage}" + (f" {cell.quant}" if stage == "quantize" else "")
+        self.label = f"{cell.line} {stage}" + (f" {cell.quant}" if stage == "quantize" else "")
         self.current = self.progress.add_task(self.label, total=None)
 
     def stage_progress(self, message: str, fraction: float | None) -> None:

@@ -23,6 +23,7 @@ from harness.errors import ForgebenchError, StageError
 from harness.outcomes import CellResult, Outcome, Reporter
 from harness.planning import ADVISORY, BUILD, SERVED, Cell
 from harness.served import Served
+from harness.sharing import Sharing
 from harness.spec import Spec
 from harness.store import StageCall, Store
 
@@ -45,7 +46,9 @@ class Executor(Protocol):
 
 
 class Serial:
-    """Every cell in this process, in plan order, one deployment at a time."""
+    """Every cell in this process, in plan order, one deployment at a time; except that
+    the adapter route's cells of one base level run together, on one llama-server
+    (harness/sharing.py): their build stages first, so that it loads every LoRA GGUF."""
 
     def __init__(self) -> None:
         self.executed: Counter = Counter()
@@ -57,15 +60,31 @@ class Serial:
     def run(
         self, spec: Spec, cells: list[Cell], store: Store, reporter: Reporter
     ) -> Generator[CellResult, None, None]:
-        for cell in cells:
-            with Served(spec, cell, store) as served:
+        sharing = Sharing(spec, cells, store)
+        try:
+            for batch in sharing.batches(cells):
+                if len(batch) > 1:
+                    for cell in batch:
+                        run_cell(cell, store, reporter, self._outcomes, self.executed, None)
+                for cell in batch:
+                    yield self._served(spec, cell, store, reporter, sharing)
+        finally:
+            sharing.close()
+
+    def _served(
+        self, spec: Spec, cell: Cell, store: Store, reporter: Reporter, sharing: Sharing
+    ) -> CellResult:
+        try:
+            with Served(spec, cell, store, sharing) as served:
                 result = run_cell(cell, store, reporter, self._outcomes, self.executed, served)
                 if served.kept and result.status == "done":
                     try:
                         result.deployed = served.deploy().deployment.model_name
                     except ForgebenchError as exc:
                         result.status, result.error = "failed", f"serve.keep: {exc}"
-            yield result
+        finally:
+            sharing.done(cell)
+        return result
 
 
 def run_cell(
@@ -74,13 +93,14 @@ def run_cell(
     reporter: Reporter,
     outcomes: dict[str, Outcome],
     executed: Counter,
-    served: Served,
+    served: Served | None,
     verify: bool = False,
 ) -> CellResult:
     """Run a cell's stages in order; a build failure ends the cell, a check that fails or
     errors makes it "broken" or failed and ends its served stages (nothing is scored on a
     model that is not a working chat model), a failed measurement marks it failed, and a
-    failed reference only leaves it to be judged "unjudged"."""
+    failed reference only leaves it to be judged "unjudged". With no `served`, only the
+    build stages run (what a shared server needs before it starts)."""
     stages: dict[str, Outcome] = {}
     status, error = "done", None
 
@@ -97,6 +117,8 @@ def run_cell(
         )
 
     for role, call in cell.calls.items():
+        if served is None and role not in BUILD:
+            continue
         if role in SERVED and status != "done":
             continue
         if call.key not in outcomes:

@@ -190,10 +190,120 @@ def test_llama_server_gets_the_lora_and_a_request_its_scale(adapters, template):
     config = ServeConfig("forgebench-test/lora", template, adapter=adapters["random"])
     command = server_command(GGUF, config, 8080, Path("t.jinja"))
     assert command[command.index("--lora") + 1] == str(adapters["random"])
-    body = request_body([{"role": "user", "content": "hi"}], config, 8, adapter_scale=0.0)
-    assert body["lora"] == [{"id": 0, "scale": 0.0}] and body["temperature"] == 0.0
+    assert "--lora-init-without-apply" not in command, "served alone, its adapter applies"
+    hi = [{"role": "user", "content": "hi"}]
+    fields = {"lora": [{"id": 1, "scale": 1.0}]}
+    assert request_body(hi, config, 8, fields)["lora"] == fields["lora"]
+    body = request_body(hi, config, 8, fields, adapter_scale=0.0)
+    assert body["lora"] == [{"id": 1, "scale": 0.0}] and body["temperature"] == 0.0
     with pytest.raises(ForgebenchError, match="without an adapter"):
-        request_body([], ServeConfig("forgebench-test/x", template), 8, adapter_scale=1.0)
+        request_body([], ServeConfig("forgebench-test/x", template), 8, {}, adapter_scale=1.0)
+
+
+def test_a_shared_server_loads_every_lora_and_applies_none_unasked(adapters, template):
+    shared = ServeConfig("forgebench-test/shared", template, adapters=tuple(adapters.values()))
+    command = server_command(GGUF, shared, 8080, Path("t.jinja"))
+    assert [command[i + 1] for i, a in enumerate(command) if a == "--lora"] == [
+        str(path) for path in adapters.values()
+    ]
+    assert "--lora-init-without-apply" in command
+
+
+def test_a_levels_adapter_cells_share_one_server_that_answers_as_each_alone(
+    both, adapters, template, tmp_path
+):
+    """The q4_k_m adapter cells of the two-route example on one llama-server: each cell's
+    requests apply its own LoRA only, so its answers are those of a server with that LoRA
+    alone (the random one changes the probes, the zeroed one does not); the server stays
+    up until the level's last cell is done."""
+    from types import SimpleNamespace
+
+    from harness.sharing import Sharing
+    from harness.store import Store
+
+    store = Store(tmp_path / "store")
+    cells = planning.plan(both)
+    sharing = Sharing(both, cells, store)
+    level = [c for c in cells if c.route == planning.ADAPTER and c.quant == "q4_k_m"]
+    names = ["r8-qv-lora-q4_k_m", "r16-qkvo-lora-q4_k_m"]
+    assert [c.name for c in sharing.group(level[0])] == names
+    batches = [[c.name for c in batch] for batch in sharing.batches(cells)]
+    assert names in batches
+    ran = [name for batch in batches for name in batch]
+    assert sorted(ran) == sorted(c.name for c in cells), "each cell once"
+    merged = next(c for c in cells if c.route == planning.MERGE)
+    assert sharing.group(merged) == [merged], "a merged cell serves alone"
+    served = {}
+    for cell, lora in zip(level, ("random", "zeroed"), strict=True):
+        with store.building(cell.lora_gguf) as out:
+            (out / "adapter.gguf").write_bytes(adapters[lora].read_bytes())
+        path = store.path(cell.lora_gguf) / "adapter.gguf"
+        config = ServeConfig(f"forgebench-test/{cell.name}", template, slots=1, adapter=path)
+        served[lora] = SimpleNamespace(cell=cell, adapter=path, config=config, gguf=GGUF)
+    try:
+        (backend, first), (again, second) = (sharing.deploy(served[n]) for n in served)
+        assert again is backend and first.base_url == second.base_url, "one server"
+        assert first.details["adapters_loaded"] == 2
+        assert first.request_fields["lora"] != second.request_fields["lora"]
+        deployments = dict(zip(served, (first, second), strict=True))
+        effect = {n: check.adapter_effect(backend, d) for n, d in deployments.items()}
+        assert effect["random"]["applied"] and not effect["zeroed"]["applied"], effect
+        with LlamaServer() as alone:
+            own = check.adapter_effect(alone, alone.deploy(GGUF, served["random"].config))
+        assert own == effect["random"], "the same answers as the LoRA served alone"
+        sharing.done(level[0])
+        assert _alive(first.details["pid"]), "up while a cell of its level is left"
+        sharing.done(level[1])
+        assert not _alive(first.details["pid"]), "stopped after the level's last cell"
+    finally:
+        sharing.close()
+
+
+def test_the_serial_executor_builds_a_levels_adapter_cells_then_serves_them_together(
+    both, monkeypatch, tmp_path
+):
+    """What the serial executor runs, in order: a shared level's cells are built first (so
+    its server loads every LoRA GGUF), then served one after another on that `Sharing`,
+    which stops the level's server when its last cell is done."""
+    from harness import executor
+    from harness.outcomes import Quiet
+    from harness.store import Store
+
+    ran: list[tuple[str, str]] = []
+
+    def run_cell(cell, store, reporter, outcomes, executed, served, verify=False):
+        ran.append((cell.name, "build" if served is None else "served"))
+        assert served is None or served.sharing is not None
+        return CellResult(cell.name, cell.adapter, cell.quant, "done", {})
+
+    monkeypatch.setattr(executor, "run_cell", run_cell)
+    cells = planning.plan(both)
+    results = list(executor.Serial().run(both, cells, Store(tmp_path), Quiet()))
+    assert sorted(r.cell for r in results) == sorted(c.name for c in cells), "each cell once"
+    served = [name for name, how in ran if how == "served"]
+    for level in both.quant:
+        group = [f"r8-qv-lora-{level}", f"r16-qkvo-lora-{level}"]
+        start = ran.index((group[0], "build"))
+        assert ran[start : start + 4] == [
+            (group[0], "build"),
+            (group[1], "build"),
+            (group[0], "served"),
+            (group[1], "served"),
+        ], ran
+    assert served.index("r8-qv-lora-f16") < served.index("r8-qv-lora-q4_k_m"), (
+        "a route's F16 before its other levels: they settle against it"
+    )
+    assert [name for name, how in ran if how == "build"] == [
+        name for name in served if "-lora-" in name
+    ], "only the shared cells are built ahead"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_the_modelfile_names_the_adapter(adapters):

@@ -51,6 +51,10 @@ class ServeConfig:
     adapter: Path | None = None
     """A LoRA GGUF served on top of the weights at scale 1 (the adapter route):
     llama-server's --lora, Ollama's ADAPTER."""
+    adapters: tuple[Path, ...] = ()
+    """LoRA GGUFs loaded into one llama-server but applied to no request that does not
+    pick one (`Deployment.request_fields`): the adapter route's server shared by a base
+    level's cells (harness/sharing.py). Ollama takes one ADAPTER per model, not these."""
 
 
 @dataclass
@@ -61,6 +65,10 @@ class Deployment:
     """The server's root URL, e.g. http://127.0.0.1:8081."""
     load_seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    request_fields: dict[str, Any] = field(default_factory=dict)
+    """Fields every request to this deployment carries beside the messages: on a
+    llama-server with LoRA GGUFs, `lora`, the adapter it applies (a request that does not
+    name an adapter gets each at the server's global scale)."""
 
     @property
     def openai_base_url(self) -> str:

@@ -108,8 +108,25 @@ def server_command(gguf: Path, config: ServeConfig, port: int, template_file: Pa
         "--chat-template-file",
         str(template_file),
         "--no-webui",
-        *(["--lora", str(config.adapter)] if config.adapter else []),
+        *lora_arguments(config),
     ]
+
+
+def loras(config: ServeConfig) -> list[Path]:
+    """The LoRA GGUFs the server loads, in --lora order: a request's `lora` ids index it."""
+    return [*([config.adapter] if config.adapter else []), *config.adapters]
+
+
+def lora_arguments(config: ServeConfig) -> list[str]:
+    """--lora for each LoRA GGUF; a shared server's are loaded at scale 0, so that only
+    the adapter a request picks applies to it."""
+    arguments = [part for path in loras(config) for part in ("--lora", str(path))]
+    return arguments + (["--lora-init-without-apply"] if config.adapters else [])
+
+
+def applied(config: ServeConfig) -> dict[str, Any]:
+    """The request fields of a deployment of `config`: its own adapter at scale 1."""
+    return {"lora": [{"id": 0, "scale": 1.0}]} if config.adapter else {}
 
 
 def with_system(messages: list[dict[str, str]], config: ServeConfig) -> list[dict[str, str]]:
@@ -123,10 +140,11 @@ def request_body(
     messages: list[dict[str, str]],
     config: ServeConfig,
     max_tokens: int,
+    fields: dict[str, Any],
     adapter_scale: float | None = None,
 ) -> dict:
-    """An OpenAI-style chat request carrying the deployment's system prompt and options;
-    with `adapter_scale`, the per-request scale of the one --lora adapter (id 0), greedy."""
+    """An OpenAI-style chat request carrying the deployment's system prompt, options and
+    request `fields`; with `adapter_scale`, its adapter at that scale, greedy."""
     messages = with_system(messages, config)
     # cache_prompt off: every request is measured from a cold prompt, and the
     # server's prompt token count is the whole rendered prompt
@@ -141,10 +159,11 @@ def request_body(
             body[field] = config.parameters[name]
     if config.stop:
         body["stop"] = list(config.stop)
+    body |= fields
     if adapter_scale is not None:
-        if config.adapter is None:
+        if not fields.get("lora"):
             raise ForgebenchError(f"{config.model_name} is served without an adapter to scale")
-        body["lora"] = [{"id": 0, "scale": adapter_scale}]
+        body["lora"] = [{**lora, "scale": adapter_scale} for lora in fields["lora"]]
         body["temperature"] = 0.0  # a probe: only the adapter may make two answers differ
     return body
 
@@ -207,6 +226,7 @@ class LlamaServer:
                     url,
                     time.perf_counter() - started,
                     {"pid": process.pid, "port": port, "log": str(log)},
+                    applied(config),
                 )
             if "bind" not in log.read_text():
                 tail = log_tail(log, 3)
@@ -236,7 +256,7 @@ class LlamaServer:
         adapter_scale: float | None = None,
     ) -> Iterator[Chunk]:
         _, config, _ = self._servers[deployment.model_name]
-        body = request_body(messages, config, max_tokens, adapter_scale)
+        body = request_body(messages, config, max_tokens, deployment.request_fields, adapter_scale)
         # one connection per request: llama-server closes kept-alive connections after a
         # few requests, which would surface as a spurious disconnect mid-benchmark
         try:

@@ -170,20 +170,8 @@ def llama_bench(gguf: Path, threads: int | None = None) -> dict[str, float]:
     return out
 
 
-def fresh(served) -> None:
-    """Deploy the cell for the bench alone: a deployment an earlier stage used is replaced
-    (a new llama-server process; a re-created, reloaded Ollama model), so memory and speed
-    do not carry what evaluate's requests left behind (llama-server's prompt cache, heap)."""
-    if served.deployment is None:
-        served.deploy()
-        return
-    served.backend.remove(served.deployment)
-    served.deployment = None  # gone, whether or not the new one comes up
-    served.deployment = served.backend.deploy(served.gguf, served.config)
-
-
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, served) -> dict:
-    fresh(served)
+    served.deploy(alone=True)
     metrics, samples = measure(served.backend, served.deployment, settings["bench"], progress)
     (out / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
     threads = int(settings["serve"]["parameters"].get("num_thread", os.cpu_count() or 1))

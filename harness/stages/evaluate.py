@@ -110,10 +110,15 @@ class _DropGone(logging.Filter):
 _DROP_GONE = _DropGone()
 
 
-def watched_model(args: dict[str, Any], stopped: Callable[[], ServerStopped | None]) -> Any:
+def watched_model(
+    args: dict[str, Any],
+    stopped: Callable[[], ServerStopped | None],
+    request_fields: dict[str, Any] | None = None,
+) -> Any:
     """lm-eval's chat-completions client that, when a request cannot connect, asks
     `stopped` whether the server is gone; once it is, every request, retries included,
-    raises `_Gone` without being sent. `answered` counts the requests that got an answer."""
+    raises `_Gone` without being sent. `answered` counts the requests that got an answer.
+    Every request carries the deployment's `request_fields` (the adapter it applies)."""
     import aiohttp
     import requests
     from lm_eval.models.openai_completions import LocalChatCompletion
@@ -131,6 +136,9 @@ def watched_model(args: dict[str, Any], stopped: Callable[[], ServerStopped | No
                 self.gone = stopped()
             if self.gone is not None:
                 raise _Gone(self.gone) from None
+
+        def _create_payload(self, *args: Any, **kwargs: Any) -> dict:
+            return super()._create_payload(*args, **kwargs) | (request_fields or {})
 
         def model_call(self, *args: Any, **kwargs: Any) -> Any:
             if self.gone is not None:
@@ -297,11 +305,15 @@ def evaluate(
     system: str | None = None,
     only: dict[str, list[int]] | None = None,
     stopped: Callable[[], ServerStopped | None] = lambda: None,
+    request_fields: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Score `tasks` on a served model through its OpenAI endpoint, `concurrency` at a time.
-    `stopped` is the backend's word on whether the server is gone (asked when a request
-    cannot connect); a dead server raises its `ServerStopped`, saying how far scoring got."""
-    model = watched_model(model_args(openai_base_url, model_name, concurrency), stopped)
+    """Score `tasks` on a served model through its OpenAI endpoint, `concurrency` at a time,
+    each request with `request_fields` (the deployment's). `stopped` is the backend's word
+    on whether the server is gone (asked when a request cannot connect); a dead server
+    raises its `ServerStopped`, saying how far scoring got."""
+    model = watched_model(
+        model_args(openai_base_url, model_name, concurrency), stopped, request_fields
+    )
     try:
         metrics, _ = score(model, tasks, limit, out, system=system, only=only)
     except _Gone as gone:
@@ -341,4 +353,5 @@ def run(
             out,
             system=settings["serve"].get("system"),
             stopped=stopped_of(served),
+            request_fields=deployment.request_fields,
         )

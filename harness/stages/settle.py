@@ -78,6 +78,7 @@ def run(
                 system=settings["serve"].get("system"),
                 only=contested,
                 stopped=stopped_of(served),
+                request_fields=served.deployment.request_fields,
             )
             rescored = {task.name: read_rows(again, task.name) for task in tasks}
     metrics: dict[str, float] = {}
