@@ -12,7 +12,11 @@ the run that built each file). Per route:
   accuracy on the same items;
 - one server for all N: the base at Q4_K_M with all N LoRA GGUFs loaded (`--lora` each,
   `--lora-init-without-apply`), its load time and memory, against N servers of the
-  merged Q4_K_M models. (The chain itself runs one server per cell today.)
+  merged Q4_K_M models (the serial executor serves a level's adapter cells this way:
+  harness/sharing.py);
+- request order on that server, at the evaluation's concurrency: requests per second
+  when every request in flight picks the same adapter (the chain's order) against
+  interleaved adapters, which llama-server does not batch together.
 
     python benchmarks/routes.py [--sizes 2 4]
 """
@@ -22,21 +26,23 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import httpx
 from rich.console import Console
 from rich.table import Table
+from transformers import AutoTokenizer
 
-from harness import host, outcomes, pipeline, planning, spec, toolchain
-from harness.backends.llamacpp import free_port
+from harness import host, outcomes, pipeline, planning, spec
+from harness.backends import ServeConfig
+from harness.backends.llamacpp import LlamaServer
 from harness.store import Store
 
 LORAS = [
@@ -95,43 +101,59 @@ def built(cells: list[planning.Cell], store: Store, route: str) -> tuple[float, 
     return seconds, size
 
 
-def serve(model: Path, loras: list[Path] = ()) -> tuple[float, float]:
-    """Load seconds and peak RSS (MB) of one llama-server for `model`, with every LoRA in
-    `loras` loaded (not applied until a request names it)."""
-    port = free_port()
-    command = [str(toolchain.tool("llama-server")), "-m", str(model), "--port", str(port)]
-    command += ["--host", "127.0.0.1", "-np", "2", "--no-webui"]
-    if loras:
-        command.append("--lora-init-without-apply")
-    for lora in loras:
-        command += ["--lora", str(lora)]
-    return _serve(command, port, len(loras))
+def serve(model: Path, template: str, loras: list[Path] = ()) -> tuple[float, float]:
+    """Load seconds and peak RSS (MB) of one llama-server for `model`, deployed as the chain
+    deploys it, with every LoRA in `loras` loaded (applied only to a request that picks
+    it), after one request per adapter."""
+    config = ServeConfig("forgebench-bench/serve", template, slots=2, adapters=tuple(loras))
+    with LlamaServer() as backend:
+        deployment = backend.deploy(model, config)
+        for i in range(max(len(loras), 1)):
+            picked = _picking(deployment, i) if loras else deployment
+            list(backend.chat(picked, [{"role": "user", "content": "What is 12 + 7?"}], 8))
+        return deployment.load_seconds, backend.memory_bytes(deployment) / 2**20
 
 
-def _serve(command: list[str], port: int, adapters: int) -> tuple[float, float]:
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        load = time.perf_counter() - started
-        for i in range(max(adapters, 1)):  # one request per adapter, each picking its own
-            body = {"messages": [{"role": "user", "content": "What is 12 + 7?"}], "max_tokens": 8}
-            if adapters:
-                body["lora"] = [{"id": i, "scale": 1.0}]
-            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).raise_for_status()
-        status = Path(f"/proc/{process.pid}/status").read_text()
-        peak = next(int(li.split()[1]) for li in status.splitlines() if li.startswith("VmHWM:"))
-        return load, peak / 1024
-    finally:
-        process.terminate()
-        process.wait()
+def batching(
+    model: Path, template: str, loras: list[Path], concurrency: int, requests: int = 24
+) -> dict[str, float]:
+    """Requests per second on one server with every LoRA loaded, `concurrency` in flight:
+    grouped (every request in flight picks the same adapter: how the chain sends them, one
+    cell's evaluation at a time) against interleaved (consecutive requests pick the next
+    adapter; llama-server does not batch requests with different adapters together)."""
+    config = ServeConfig(
+        "forgebench-bench/batching", template, slots=concurrency, adapters=tuple(loras)
+    )
+    prompts = [f"What is {7 * i + 3} + {5 * i + 11}? Answer with the number." for i in range(8)]
+    rates = {}
+    with LlamaServer() as backend:
+        deployment = backend.deploy(model, config)
+        orders = {
+            "grouped": [i * len(loras) // requests for i in range(requests)],
+            "interleaved": [i % len(loras) for i in range(requests)],
+        }
+        for name, order in (("warm-up", orders["grouped"][:concurrency]), *orders.items()):
+            started = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                for answer in pool.map(
+                    lambda job: list(
+                        backend.chat(
+                            _picking(deployment, job[1]),
+                            [{"role": "user", "content": prompts[job[0] % len(prompts)]}],
+                            32,
+                        )
+                    ),
+                    enumerate(order),
+                ):
+                    assert answer and answer[-1].done
+            rates[name] = len(order) / (time.perf_counter() - started)
+    del rates["warm-up"]
+    return rates
+
+
+def _picking(deployment, adapter: int):
+    """The deployment with every request applying adapter number `adapter` at scale 1."""
+    return replace(deployment, request_fields={"lora": [{"id": adapter, "scale": 1.0}]})
 
 
 def main() -> None:
@@ -155,6 +177,9 @@ def main() -> None:
         "decode tok/s (mean)",
     ):
         summary_table.add_column(column, justify="right")
+    batching_table = Table(title="one Q4_K_M server with N LoRAs: requests/s by request order")
+    for column in ("N", "in flight", "grouped by adapter", "interleaved", "interleaved/grouped"):
+        batching_table.add_column(column, justify="right")
     cells_table = Table(title="per cell")
     for column in ("N", "cell", "verdict", "accuracy", "decode tok/s", "memory MB", "files MB"):
         cells_table.add_column(column, justify="right")
@@ -166,11 +191,21 @@ def main() -> None:
         q4 = [c for c in cells if c.quant == "q4_k_m"]
         merged = [store.path(c.gguf) / "model.gguf" for c in q4 if c.route == "merge"]
         loras = [store.path(c.lora_gguf) / "adapter.gguf" for c in q4 if c.route == "adapter"]
-        base = store.path(next(c for c in q4 if c.route == "adapter").gguf) / "model.gguf"
+        first = next(c for c in q4 if c.route == "adapter")
+        base = store.path(first.gguf) / "model.gguf"
+        template = AutoTokenizer.from_pretrained(store.path(first.model) / "model").chat_template
         servers = {
-            "merge": [serve(m) for m in merged],
-            "adapter": [serve(base, loras)],
+            "merge": [serve(m, template) for m in merged],
+            "adapter": [serve(base, template, loras)],
         }
+        rates = batching(base, template, loras, loaded.evaluate.concurrency)
+        batching_table.add_row(
+            str(n),
+            str(loaded.evaluate.concurrency),
+            f"{rates['grouped']:.2f}",
+            f"{rates['interleaved']:.2f}",
+            f"{rates['interleaved'] / rates['grouped']:.2f}",
+        )
         for route in ("merge", "adapter"):
             seconds, size = built(cells, store, route)
             mine = [r for r in summary.cells if by_name[r.cell].route == route]
@@ -206,6 +241,7 @@ def main() -> None:
                     f"{(r.gguf_bytes or 0) / 2**20:.1f}",
                 )
     console.print(summary_table)
+    console.print(batching_table)
     console.print(cells_table)
     shutil.rmtree(folder, ignore_errors=True)  # 5 GB of models for N = 4
 
