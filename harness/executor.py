@@ -1,5 +1,6 @@
 """Executors run a plan's cells: every stage call built at most once by key (or taken from
-the store), each cell's served stages on one deployment it owns, and each cell's result
+the store), each cell's served stages on one deployment (its own, or on the serial
+executor its level's shared llama-server on the adapter route), and each cell's result
 handed back to the driver as soon as it is complete. Only the driver (pipeline.run)
 writes MLflow, so an executor's work can move to other processes without a run left
 RUNNING by one that died.
