@@ -11,7 +11,16 @@ llama.cpp never applies an adapter at scale 0 (`llama_context::set_adapters_lora
 it out), so a cell's answers are those of a server with its adapter alone: that is why the
 served stages' keys name only the cell's own LoRA GGUF, and why the cells can share. The
 bench still deploys each cell by itself: its memory and speed are those of the one
-adapter a user ships. A shared server that will not start leaves each of its cells to
+adapter a user ships.
+
+No request on a shared server reuses a cached prompt (`cache_prompt: false`, and
+`--cache-ram 0`): llama-server matches its prompt cache by tokens alone, not by adapter,
+and the cells of a level ask the same items. With the cache on, the second adapter's
+F16 evaluation on experiments/quickstart-routes.yaml answered 11 of 100 arithmetic
+items unlike the same adapter served alone; with it off, none. (At quantized levels,
+4 requests in flight answer a few items differently from run to run on any server, as
+the batches they share vary; one at a time, shared and alone agree on every item.)
+A shared server that will not start leaves each of its cells to
 deploy alone; one that dies is started again for the next cell.
 """
 
@@ -98,7 +107,10 @@ class Sharing:
         return server.backend, dataclasses.replace(
             shared,
             details={**shared.details, "adapters_loaded": len(server.loras)},
-            request_fields={"lora": [{"id": server.loras.index(served.adapter), "scale": 1.0}]},
+            request_fields={
+                "lora": [{"id": server.loras.index(served.adapter), "scale": 1.0}],
+                "cache_prompt": False,  # see the module's docstring
+            },
         )
 
     def _start(self, key: str, served: Served) -> _Server | None:

@@ -207,6 +207,7 @@ def test_a_shared_server_loads_every_lora_and_applies_none_unasked(adapters, tem
         str(path) for path in adapters.values()
     ]
     assert "--lora-init-without-apply" in command
+    assert command[command.index("--cache-ram") + 1] == "0", "no prompt cache across adapters"
 
 
 def test_a_levels_adapter_cells_share_one_server_that_answers_as_each_alone(
@@ -245,6 +246,7 @@ def test_a_levels_adapter_cells_share_one_server_that_answers_as_each_alone(
         assert again is backend and first.base_url == second.base_url, "one server"
         assert first.details["adapters_loaded"] == 2
         assert first.request_fields["lora"] != second.request_fields["lora"]
+        assert first.request_fields["cache_prompt"] is False, "no prefix another adapter made"
         deployments = dict(zip(served, (first, second), strict=True))
         effect = {n: check.adapter_effect(backend, d) for n, d in deployments.items()}
         assert effect["random"]["applied"] and not effect["zeroed"]["applied"], effect
@@ -385,3 +387,16 @@ def _upload(client, path: Path) -> str:
 
     client.create_blob(path)
     return file_sha256(path)
+
+
+def test_every_lm_eval_request_carries_the_deployments_fields():
+    """lm-eval's requests to a shared server pick the cell's adapter, as the chat ones do."""
+    from harness.stages.evaluate import model_args, watched_model
+
+    fields = {"lora": [{"id": 1, "scale": 1.0}], "cache_prompt": False}
+    model = watched_model(model_args("http://127.0.0.1:9/v1", "m", 2), lambda: None, fields)
+    payload = model._create_payload(
+        [{"role": "user", "content": "What is 2 + 2?"}], generate=True, gen_kwargs={}
+    )
+    assert payload["lora"] == fields["lora"] and payload["cache_prompt"] is False
+    assert payload["messages"][0]["content"] == "What is 2 + 2?"

@@ -119,9 +119,11 @@ def loras(config: ServeConfig) -> list[Path]:
 
 def lora_arguments(config: ServeConfig) -> list[str]:
     """--lora for each LoRA GGUF; a shared server's are loaded at scale 0, so that only
-    the adapter a request picks applies to it."""
+    the adapter a request picks applies to it, and it keeps no prompt cache across
+    requests, whose entries name no adapter (see harness/sharing.py)."""
     arguments = [part for path in loras(config) for part in ("--lora", str(path))]
-    return arguments + (["--lora-init-without-apply"] if config.adapters else [])
+    shared = ["--lora-init-without-apply", "--cache-ram", "0"]
+    return arguments + (shared if config.adapters else [])
 
 
 def applied(config: ServeConfig) -> dict[str, Any]:
