@@ -3,10 +3,18 @@ runs no tasks; each node has one CPU), with a real `mlflow server` as the tracki
 the same outputs as a serial run of the same spec, every cell logged once under one
 parent run that finishes, a node lost mid-training retried to the same outputs, and a
 request no node can fit refused before anything is submitted. The spec trains for six
-steps on the bundled model, so the cost is the chain's, not the training's."""
+steps on the bundled model, so the cost is the chain's, not the training's.
+
+What is true across executors is decided by thread count, not by executor. Ray runs a
+task with as many threads as it has CPUs (one here); float sums in another order give
+other last bits (on an AVX2-only Xeon in fp32: final loss 2.2342441 at two threads,
+2.2342436 at one). So the serial reference runs at the workers' thread count and every
+output is compared bit for bit, and a third test states what holds across thread
+counts: the same tokens, and loss and adapter within a stated tolerance."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -19,12 +27,15 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from conftest import scratch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from harness import outcomes, pipeline, planning, spec
 from harness.cli import app
+from harness.executor import ensure
 from harness.store import Store
 
 pytestmark = pytest.mark.slow
@@ -97,12 +108,33 @@ def write(folder: Path, name: str, uri: str, measure: str = "check, evaluate") -
     return path
 
 
+WORKER_THREADS = 1
+"""Each node has one CPU, and Ray gives a one-CPU task one thread (OMP_NUM_THREADS)."""
+LOSS_RTOL = 1e-5
+ADAPTER_RTOL = 1e-3
+"""Across thread counts: the largest relative difference of a loss point, and of an adapter
+tensor (Frobenius norm). Measured on an AVX2-only CPU in fp32, one thread against two:
+6e-7 and 4e-5."""
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def serial(folder, mlflow_server) -> Store:
-    """The spec run in this process, the way every other test runs it."""
+    """The spec run in this process, the way every other test runs it, at the thread count
+    Ray gives each task on these nodes."""
     path = write(folder, "tiny", mlflow_server[0])
     store = Store(folder / "serial")
-    pipeline.run(spec.load(path), path, store, outcomes.Quiet())
+    with threads(WORKER_THREADS):
+        pipeline.run(spec.load(path), path, store, outcomes.Quiet())
     return store
 
 
@@ -177,6 +209,33 @@ def test_a_node_lost_mid_training_is_retried_to_the_same_outputs(serial, cluster
     for call in planning.unique_calls(planning.plan(spec.load(path))).values():
         assert outputs(store, call) == outputs(serial, call), call.stage
     cluster.add_node(num_cpus=1, **cluster.loop)  # back to two nodes for whatever follows
+
+
+def test_training_at_another_thread_count_agrees_within_tolerance(serial, folder):
+    """The same train key built at two threads (a laptop's serial run) and at one (a
+    one-CPU Ray worker): the same examples and tokens, the same number of steps, every loss
+    point and every adapter tensor within the stated tolerance. Whichever is built first is
+    what the key serves afterwards, so this is the promise the cache makes across machines
+    and executors of one kind of CPU."""
+    path = write(folder, "threads", "sqlite:///unused.db")
+    calls = planning.unique_calls(planning.plan(spec.load(path)))
+    (train,) = [call for call in calls.values() if call.stage == "train"]
+    other = Store(folder / "two-threads")
+    with threads(WORKER_THREADS + 1):
+        built = ensure(train, other, outcomes.Quiet())
+
+    one, two = (json.loads((p / "metrics.json").read_text()) for p in (serial.path(train), built))
+    for name in ("train_examples", "train_tokens", "trainable_params"):
+        assert one[name] == two[name], name
+    assert [step for step, _ in one["loss_curve"]] == [step for step, _ in two["loss_curve"]]
+    for (step, a), (_, b) in zip(one["loss_curve"], two["loss_curve"], strict=True):
+        assert abs(a - b) <= LOSS_RTOL * abs(a), (step, a, b)
+    a = load_file(serial.path(train) / "adapter" / "adapter_model.safetensors")
+    b = load_file(built / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        difference = float((a[key] - b[key]).norm() / a[key].norm())
+        assert difference <= ADAPTER_RTOL, (key, difference)
 
 
 def test_a_gpu_no_node_has_is_refused_before_anything_is_submitted(cluster, folder):
