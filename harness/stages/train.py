@@ -41,7 +41,11 @@ from harness import templates
 from harness.errors import StageError
 from harness.stages import Progress
 
-VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it
+VERSION = 2  # bump when this stage's outputs change: tests/test_keys.py checks it
+
+IGNORE = -100
+"""The label of a token the loss skips (the prompt, padding), as PyTorch's cross entropy
+and transformers' loss functions take it."""
 
 # peft still reads a property transformers 5 deprecates: a warning the user can do
 # nothing about, printed into the middle of the progress display
@@ -146,7 +150,7 @@ def run(
 
 
 def tokenize(tokenizer, conversations: list, max_seq_len: int) -> list[dict[str, list[int]]]:
-    """Token ids with labels only on the final assistant turn (-100 elsewhere).
+    """Token ids with labels only on the final assistant turn (IGNORE elsewhere).
 
     The prompt part is the template rendered up to the generation prompt; it
     must be a prefix of the full rendering, which holds for every sane chat
@@ -166,8 +170,8 @@ def tokenize(tokenizer, conversations: list, max_seq_len: int) -> list[dict[str,
                 "conversation; cannot mask the loss to the answer"
             )
         full = full[:max_seq_len]
-        labels = ([-100] * len(prompt) + full[len(prompt) :])[:max_seq_len]
-        if all(label == -100 for label in labels):
+        labels = ([IGNORE] * len(prompt) + full[len(prompt) :])[:max_seq_len]
+        if all(label == IGNORE for label in labels):
             raise StageError(f"an example's prompt is longer than train.max_seq_len={max_seq_len}")
         examples.append({"input_ids": full, "labels": labels})
     return examples
@@ -191,7 +195,15 @@ def use_bf16(precision: str) -> bool:
 
 
 class Collator:
-    """Pads a batch to its longest example and counts real vs padding tokens."""
+    """Pads a batch to its longest example, counts real vs padding tokens, and asks the
+    model for logits only where the loss reads them.
+
+    The loss is on the answer alone, a few tokens at the end of each example, but a causal
+    LM projects every position onto the whole vocabulary (49,152 rows for SmolLM2: a fifth
+    of the model's multiply-adds, and a softmax over each). So the batch carries
+    `logits_to_keep`, the positions that predict some row's label, and the labels already
+    shifted to those positions (`shift_labels`): the model's own loss function then averages
+    over exactly the tokens it did before, at a fraction of the head's cost."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -204,14 +216,20 @@ class Collator:
         for ex in batch:
             pad = width - len(ex["input_ids"])
             ids.append(ex["input_ids"] + [self.pad_id] * pad)
-            labels.append(ex["labels"] + [-100] * pad)
+            labels.append(ex["labels"] + [IGNORE] * pad)
             mask.append([1] * len(ex["input_ids"]) + [0] * pad)
             self.tokens += len(ex["input_ids"])
             self.padding += pad
+        # position i predicts token i + 1; the last position predicts nothing
+        targets = torch.tensor(labels)[:, 1:]
+        keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+        shifted = targets[:, keep].contiguous()
         return {
             "input_ids": torch.tensor(ids),
-            "labels": torch.tensor(labels),
             "attention_mask": torch.tensor(mask),
+            "labels": shifted,
+            "shift_labels": shifted,
+            "logits_to_keep": keep,
         }
 
 
