@@ -234,6 +234,13 @@ def run(
     stages = [stage for stage in planning.STAGES if stage in present]
     work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in stages)
     console.print(f"work done: {work}", soft_wrap=True)
+    if summary.tracking_lost:
+        logged = sum(1 for cell in summary.cells if cell.run_id)
+        raise ForgebenchError(
+            f"{summary.tracking_lost.split(';')[0]}: {len(summary.cells)} cells built and "
+            f"measured, {logged} logged; once it works again, rerun `forgebench run {spec}` to "
+            "log every cell (nothing is rebuilt)"
+        )
     console.print(
         f"results: [bold]{tracking.ui_command(summary.tracking_uri, summary.experiment)}[/]"
         f" (experiment {summary.experiment!r}, run {summary.parent_run_id})",

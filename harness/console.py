@@ -46,6 +46,9 @@ class RichReporter:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
+    def notice(self, message: str) -> None:
+        self.console.print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)
+
     def stage_started(self, cell: Cell, stage: str, cached: bool) -> None:
         self.label = f"{cell.line} {stage}" + (f" {cell.quant}" if stage == "quantize" else "")
         self.current = self.progress.add_task(self.label, total=None)

@@ -18,6 +18,8 @@ class Reporter(Protocol):
     def stage_started(self, cell: Cell, stage: str, cached: bool) -> None: ...
     def stage_progress(self, message: str, fraction: float | None) -> None: ...
     def stage_finished(self, cell: Cell, stage: str, outcome: Outcome) -> None: ...
+    def notice(self, message: str) -> None:
+        """Something the user must know now, in one line, while the run goes on."""
 
 
 class Quiet:
@@ -26,6 +28,7 @@ class Quiet:
     def stage_started(self, cell: Cell, stage: str, cached: bool) -> None: ...
     def stage_progress(self, message: str, fraction: float | None) -> None: ...
     def stage_finished(self, cell: Cell, stage: str, outcome: Outcome) -> None: ...
+    def notice(self, message: str) -> None: ...
 
 
 @dataclass
@@ -73,6 +76,8 @@ class RunSummary:
     verdicts: dict[str, Any] = field(default_factory=dict)
     """cell name -> harness.verdict.Verdict"""
     verdict_error: str | None = None
+    tracking_lost: str | None = None
+    """Why the run stopped logging to MLflow part way (harness.tracking.Experiment.lost)."""
 
     @property
     def failed(self) -> list[CellResult]:

@@ -33,7 +33,7 @@ def run(
     executor.prepare(spec, cells)
     by_name = {cell.name: cell for cell in cells}
     results: list[CellResult] = []
-    with tracking.Experiment(spec, spec_path) as experiment:
+    with tracking.Experiment(spec, spec_path, reporter.notice) as experiment:
         work = executor.run(spec, cells, store, reporter)
         try:
             for result in work:
@@ -64,6 +64,7 @@ def run(
         )
         experiment.tag_verdicts(summary.verdicts, evidence.primary_task(spec))
         experiment.finish(summary)
+        summary.tracking_lost = experiment.lost
     return summary
 
 

@@ -19,9 +19,12 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import httpx
+import requests
 from filelock import FileLock
 
 from harness import __version__, host, templates
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
     from harness.outcomes import CellResult, RunSummary
     from harness.planning import Cell
     from harness.spec import Spec
+
+T = TypeVar("T")
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT = "mlflow.parentRunId"
@@ -46,6 +51,20 @@ VIEW = "forgebench"
 """The experiment's saved runs view, kept as the MLflow UI keeps the views it saves (an
 experiment tag `mlflow.sharedViewState.<id>`; the UI's Views menu lists it)."""
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW}"
+
+CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+"""MLflow's client retries a failed request 7 times with a backoff factor of 2 and waits 120 s
+for each answer: a run whose tracking server stopped sat silent for 8 minutes, then died. With
+these, a request to a stopped server fails in about 3 s (two retries, 1 and 2 s apart) and one
+to a server that hangs in about 33 s. And with a tracking server, MLflow prints two lines
+("View run ... at", "View experiment at") for every run it closes, into the middle of the
+progress display; the run prints its own link at the end. A value the user set wins (MLflow
+reads them per request)."""
 
 
 def tracking_uri(spec: Spec) -> str:
@@ -120,9 +139,14 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
 class Experiment:
     """One invocation of a spec: a parent run and a child run per cell."""
 
-    def __init__(self, spec: Spec, spec_path: Path):
-        self.spec, self.spec_path = spec, spec_path
+    def __init__(
+        self, spec: Spec, spec_path: Path, notice: Callable[[str], None] = lambda message: None
+    ):
+        self.spec, self.spec_path, self.notice = spec, spec_path, notice
         self.uri = tracking_uri(spec)
+        self.lost: str | None = None
+        """Why logging stopped mid-run (the tracking server stopped answering), in one line;
+        the run goes on, its results in the store, and a rerun logs every cell."""
         # an explicit client, never mlflow.set_tracking_uri: that also sets the
         # MLFLOW_TRACKING_URI environment variable, so the next spec run in the same
         # process (or any child process) would log to this spec's store
@@ -195,7 +219,7 @@ class Experiment:
         return killed
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None and not self.lost:
             status = "KILLED" if exc_type is KeyboardInterrupt else "FAILED"
             self.client.set_terminated(self.parent_id, status)
 
@@ -206,6 +230,47 @@ class Experiment:
         lineage: dict[str, Any],
         artifacts: list[tuple[str, Path]] = (),
         chat_template: Path | None = None,
+    ) -> str | None:
+        """The cell's run id; None once the tracking store has failed (`lost`)."""
+        return self._unless_lost(
+            lambda: self._log_cell(cell, result, lineage, artifacts, chat_template)
+        )
+
+    def _unless_lost(self, work: Callable[[], T]) -> T | None:
+        """`work()`, only while the tracking store works. Its first failure is told to
+        `notice` once, in one line: the cells' results are in the store by then, so the run
+        goes on building and measuring, logs nothing more, and a rerun logs every cell (the
+        finished ones from the store). A stage's result never waits on MLflow."""
+        if self.lost:
+            return None
+        try:
+            return work()
+        except Exception as error:  # MLflow's own errors, or the HTTP client's under them
+            if not _tracking_failure(error):
+                raise
+            self.lost = self._why_lost(error)
+            self.notice(self.lost)
+            return None
+
+    def _why_lost(self, error: BaseException) -> str:
+        text = str(error).strip()
+        first = text.splitlines()[0][:300] if text else type(error).__name__
+        if self.uri.startswith(("http://", "https://")) and not _answers(self.uri):
+            what = f"the tracking server at {self.uri} stopped answering"
+        else:
+            what = f"logging to {self.uri} failed ({first})"
+        return (
+            f"{what}; the run goes on building and measuring without logging, every result "
+            "kept in the store"
+        )
+
+    def _log_cell(
+        self,
+        cell: Cell,
+        result: CellResult,
+        lineage: dict[str, Any],
+        artifacts: list[tuple[str, Path]],
+        chat_template: Path | None,
     ) -> str:
         """`chat_template`: the file resolve wrote, the text every served stage used."""
         from mlflow.entities import Metric, Param, RunTag
@@ -278,6 +343,9 @@ class Experiment:
     def tag_verdicts(self, verdicts: dict[str, Any], primary_task: str | None) -> None:
         """Verdicts need every cell (a cell is judged against its F16 and the HF models its
         chain starts from), so they come last, with the chain's figures as metrics."""
+        self._unless_lost(lambda: self._tag_verdicts(verdicts, primary_task))
+
+    def _tag_verdicts(self, verdicts: dict[str, Any], primary_task: str | None) -> None:
         from mlflow.entities import Metric, RunTag
 
         from harness import evals
@@ -310,6 +378,11 @@ class Experiment:
             )
 
     def finish(self, summary: RunSummary) -> None:
+        """Closes the parent run; after a lost tracking store it stays RUNNING, and the next
+        run of the spec on this host closes it as KILLED."""
+        self._unless_lost(lambda: self._finish(summary))
+
+    def _finish(self, summary: RunSummary) -> None:
         record = {
             "version": 1,
             "spec": self.spec.model_dump(mode="json"),
@@ -418,7 +491,25 @@ def _first_use_lock(uri: str):
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    for name, value in CLIENT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     return MlflowClient(uri)
+
+
+def _tracking_failure(error: BaseException) -> bool:
+    """An error of the tracking store (MLflow's own, or the HTTP client's underneath it),
+    rather than a bug of ours."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException | requests.RequestException)
+
+
+def _answers(uri: str) -> bool:
+    """Whether a tracking server answers its health check within 3 s."""
+    try:
+        return httpx.get(f"{uri.rstrip('/')}/health", timeout=3).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _reader(uri: str):

@@ -81,41 +81,56 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """`mlflow server` on loopback; its URL and where it keeps the artifacts it is sent."""
-    with scratch(tmp_path_factory, "tracking-server") as folder:
-        port, artifacts = free_port(), folder / "artifacts"
+class TrackingServer:
+    """`mlflow server` on loopback (sqlite behind it, artifacts uploaded through it), which a
+    test can stop and start again on the same port and database, as an outage would."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.url, self.artifacts = f"http://127.0.0.1:{self.port}", folder / "artifacts"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> TrackingServer:
         command = [
             str(Path(sys.executable).parent / "mlflow"),
             "server",
             "--backend-store-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
+            f"sqlite:///{self.folder / 'mlflow.db'}",
             "--artifacts-destination",
-            str(artifacts),
+            str(self.artifacts),
             "--host",
             "127.0.0.1",
             "--port",
-            str(port),
+            str(self.port),
             "--workers",
             "1",
         ]
-        log = (folder / "server.log").open("w")
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        url = f"http://127.0.0.1:{port}"
+        with (self.folder / "server.log").open("a") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 180
+        while not _healthy(self.url):
+            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """`mlflow server` on loopback; its URL and where it keeps the artifacts it is sent."""
+    with scratch(tmp_path_factory, "tracking-server") as folder:
+        server = TrackingServer(folder).start()
         try:
-            deadline = time.monotonic() + 180
-            while not _healthy(url):
-                assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
-                assert time.monotonic() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
-            yield url, artifacts
+            yield server.url, server.artifacts
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
-            log.close()
+            server.stop()
 
 
 def _healthy(url: str) -> bool:

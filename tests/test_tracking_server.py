@@ -1,14 +1,22 @@
 """Results in one shared MLflow: the e2e spec run against a real `mlflow server` process
 (sqlite behind it, artifacts uploaded through it, as the README's multi-user setup has
-it), then read back from that server alone by `report` and `best`. The spec's work is all
+it), then read back from that server alone by `report` and `best`; and that server
+stopped in the middle of a run, then started again for a rerun. The spec's work is all
 in the e2e store already, so this costs the logging, not the chain."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
+from conftest import TrackingServer, scratch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from harness import tracking
 from harness.cli import app
 
 pytestmark = pytest.mark.slow
@@ -46,3 +54,83 @@ def test_a_run_logs_to_a_shared_server_and_reads_back_from_it(
     assert (out / "e2e" / "index.html").is_file() and (out / "e2e" / "report.md").is_file()
     best = CliRunner().invoke(app, ["best", "e2e", "--tracking-uri", url])
     assert best.exit_code == 0, best.output
+
+
+STOPPING_RUN = textwrap.dedent(
+    """\
+    import os, signal, socket, sys, time
+    from harness import tracking
+    from harness.cli import app
+
+    group, port = int(sys.argv[1]), int(sys.argv[2])
+    logged = tracking.Experiment._log_cell
+
+    def log_then_stop_the_server(self, *args):
+        run_id = logged(self, *args)
+        if len(self.cells) == 2:  # the second cell is logged: the server goes away
+            os.killpg(group, signal.SIGTERM)
+            while socket.socket().connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(0.1)
+        return run_id
+
+    tracking.Experiment._log_cell = log_then_stop_the_server
+    app(sys.argv[3:], prog_name="forgebench")
+    """
+)
+"""`forgebench run` in a process of its own, as a scheduled job runs it, with one thing
+added: the tracking server is stopped right after the second cell is logged."""
+
+
+def test_a_tracking_server_stopped_mid_run_is_one_line_and_a_rerun_logs_each_cell_once(
+    e2e, tmp_path_factory, monkeypatch, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    cells = sorted(cell.name for cell in e2e.cells().values())
+    run = ["run", str(e2e.spec_path), "--store", str(e2e.store.root)]
+    with scratch(tmp_path_factory, "outage") as folder:
+        server = TrackingServer(folder).start()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        try:
+            stopping = [sys.executable, "-c", STOPPING_RUN, str(server.process.pid)]
+            stopped = subprocess.run(
+                [*stopping, str(server.port), *run],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env={**os.environ, "COLUMNS": "250"},
+            )
+            server.start()  # back, on the same port and database
+            again = CliRunner().invoke(app, run)
+            client = MlflowClient(server.url)
+            experiment = client.get_experiment_by_name("e2e").experiment_id
+            everything = client.search_runs([experiment], max_results=1000)
+        finally:
+            server.stop()
+
+    # what the user saw: a warning when it happened, the table of cells, one error line
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 1, output
+    assert "Traceback" not in output
+    warned = [line for line in output.splitlines() if line.startswith("warning:")]
+    assert warned == [
+        f"warning: the tracking server at {server.url} stopped answering; the run goes on "
+        "building and measuring without logging, every result kept in the store"
+    ], output
+    assert all(cell in output for cell in cells)
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(f"error: the tracking server at {server.url} stopped answering:")
+    assert f"{len(cells)} cells built and measured, 2 logged" in last
+    # nothing else names the server: no retries logged, no MLflow "View run" lines
+    assert [line for line in output.splitlines() if server.url in line] == [warned[0], last]
+
+    # the rerun: every cell logged once under its parent, the stopped run closed, none RUNNING
+    assert again.exit_code == 0, again.output
+    assert "RUNNING" not in {run.info.status for run in everything}
+    parents = [r for r in everything if r.data.tags.get("forgebench.kind") == "invocation"]
+    first, second = sorted(parents, key=lambda run: run.info.start_time)
+    assert (first.info.status, second.info.status) == ("KILLED", "FINISHED")
+    assert second.data.tags["forgebench.resumes"] == first.info.run_id
+    parent = second.info.run_id
+    children = [r for r in everything if r.data.tags.get(tracking.PARENT) == parent]
+    assert sorted(r.data.tags["forgebench.cell"] for r in children) == cells
+    assert {r.info.status for r in children} == {"FINISHED"}
