@@ -11,8 +11,9 @@ from it (mean KLD above `kld_max`). "Broken" is a cell that failed a stage or th
 check (`broken (template)` when the served template differs from the tokenizer's).
 
 A verdict never passes what was not measured: a cell any of whose links is unjudged
-(missing or failed reference, reference at the floor), or a budget whose figure is
-missing, is "unjudged" with the reason, never "ok". Every "ok" says the smallest
+(missing or failed reference, reference at the floor), a cell whose accuracy was not
+measured at all, or a budget whose figure is missing, is "unjudged" with the reason,
+never "ok". Every "ok" says the smallest
 drop its items could have shown, so a user sees when there are too few items.
 
 The paired test is the exact McNemar test: the same items are scored by both
@@ -172,6 +173,8 @@ def _judge_cell(fig: Figures, f16: Figures | None, ctx: Judging) -> Verdict:
     unjudged = unmeasured + [link.why for link in links if link.state == "unjudged"]
     if fig.evaluated and not tasks:
         unjudged.append("no task was scored")
+    elif not links:
+        unjudged.append("accuracy not measured: add evaluate to the spec's measure list")
     steps = verdict.steps_lost
     if budgets.kld_max is not None and fig.quant != quant.REFERENCE:
         if fig.kld_mean is None:

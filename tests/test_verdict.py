@@ -194,3 +194,16 @@ def test_missing_f16_is_a_clear_error():
 def test_an_evaluated_cell_with_no_task_scored_is_unjudged():
     v = judge([cell("a", "f16", **FAST)], BUDGETS, {}, [])
     assert v["a-f16"].verdict == "unjudged"
+
+
+def test_a_cell_whose_accuracy_was_not_measured_is_never_ok():
+    """Fast and small is not "ok": a spec that measures only speed (or nothing) has shown no
+    accuracy, so its cells are unjudged, and "slow+unjudged" when a budget was missed."""
+    fast = Figures("a-f16", "a", "f16", **FAST)
+    v = judge([fast], BUDGETS, {}, [])["a-f16"]
+    assert v.verdict == "unjudged"
+    assert v.reasons == ["accuracy not measured: add evaluate to the spec's measure list"]
+    nothing = Figures("a-f16", "a", "f16")
+    assert judge([nothing], BudgetSpec(), {}, [])["a-f16"].verdict == "unjudged"
+    slow = Figures("a-f16", "a", "f16", **{**FAST, "decode_tps": 30})
+    assert judge([slow], BUDGETS, {}, [])["a-f16"].verdict == "slow+unjudged"
