@@ -91,6 +91,7 @@ class TrackingServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> TrackingServer:
+        self.stop()  # and reap one that someone else stopped
         command = [
             str(Path(sys.executable).parent / "mlflow"),
             "server",
