@@ -85,6 +85,13 @@ class Serial:
                         result.status, result.error = "failed", f"serve.keep: {exc}"
         finally:
             sharing.done(cell)
+        if served.left_behind:
+            model, why = served.left_behind
+            result.deployed = model
+            reporter.notice(
+                f"{cell.name}: {model} was left on the server ({why}); "
+                "`forgebench clean` lists and removes it"
+            )
         return result
 
 

@@ -171,6 +171,8 @@ def _serve(
     store, executed = Store(root), Counter()
     with Served(spec, cell, store) as served:
         result = run_cell(cell, store, Quiet(), outcomes, executed, served, verify=True)
+    if served.left_behind:  # Ollama went away before the model could be removed
+        result.deployed = served.left_behind[0]
     return result, executed, cell
 
 

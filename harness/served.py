@@ -7,6 +7,7 @@ route a level's cells may share one llama-server (harness/sharing.py), which the
 from __future__ import annotations
 
 from harness import backends
+from harness.errors import ForgebenchError
 from harness.planning import Cell
 from harness.sharing import Sharing
 from harness.spec import Spec
@@ -30,6 +31,9 @@ class Served:
         """Whether `deployment` is a shared server's, which the cell must not remove."""
         self.tokenizer = None
         self._own: backends.Backend | None = None
+        self.left_behind: tuple[str, str] | None = None
+        """(model, why) when removing the cell's own deployment failed (Ollama went away):
+        it stays on the server, and `forgebench clean` lists it."""
 
     def __enter__(self) -> Served:
         return self
@@ -86,6 +90,9 @@ class Served:
             try:
                 if self.deployment is not None and not self.shared and not self.kept:
                     self._own.remove(self.deployment)
+            except ForgebenchError as error:
+                # the cell's measurements are done; a server that went away keeps the model
+                self.left_behind = (self.deployment.model_name, str(error))
             finally:
                 self._own.close()
 

@@ -15,12 +15,14 @@ prompt cache llama-cpp-python's own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import random
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -261,6 +263,8 @@ class OllamaDouble:
         self.uploads: list[str] = []
         """Digests received by POST /api/blobs, in order."""
         self.lock = threading.RLock()
+        self.connections: set[socket.socket] = set()
+        """Open client connections (keep-alive), which a server that dies drops."""
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.double = self  # type: ignore[attr-defined]
 
@@ -271,6 +275,26 @@ class OllamaDouble:
     def __enter__(self) -> OllamaDouble:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
+
+    def stop(self) -> None:
+        """Stop answering, as an Ollama server that died: the port closes and the runners go;
+        what it stored (models, blobs) stays, as it does on disk, for `start_again`."""
+        self.server.shutdown()
+        self.server.server_close()
+        for connection in list(self.connections):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        with self.lock:
+            for runner in self.runners.values():
+                _close(runner)
+            self.runners.clear()
+
+    def start_again(self) -> None:
+        """Ollama restarted: the same address, the same models, none of them loaded."""
+        port = self.server.server_address[1]
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+        self.server.double = self  # type: ignore[attr-defined]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
@@ -605,6 +629,16 @@ class _Handler(BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive: JSON bodies in, Gin-style JSON and chunked NDJSON out."""
 
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.double.connections.add(self.connection)  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.double.connections.discard(self.connection)  # type: ignore[attr-defined]
 
     def log_message(self, *args: Any) -> None:
         """Quiet: a failing test shows what matters, not an access log."""

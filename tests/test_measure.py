@@ -127,3 +127,53 @@ def test_the_same_chain_through_ollama(e2e, monkeypatch):
         cleaned = CliRunner().invoke(app, ["clean"])
         assert cleaned.exit_code == 0, cleaned.output
         assert double.models == {}
+
+
+def test_ollama_stopping_mid_run_costs_only_the_cells_that_needed_it(e2e, measured, monkeypatch):
+    """Ollama dies right after the first cell's bench, its connections dropped: that cell is
+    done (its model, which could not be removed, recorded as left on the server), each of
+    the others fails in one line naming Ollama's address, `forgebench clean` lists the model
+    left behind and removes it, and a rerun once Ollama is back serves only the failed cells
+    again, building nothing."""
+    from ollama_double import OllamaDouble
+
+    from harness.stages import bench
+
+    path = e2e.folder / "ollama-outage.yaml"
+    text = MEASURE_SPEC.format(template="", db=e2e.folder / "mlflow.db")
+    path.write_text(
+        text.replace("backend: llamacpp", "backend: ollama")
+        .replace("quant: [f16, q8_0, q4_k_m, q2_k]", "quant: [f16, q8_0]")
+        .replace("max_tokens: 32", "max_tokens: 24")  # a bench of its own: served again
+    )
+    measure_once = bench.run
+    with OllamaDouble() as double:
+        monkeypatch.setenv("OLLAMA_HOST", double.host)
+
+        def bench_then_die(*args, **kwargs):
+            metrics = measure_once(*args, **kwargs)
+            double.stop()
+            return metrics
+
+        monkeypatch.setattr(bench, "run", bench_then_die)
+        stopped = e2e.run(path)
+        monkeypatch.setattr(bench, "run", measure_once)
+        statuses = [cell.status for cell in stopped.cells]
+        assert statuses == ["done", "failed", "failed", "failed"], [c.error for c in stopped.cells]
+        for cell in stopped.cells[1:]:
+            assert f"no Ollama server answers at http://{double.host}" in cell.error
+            assert "\n" not in cell.error and "Traceback" not in cell.error
+
+        first = stopped.cells[0]
+        assert first.deployed and first.deployed.startswith("forgebench/e2e-")  # left behind
+
+        double.start_again()
+        listed = CliRunner().invoke(app, ["clean", "--dry-run"]).output.splitlines()
+        assert listed == [f"would remove {first.deployed}:latest"]
+        again = e2e.run(path)
+        assert [cell.status for cell in again.cells] == ["done"] * 4
+        assert again.executed["bench"] == 3  # the failed cells' served stages, nothing built
+        assert set(again.executed) <= {"check", "evaluate", "settle", "bench"}
+        assert sorted(double.models) == [f"{first.deployed}:latest"]
+        cleaned = CliRunner().invoke(app, ["clean"])
+        assert cleaned.exit_code == 0 and double.models == {}, cleaned.output
