@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from harness.chain import LLAMA_CPP, SERVED
 from harness.errors import ForgebenchError
 from harness.store import file_sha256
 
@@ -63,7 +64,7 @@ def stage_sources(stage: str) -> list[Path]:
     also runs on the backend that `harness.served` hands it, so the backends count too."""
     seen: set[Path] = set()
     todo = [STAGES / f"{stage}.py"]
-    if stage in _served():
+    if stage in SERVED:
         todo.append(HARNESS / "backends" / "__init__.py")
     while todo:
         path = todo.pop()
@@ -108,13 +109,6 @@ def stage_record() -> dict[str, dict[str, Any]]:
 # --- what a stage reads besides its settings ------------------------------------
 
 
-class _TaskLoader(yaml.SafeLoader):
-    """lm-eval task YAML: safe loading, with `!function module.name` kept as a marker."""
-
-
-_TaskLoader.add_constructor("!function", lambda loader, node: {"!function": node.value})
-
-
 def evals_identity(stage: str, tasks: Sequence[Any] = ()) -> dict[str, Any]:
     """sha256 of each evals/ file the stage reads, by its name inside evals/ (not where
     the checkout is). `tasks` are evaluate.tasks entries (names, or user tasks)."""
@@ -157,8 +151,20 @@ def _with_references(files: Iterable[Path], root: Path) -> list[Path]:
     return sorted(seen)
 
 
+def load_task_yaml(text: str) -> Any:
+    """lm-eval task YAML, loaded safely: yaml's SafeLoader (plain data, never a Python
+    object) taught one more tag, `!function module.name`, which it keeps as the marker
+    {"!function": "module.name"} for the walk below instead of importing anything."""
+
+    class TaskLoader(yaml.SafeLoader):
+        pass
+
+    TaskLoader.add_constructor("!function", lambda loader, node: {"!function": node.value})
+    return yaml.load(text, Loader=TaskLoader)  # safe: TaskLoader is the SafeLoader above
+
+
 def _yaml_references(path: Path, root: Path) -> list[Path]:
-    config = yaml.load(path.read_text(), Loader=_TaskLoader) or {}  # a SafeLoader
+    config = load_task_yaml(path.read_text()) or {}
     includes = config.get("include") or []
     out = [path.parent / name for name in ([includes] if isinstance(includes, str) else includes)]
     out += [path.parent / f"{fn.rsplit('.', 1)[0]}.py" for fn in _functions(config)]
@@ -219,36 +225,13 @@ def _ollama_version(host: str) -> str:
         ) from None
 
 
-LLAMA_CPP = {
-    "convert": (),
-    "convert_lora": (),
-    "quantize": (),
-    "check": (),
-    "evaluate": (),
-    "settle": (),
-    "bench": ("llama-bench",),
-    "drift_base": ("llama-perplexity",),
-    "drift": ("llama-perplexity",),
-}
-"""The stages that run llama.cpp code, and the programs each runs (llama-server besides,
-when a served stage is served by it)."""
-
-
-def _served() -> tuple[str, ...]:
-    """The stages that run on a deployed model: harness.planning knows them (imported late,
-    as planning imports this module)."""
-    from harness.planning import SERVED
-
-    return SERVED
-
-
 def llama_cpp_identity(stage: str, backend: str = "") -> dict[str, str]:
     """The llama.cpp revision, and with FORGEBENCH_LLAMA_CPP_BIN the tools this stage runs."""
     from harness import toolchain
 
     if stage not in LLAMA_CPP:
         return {}
-    served = ("llama-server",) if backend == "llamacpp" and stage in _served() else ()
+    served = ("llama-server",) if backend == "llamacpp" and stage in SERVED else ()
     return toolchain.identity((*LLAMA_CPP[stage], *served))
 
 
@@ -295,7 +278,7 @@ def versions(stage: str, backend: str = "", tasks: Sequence[Any] = ()) -> dict[s
     out: dict[str, Any] = dict(stage_version(stage))
     out |= evals_identity(stage, tasks)
     out |= llama_cpp_identity(stage, backend)
-    if stage in _served():
+    if stage in SERVED:
         out |= served_identity(backend)
     return out
 
@@ -311,7 +294,7 @@ def differs_here(call: Any) -> str | None:
 
     backend = call.settings.get("backend", "")
     here: dict[str, Any] = stage_version(call.stage) | llama_cpp_identity(call.stage, backend)
-    if call.stage in _served():
+    if call.stage in SERVED:
         here |= served_identity(backend)
     for name, wanted in call.versions.items():
         if name == "evals":  # by content, where this node's evals/ has the file

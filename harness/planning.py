@@ -25,18 +25,11 @@ from importlib import metadata
 from typing import Any
 
 from harness import backends, host, keys, quant, sources, templates
+from harness.chain import ADVISORY, BUILD, REFERENCES, SERVED, STAGES  # noqa: F401 (the plan's face)
 from harness.errors import ForgebenchError, InputError
 from harness.spec import LoraSpec, Spec
 from harness.store import StageCall, sha256_file
 
-BUILD = ("resolve", "train", "merge", "convert", "convert_lora", "quantize")
-REFERENCES = ("reference_base", "reference")
-"""PyTorch scores of the untuned base and of the cell's own HF model: the chain's start."""
-SERVED = ("check", "evaluate", "settle", "bench")
-"""Stages that need the cell's model deployed on a backend."""
-STAGES = (*BUILD, *REFERENCES, *SERVED, "drift_base", "drift", "drift_tuning")
-ADVISORY = (*REFERENCES, "drift_tuning")
-"""Roles whose failure leaves the cell unjudged (or a note missing), not failed."""
 CONTROL = "base"
 """The adapter name of the control cells, which run the untuned base."""
 MERGE, ADAPTER = "merge", "adapter"

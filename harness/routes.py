@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from harness.blame import mcnemar
+from harness.chain import ROUTE_BUILD
 from harness.results import Invocation, Row, primary_task
 
-BUILD_STAGES = ("merge", "convert", "convert_lora", "quantize")
+BUILD_STAGES = ROUTE_BUILD
 """The stages whose files differ between the routes (training is the same for both). A
 base file the adapter route shares between adapters is counted in full for each."""
 COLUMNS = (

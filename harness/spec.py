@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from harness import quant
+from harness.chain import MEASUREMENTS, SERVED_MEASUREMENTS, TASKS
 from harness.errors import SpecError
 from harness.templates import FAMILIES
 
@@ -260,17 +261,8 @@ class BudgetSpec(Strict):
     kld_max: float | None = Field(None, gt=0, description="stupid if mean KLD from F16 is above")
 
 
-MEASUREMENTS = ("check", "evaluate", "bench", "drift")
-SERVED_MEASUREMENTS = ("check", "evaluate", "bench")
-"""The measurements made on a deployed model; drift reads the GGUFs with llama-perplexity."""
-
-
 class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins")
-
-
-TASKS = ("resolve", "train", "merge", "convert", "quantize", "reference", "drift_base", "drift")
-"""What `executor.resources` may name: the stages that run as tasks of their own, and `serve`."""
 
 
 class Resources(Strict):
@@ -310,7 +302,7 @@ class Spec(Strict):
         "adapter: the base GGUF at each level served with the LoRA as its own GGUF",
     )
     control: bool = Field(True, description="also run the untuned base at every quant level")
-    measure: list[Literal["check", "evaluate", "bench", "drift"]] = Field(
+    measure: list[Literal[MEASUREMENTS]] = Field(
         default_factory=lambda: list(MEASUREMENTS),
         description="what to measure on every cell once its GGUF exists",
     )

@@ -99,7 +99,10 @@ def run(
         learning_rate=train["lr"],
         per_device_train_batch_size=train["batch_size"],
         gradient_accumulation_steps=train["grad_accum"],
-        warmup_steps=train["warmup_ratio"],
+        warmup_steps=warmup_steps(
+            train["warmup_ratio"], len(examples), train["batch_size"], train["grad_accum"],
+            train["epochs"],
+        ),
         weight_decay=train["weight_decay"],
         seed=train["seed"],
         data_seed=train["seed"],
@@ -147,6 +150,17 @@ def run(
         "train_resumed_from_step": int(resume.rsplit("-", 1)[-1]) if resume else 0,
         "loss_curve": points,
     }
+
+
+def warmup_steps(ratio: float, examples: int, batch_size: int, grad_accum: int, epochs) -> int:
+    """train.warmup_ratio as a number of optimizer steps, counted as transformers' Trainer
+    counts them (one process: ceil(examples / batch) batches an epoch, an optimizer step per
+    grad_accum of them, at least one), rounded up as transformers 5 rounds a ratio passed as
+    warmup_steps. transformers 4 reads warmup_steps as a count only, so passing the ratio
+    itself meant no warmup there."""
+    batches = math.ceil(examples / batch_size)
+    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+    return math.ceil(ratio * math.ceil(epochs * per_epoch))
 
 
 def tokenize(tokenizer, conversations: list, max_seq_len: int) -> list[dict[str, list[int]]]:
