@@ -8,9 +8,10 @@ steps on the bundled model, so the cost is the chain's, not the training's.
 What is true across executors is decided by thread count, not by executor. Ray runs a
 task with as many threads as it has CPUs (one here); float sums in another order give
 other last bits (on an AVX2-only Xeon in fp32: final loss 2.2342441 at two threads,
-2.2342436 at one). So the serial reference runs at the workers' thread count and every
-output is compared bit for bit, and a third test states what holds across thread
-counts: the same tokens, and loss and adapter within a stated tolerance."""
+2.2342436 at one; under bf16 autocast on a Xeon with AMX, far more). So the serial
+reference runs at the workers' thread count and every output is compared bit for bit, and
+a third test states what holds across thread counts: the same tokens, and loss and adapter
+within a tolerance stated per precision."""
 
 from __future__ import annotations
 
@@ -110,11 +111,12 @@ def write(folder: Path, name: str, uri: str, measure: str = "check, evaluate") -
 
 WORKER_THREADS = 1
 """Each node has one CPU, and Ray gives a one-CPU task one thread (OMP_NUM_THREADS)."""
-LOSS_RTOL = 1e-5
-ADAPTER_RTOL = 1e-3
-"""Across thread counts: the largest relative difference of a loss point, and of an adapter
-tensor (Frobenius norm). Measured on an AVX2-only CPU in fp32, one thread against two:
-6e-7 and 4e-5."""
+TOLERANCE = {False: (1e-5, 1e-3), True: (2e-2, 0.25)}
+"""Across thread counts, by whether training ran under bf16 autocast: the largest relative
+difference of a loss point, and of an adapter tensor (Frobenius norm). Measured, one thread
+against two, six steps: in fp32 on AVX2 code paths, 6e-7 and 4e-5 (the last bits); under
+bf16 autocast on an Intel Xeon with AMX, 5.3e-3 and 0.089 (bf16 rounds at the third digit,
+and Adam's first steps, near sign(gradient), carry a flipped rounding far)."""
 
 
 @contextlib.contextmanager
@@ -214,9 +216,9 @@ def test_a_node_lost_mid_training_is_retried_to_the_same_outputs(serial, cluster
 def test_training_at_another_thread_count_agrees_within_tolerance(serial, folder):
     """The same train key built at two threads (a laptop's serial run) and at one (a
     one-CPU Ray worker): the same examples and tokens, the same number of steps, every loss
-    point and every adapter tensor within the stated tolerance. Whichever is built first is
-    what the key serves afterwards, so this is the promise the cache makes across machines
-    and executors of one kind of CPU."""
+    point and every adapter tensor within the tolerance stated for the precision it trained
+    in. Whichever is built first is what the key serves afterwards, so this is the promise
+    the cache makes across executors and thread counts on one kind of CPU."""
     path = write(folder, "threads", "sqlite:///unused.db")
     calls = planning.unique_calls(planning.plan(spec.load(path)))
     (train,) = [call for call in calls.values() if call.stage == "train"]
@@ -225,17 +227,18 @@ def test_training_at_another_thread_count_agrees_within_tolerance(serial, folder
         built = ensure(train, other, outcomes.Quiet())
 
     one, two = (json.loads((p / "metrics.json").read_text()) for p in (serial.path(train), built))
-    for name in ("train_examples", "train_tokens", "trainable_params"):
+    for name in ("train_examples", "train_tokens", "trainable_params", "train_bf16"):
         assert one[name] == two[name], name
+    loss_rtol, adapter_rtol = TOLERANCE[bool(one["train_bf16"])]
     assert [step for step, _ in one["loss_curve"]] == [step for step, _ in two["loss_curve"]]
     for (step, a), (_, b) in zip(one["loss_curve"], two["loss_curve"], strict=True):
-        assert abs(a - b) <= LOSS_RTOL * abs(a), (step, a, b)
+        assert abs(a - b) <= loss_rtol * abs(a), (step, a, b)
     a = load_file(serial.path(train) / "adapter" / "adapter_model.safetensors")
     b = load_file(built / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         difference = float((a[key] - b[key]).norm() / a[key].norm())
-        assert difference <= ADAPTER_RTOL, (key, difference)
+        assert difference <= adapter_rtol, (key, difference)
 
 
 def test_a_gpu_no_node_has_is_refused_before_anything_is_submitted(cluster, folder):
