@@ -23,11 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
 import requests
 from filelock import FileLock
 
-from harness import __version__, host, templates
+from harness import __version__, host, inputs, templates
+from harness.errors import InputError
 
 if TYPE_CHECKING:
     from harness.outcomes import CellResult, RunSummary
@@ -505,18 +505,18 @@ def _tracking_failure(error: BaseException) -> bool:
 
 
 def _answers(uri: str) -> bool:
-    """Whether a tracking server answers its health check within 3 s."""
+    """Whether a tracking server answers at all, asked as `validate` asks it (the same
+    timeout, and the certificate settings MLflow's client uses)."""
     try:
-        return httpx.get(f"{uri.rstrip('/')}/health", timeout=3).status_code == 200
-    except httpx.HTTPError:
+        inputs.answers(f"{uri.rstrip('/')}/health", "MLflow", "", inputs.mlflow_tls())
+    except InputError:
         return False
+    return True
 
 
 def _reader(uri: str):
     """A client for reading what runs logged: a sqlite store that does not exist is refused,
     where MLflow would create an empty database (and ./mlruns) on the way to an empty answer."""
-    from harness.errors import InputError
-
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise InputError(
             f"no MLflow database at {uri}: run a spec first, or pass --tracking-uri (or "
