@@ -1,19 +1,21 @@
 """Which quant level (and route) to ship, per adapter, and why.
 
-Among an adapter's cells that finished and whose verdict is exactly "ok", on every route
-the spec ran (merged, or the base GGUF with a LoRA GGUF, whose size counts both files), the
-smallest file (or, with `by="speed"`, the fastest decode); beside it, the
-Pareto front of accuracy against decode speed and size, so the trade-off the
-choice makes is visible. Every other verdict (slow, stupid, broken, unjudged,
-or none at all, whatever follows it in parentheses) rules a cell out: a cell
-that was not judged ok is never shipped.
+On each route the spec ran (merged, or the base GGUF with a LoRA GGUF, whose size counts
+both files), the levels are walked in a fixed order, largest to smallest, and the walk
+stops at the first level whose accuracy was not shown within tolerance (a verdict other
+than "ok" or "slow"): testing in a fixed order and stopping at the first failure keeps
+the family-wise error of the whole walk at the spec's confidence, so the pick carries it
+(choosing the best-looking level among all would not). Among the walked cells whose
+verdict is exactly "ok", the smallest file (or, with `by="speed"`, the fastest decode);
+beside it, the Pareto front of accuracy against decode speed and size, so the trade-off
+the choice makes is visible. A cell not judged ok is never shipped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.results import Row, primary_task
+from harness.results import ORDER, Row, primary_task
 
 
 @dataclass
@@ -45,6 +47,20 @@ def is_ok(row: Row) -> bool:
     return row.status == "done" and row.verdict == "ok"
 
 
+def walked(rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    """Per route, the levels from the largest down to the first whose accuracy was not
+    shown within tolerance: (the cells walked, the cells the walks stopped at)."""
+    out, stops = [], []
+    for route in dict.fromkeys(r.route for r in rows):
+        mine = sorted((r for r in rows if r.route == route), key=lambda r: ORDER.get(r.quant, 99))
+        for row in mine:
+            if row.status != "done" or row.verdict not in ("ok", "slow"):
+                stops.append(row)
+                break
+            out.append(row)
+    return out, stops
+
+
 def rejection(row: Row) -> str:
     """`main-q2_k: stupid (quantization): accuracy 0.41 < 0.60`; a cell that did not finish
     says its status too."""
@@ -62,11 +78,20 @@ def choose(rows: list[Row], by: str = "size", route: str | None = None) -> list[
     choices = []
     for adapter in dict.fromkeys(r.adapter for r in rows):
         mine = [r for r in rows if r.adapter == adapter]
-        ok = [r for r in mine if is_ok(r)]
+        passed, stops = walked(mine)
+        ok = [r for r in passed if is_ok(r)]
         front = pareto_front(mine, task)
         if not ok:
             rejected = "; ".join(rejection(r) for r in mine)
-            choices.append(Choice(adapter, None, f"no cell is ok: {rejected}", front))
+            why = f"no cell is ok: {rejected}"
+            if any(is_ok(r) for r in mine):
+                stopped = ", ".join(r.cell for r in stops)
+                why = (
+                    f"no cell is ok before the walk from the largest level stops (at "
+                    f"{stopped}): a smaller level judged ok after a larger one that was not "
+                    f"would not carry the stated confidence; {rejected}"
+                )
+            choices.append(Choice(adapter, None, why, front))
             continue
         if by == "speed":
             row = max(ok, key=lambda r: r.decode_tps or 0)
@@ -83,7 +108,8 @@ def choose(rows: list[Row], by: str = "size", route: str | None = None) -> list[
             Choice(
                 adapter,
                 row,
-                f"{shipped}: {reason} among the {len(ok)} cells judged ok{detail}",
+                f"{shipped}: {reason} among the {len(ok)} cells judged ok, walking the "
+                f"levels largest first{detail}",
                 front,
             )
         )

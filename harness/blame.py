@@ -1,34 +1,36 @@
-"""The blame chain: which step of the chain lost the quality.
+"""The blame chain: which step of the chain lost the quality, with a stated confidence.
 
 Every cell is the end of a chain of models, each scored on the same items:
 
     untuned HF -> tuned HF -> F16 GGUF (served) -> quantized level (served)
              training     export              quantization
 
-Each arrow is a paired comparison (exact McNemar on the items both scored, with
-the accuracy drop), so a cell that lost accuracy is blamed on the step that lost
-it, not only on its distance from its own F16. A link is one of:
+Each arrow is a link: a paired comparison on the items both models scored, with a
+one-sided interval on the accuracy drop (`harness.paired`). A link is one of:
 
-- "lost": the drop exceeds `accuracy_drop_max` and chance does not explain it;
-- "held": no such drop, and the items could have shown one (`detectable` says
-  the smallest drop they could show significant);
-- "unjudged": the reference is missing or failed, the items do not pair up, or
-  the reference is at the floor of the task (too few right items for any loss to
-  be significant), so nothing could have been detected;
-- "n/a": a training link on a task the untuned base cannot do at all (a floor
-  reference there means training cannot have lost anything; it is what training
-  is for). Guard tasks are the exception: a guard task the base cannot do is
-  unjudged, since it is there to show forgetting.
+- "held": the drop is surely below the task's tolerance (its upper bound is), or, for
+  training on a target task, the gain is surely above the spec's minimum gain;
+- "lost": the drop is surely above the tolerance (its lower bound is);
+- "no gain": training on a target task did not surely gain the minimum;
+- "unjudged": a score is missing or failed, the items do not pair up, or the interval
+  straddles the tolerance; the link then says about how many items would decide it at
+  the disagreement seen.
 
-A reference at the ceiling can still lose items, so it stays informative.
+Beside the steps, every cell has an "end to end" link on each task: from the tuned HF
+model on a target task (what training made, as shipped), from the untuned HF model on a
+guard task (what the user had). A cell is "stupid" when an end-to-end drop is surely
+beyond the tolerance, with the family-wise error held across the run (`harness.verdict`);
+the steps blamed are those whose own drop is surely above zero.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from harness import paired
+
 STEPS = ("training", "export", "quantization")
+END_TO_END = "end to end"
 
 
 @dataclass
@@ -42,6 +44,16 @@ class Scores:
     """Why there are no scores (a failed or missing stage)."""
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What a link is judged by: the task's tolerance on a drop, the confidence of every
+    bound, and the gain training must show on a target task."""
+
+    tolerance: float
+    confidence: float
+    min_gain: float = 0.0
+
+
 @dataclass
 class Link:
     step: str
@@ -49,53 +61,51 @@ class Link:
     reference: str
     candidate: str
     state: str
-    """"lost", "held", "unjudged" or "n/a"."""
+    """"held", "lost", "no gain" or "unjudged"."""
     why: str = ""
-    n: int = 0
-    drop: float | None = None
-    p: float | None = None
-    lost: int = 0
-    gained: int = 0
-    detectable: float | None = None
     guard: bool = False
+    gain: bool = False
+    """Training on a target task: it must earn a gain, not only keep the accuracy."""
+    rule: Rule | None = None
+    table: paired.Table | None = None
+    lower: float | None = None
+    upper: float | None = None
+    p_beyond: float | None = None
+    """One-sided p of "the drop is above the tolerance" (end-to-end links)."""
 
     @property
     def blame(self) -> str:
         """The step as the verdict names it."""
-        return "training: forgetting" if self.step == "training" and self.guard else self.step
+        if self.step == "training" and self.guard:
+            return "training: forgetting"
+        if self.state == "no gain":
+            return "training: no gain"
+        return self.step
+
+    @property
+    def dropped(self) -> bool:
+        """The drop is surely above zero."""
+        return self.lower is not None and self.lower > 0
+
+    @property
+    def key(self) -> str:
+        return "e2e" if self.step == END_TO_END else self.step
 
     def metrics(self) -> dict[str, float]:
-        prefix = f"link_{self.step}_{self.task}"
+        if self.table is None:
+            return {}
+        prefix = f"link_{self.key}_{self.task}"
         values = {
-            "drop": self.drop,
-            "p": self.p,
-            "lost": float(self.lost),
-            "gained": float(self.gained),
-            "detectable": self.detectable,
-            "items": float(self.n),
+            "drop": self.table.drop,
+            "drop_lower": self.lower,
+            "drop_upper": self.upper,
+            "tolerance": self.rule.tolerance if self.rule else None,
+            "p_beyond": self.p_beyond,
+            "lost": float(self.table.lost),
+            "gained": float(self.table.gained),
+            "items": float(self.table.n),
         }
         return {f"{prefix}_{k}": v for k, v in values.items() if v is not None}
-
-
-def mcnemar(reference: dict[str, bool], candidate: dict[str, bool]) -> tuple[int, int, float]:
-    """Exact McNemar on paired items: (ref right & cand wrong, ref wrong & cand right, p)."""
-    from scipy.stats import binomtest
-
-    shared = reference.keys() & candidate.keys()
-    lost = sum(1 for i in shared if reference[i] and not candidate[i])
-    gained = sum(1 for i in shared if candidate[i] and not reference[i])
-    if lost + gained == 0:
-        return 0, 0, 1.0
-    return lost, gained, float(binomtest(lost, lost + gained, 0.5).pvalue)
-
-
-def needed_losses(n: int, drop_max: float, significance: float) -> int:
-    """The fewest lost items (none gained) that would count as a loss on n paired items:
-    the exact two-sided McNemar p of m losses and no gains is 2 * 0.5**m, and the drop
-    m/n must exceed drop_max."""
-    significant = math.floor(math.log2(2 / significance)) + 1
-    beyond_budget = math.floor(drop_max * n + 1e-9) + 1
-    return max(significant, beyond_budget)
 
 
 def compare(
@@ -103,49 +113,70 @@ def compare(
     task: str,
     reference: Scores | None,
     candidate: Scores | None,
-    drop_max: float,
-    significance: float,
+    rule: Rule,
     guard: bool = False,
 ) -> Link:
     """One link of the chain on one task."""
     names = (reference.label if reference else "reference", candidate.label if candidate else "")
-    link = Link(step, task, *names, state="unjudged", guard=guard)
+    gain = step == "training" and not guard
+    link = Link(step, task, *names, state="unjudged", guard=guard, gain=gain, rule=rule)
     for side in (reference, candidate):
         if side is None or side.error or task not in side.items:
             what = side.label if side else f"the {step} reference"
             reason = side.error if side and side.error else "not scored"
             link.why = f"no {what} score on {task} ({reason})"
             return link
-    ref, cand = reference.items[task], candidate.items[task]
-    shared = ref.keys() & cand.keys()
-    link.n = len(shared)
-    if not shared:
+    t = paired.table(reference.items[task], candidate.items[task])
+    if t.n == 0:
         link.why = f"{task}: {reference.label} and {candidate.label} share no items"
         return link
-    link.lost, link.gained, link.p = mcnemar(ref, cand)
-    link.drop = (sum(ref[i] for i in shared) - sum(cand[i] for i in shared)) / len(shared)
-    needed = needed_losses(len(shared), drop_max, significance)
-    link.detectable = needed / len(shared)
-    right = sum(ref[i] for i in shared)
-    if right < needed:
-        floor = (
-            f"{reference.label} gets {right} of {len(shared)} {task} items right; a loss needs "
-            f"{needed} lost items to show at p<{significance:g}"
-        )
-        if step == "training" and not guard:
-            link.state, link.why = "n/a", f"{floor}: the untuned base cannot do this task"
-        else:
-            link.why = f"{floor}: the reference is at the floor, nothing could be detected"
-        return link
-    lost = link.drop > drop_max and link.p < significance
-    link.state = "lost" if lost else "held"
-    link.why = (
-        f"{task} {candidate.label} {_acc(cand, shared)} vs {reference.label} {_acc(ref, shared)} "
-        f"({step}: lost {link.lost}, gained {link.gained}, McNemar p={link.p:.3g}"
-        + (")" if lost else f"; could show drops >= {link.detectable:.2f})")
+    link.table = t
+    link.lower, link.upper = t.interval(rule.confidence)
+    if step == END_TO_END:
+        link.p_beyond = t.p_beyond(rule.tolerance)
+    head = (
+        f"{task} {candidate.label} {_acc(t, 'candidate')} vs {reference.label} "
+        f"{_acc(t, 'reference')}"
     )
+    if gain:
+        return _gained(link, t, head)
+    interval = f"{t.drop:+.2f} [{link.lower:+.2f}, {link.upper:+.2f}]"
+    tol = rule.tolerance
+    if link.upper < tol:
+        link.state = "held"
+        link.why = f"{head}: {step} drop {interval}, within tolerance {tol:g}"
+    elif link.lower > tol:
+        link.state = "lost"
+        link.why = f"{head}: {step} drop {interval}, beyond tolerance {tol:g}"
+    else:
+        link.why = f"{head}: {step} drop {interval} straddles tolerance {tol:g}; " + _more(
+            t, tol, rule.confidence
+        )
     return link
 
 
-def _acc(items: dict[str, bool], shared: set[str]) -> str:
-    return f"{sum(items[i] for i in shared) / len(shared):.2f}"
+def _gained(link: Link, t: paired.Table, head: str) -> Link:
+    """Training on a target task: held when the gain is surely above the minimum."""
+    rule = link.rule
+    gain = f"gain {-t.drop:+.2f} [{-link.upper:+.2f}, {-link.lower:+.2f}]"
+    wanted = f"surely above {rule.min_gain:g}" if rule.min_gain else "surely above zero"
+    if -link.upper > rule.min_gain:
+        link.state = "held"
+        link.why = f"{head}: training {gain}, {wanted} at {rule.confidence:.0%}"
+    else:
+        link.state = "no gain"
+        more = "" if -t.drop <= rule.min_gain else "; " + _more(t, -rule.min_gain, rule.confidence)
+        link.why = f"{head}: training {gain}, not {wanted} at {rule.confidence:.0%}{more}"
+    return link
+
+
+def _more(t: paired.Table, threshold: float, confidence: float) -> str:
+    needed = t.items_to_decide(threshold, confidence)
+    if needed is None:
+        return "the drop seen sits on it, so no item count decides it"
+    return f"about {needed} items would decide it at the disagreement seen ({t.n} now)"
+
+
+def _acc(t: paired.Table, side: str) -> str:
+    right = t.both + (t.lost if side == "reference" else t.gained)
+    return f"{right / t.n:.2f}"

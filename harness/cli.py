@@ -6,6 +6,7 @@ exit code (2 for a bad spec); `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -20,6 +21,7 @@ from rich.markup import escape
 
 from harness import __version__
 from harness.errors import ForgebenchError, InputError
+from harness.paired import DEFAULT_TOLERANCE
 
 app = typer.Typer(
     help=__doc__.splitlines()[0],
@@ -107,7 +109,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
     """Show the matrix and which stages are cached or still to do; runs nothing."""
-    from harness import planning, preflight
+    from harness import planning, preflight, sample_size
     from harness import spec as spec_module
     from harness.console import plan_table
     from harness.store import Store
@@ -132,6 +134,7 @@ def plan(
     ]
     unique = planning.unique_calls(cells)
     todo = Counter(call.stage for call in unique.values() if not the_store.has(call))
+    tasks = sample_size.plan(loaded)
     if as_json:
         print(
             json.dumps(
@@ -142,6 +145,7 @@ def plan(
                     "todo": dict(todo),
                     "download": fetch and {"repo": fetch.repo, "bytes": fetch.size},
                     "needs": {need.what: need.bytes for need in needs},
+                    "tasks": [dataclasses.asdict(task) for task in tasks],
                 },
                 indent=2,
             )
@@ -149,6 +153,8 @@ def plan(
         return
     console.print(pipeline_plan_title(loaded.name, len(cells), todo))
     console.print(plan_table(rows))
+    for task in tasks:
+        console.print(task.describe(loaded.budgets.confidence), soft_wrap=True)
     if needs:
         console.print("estimated: " + ", ".join(n.describe() for n in needs), soft_wrap=True)
     if fetch is not None:
@@ -363,8 +369,29 @@ def check_command(
     ],
     tracking_uri: UriOpt = None,
     output: Annotated[Path | None, typer.Option("--output", help="also write the summary")] = None,
-    accuracy_drop_max: float = 0.02,
-    significance: float = 0.05,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            "--tolerance",
+            help="the accuracy drop a task may lose, shown at --confidence [default: the "
+            f"task's in the candidate's spec, else {DEFAULT_TOLERANCE}]",
+        ),
+    ] = None,
+    confidence: Annotated[
+        float | None,
+        typer.Option(
+            "--confidence",
+            help="of the one-sided bound on each drop [default: the candidate spec's, else 0.95]",
+        ),
+    ] = None,
+    accept: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--accept",
+            metavar="VERDICT",
+            help="a candidate verdict other than ok to release anyway, e.g. slow; repeatable",
+        ),
+    ] = None,
     speed_drop_pct: float = 10.0,
     memory_rise_pct: float = 10.0,
     promote: Annotated[
@@ -382,9 +409,10 @@ def check_command(
         ),
     ] = None,
 ) -> None:
-    """Release gate: exit 0 if the candidate is no worse than the baseline, 1 if it regressed
-    or cannot be judged (a figure not measured or not comparable, a candidate not done, broken
-    or unjudged), 2 on bad input; prints a Markdown summary."""
+    """Release gate: exit 0 if the candidate is judged ok and shown within tolerance of the
+    baseline, 1 if it regressed or cannot be shown (accuracy not shown within tolerance, a
+    figure not measured or not comparable, items that differ, a candidate not done or not
+    ok), 2 on bad input; prints a Markdown summary."""
     from harness import gate, tracking
 
     try:
@@ -396,7 +424,9 @@ def check_command(
             base,
             tracking.samples(uri, cand_id),
             tracking.samples(uri, base_id),
-            gate.Tolerances(accuracy_drop_max, significance, speed_drop_pct, memory_rise_pct),
+            gate.Tolerances(
+                tolerance, confidence, speed_drop_pct, memory_rise_pct, frozenset(accept or ())
+            ),
             frozenset(skip or ()),
         )
     except ForgebenchError as exc:  # for a CI job, 1 means "regressed" and nothing else

@@ -1,17 +1,20 @@
 """The release gate: is a candidate build no worse than the one in production?
 
-Both are compared on the same eval items (paired, exact McNemar, as in the
-verdicts) and the same bench prompts. A regression is an accuracy drop beyond
-`accuracy_drop_max` that chance does not explain, or speed/memory worse than
-the tolerated percentage. The summary is Markdown, for a CI job to post.
+Accuracy is judged as the verdicts judge it: non-inferiority on the same items, paired by
+their content (the prompt as sent and the target, so two runs whose eval files differ
+never pair unrelated items), with the one-sided bound of `harness.paired` at the stated
+confidence. The candidate passes on a task only when its drop against the baseline is
+shown to be below the tolerance; a candidate scored on other items is refused. Speed and
+memory fail when worse than the tolerated percentage. The summary is Markdown, for a CI
+job to post.
 
-The gate fails closed: it passes only what it compared. A figure not measured
+The gate fails closed: it passes only what it compared, and only a candidate whose own
+verdict is "ok" (or a label `--accept` names). A figure not measured
 on both runs (a task with no paired items, decode speed or memory missing),
 speed or memory taken on two different machines (`forgebench.machine`), or
 memory reported two different ways (llama-server's `memory_mb`, Ollama's
 `ollama_ps_size_mb`) fails it, unless that figure is named in `skip`; so does
-a candidate that did not finish (`forgebench.status` not "done") or was judged
-broken or not judged at all (`forgebench.verdict`).
+a candidate that did not finish (`forgebench.status` not "done").
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from harness import paired
 from harness.errors import InputError
+from harness.paired import DEFAULT_TOLERANCE
 from harness.tracking import RunView
-from harness.verdict import mcnemar
 
 FIGURES = ("accuracy", "decode", "memory")
 """What the gate compares, by the names `forgebench check --skip` takes."""
@@ -32,10 +36,16 @@ MACHINE = "forgebench.machine"
 
 @dataclass
 class Tolerances:
-    accuracy_drop_max: float = 0.02
-    significance: float = 0.05
+    tolerance: float | None = None
+    """The accuracy drop a task may lose against the baseline, shown at `confidence`; by
+    default the task's tolerance in the candidate's own spec (its `link_e2e_<task>_tolerance`
+    metric), else DEFAULT_TOLERANCE."""
+    confidence: float | None = None
+    """By default the candidate spec's (`forgebench.confidence`), else 0.95."""
     speed_drop_pct: float = 10.0
     memory_rise_pct: float = 10.0
+    accept: frozenset[str] = frozenset()
+    """Verdicts other than "ok" the candidate may carry (`--accept`), e.g. "slow"."""
 
 
 @dataclass
@@ -90,11 +100,11 @@ def compare(
     if set(skip) == set(FIGURES):
         raise InputError("--skip names every figure: the gate would compare nothing")
     result = GateResult(True)
-    _candidate_state(result, candidate)
+    _candidate_state(result, candidate, tol.accept)
     if "accuracy" in skip:
         result.rows.append(("accuracy", "", "", "skipped (--skip accuracy)"))
     else:
-        _accuracy(result, cand_items, base_items, tol)
+        _accuracy(result, cand_items, base_items, _resolved(tol, candidate))
     machines = candidate.tags.get(MACHINE), baseline.tags.get(MACHINE)
     same_machine = machines[0] is not None and machines[0] == machines[1]
     if not same_machine:
@@ -121,63 +131,93 @@ def compare(
     return result
 
 
-def _candidate_state(result: GateResult, candidate: RunView) -> None:
-    """A candidate that did not finish, or whose verdict says it is broken or was never
-    judged, is not a release, whatever its figures."""
+@dataclass
+class _Resolved:
+    tolerance: dict[str, float]
+    confidence: float
+
+
+def _resolved(tol: Tolerances, candidate: RunView) -> _Resolved:
+    """The tolerance per task and the confidence the candidate was judged with, unless
+    given: the gate judges by the same rule as the verdict it refuses to contradict."""
+
+    class PerTask(dict):
+        def __missing__(self, task: str) -> float:
+            if tol.tolerance is not None:
+                return tol.tolerance
+            return candidate.metrics.get(f"link_e2e_{task}_tolerance", DEFAULT_TOLERANCE)
+
+    confidence = tol.confidence or float(candidate.tags.get("forgebench.confidence", 0.95))
+    return _Resolved(PerTask(), confidence)
+
+
+def _candidate_state(result: GateResult, candidate: RunView, accept: frozenset[str]) -> None:
+    """A candidate that did not finish, or whose own verdict is not "ok" (nor a label
+    `--accept` names), is not a release, whatever its figures against the baseline."""
     status = candidate.tags.get("forgebench.status")
     verdict = candidate.tags.get("forgebench.verdict")
     finished = status == "done"
-    judged = verdict is not None and not verdict.startswith(("broken", "unjudged"))
+    passing = verdict == "ok" or verdict in accept
     result.rows.append(("candidate status", str(status), "", "ok" if finished else "not done"))
-    result.rows.append(("candidate verdict", str(verdict), "", "judged" if judged else "refused"))
+    result.rows.append(
+        ("candidate verdict", str(verdict), "", "accepted" if passing else "refused")
+    )
     if not finished:
         result.refusals.append(f"candidate status is {status!r}, not 'done': it did not finish")
     if verdict is None:
         result.refusals.append("candidate has no verdict (forgebench.verdict): it was not judged")
-    elif not judged:
+    elif not passing:
         why = candidate.tags.get("forgebench.verdict_reasons") or "no reasons recorded"
-        result.refusals.append(f"candidate verdict is {verdict!r}: {why}")
+        result.refusals.append(
+            f"candidate verdict is {verdict!r}, not 'ok': {why}; --accept '{verdict}' to "
+            "release it anyway"
+        )
 
 
 def _accuracy(
     result: GateResult,
     cand_items: dict[str, dict[str, bool]],
     base_items: dict[str, dict[str, bool]],
-    tol: Tolerances,
+    tol: _Resolved,
 ) -> None:
-    """Paired per task. A baseline task the candidate lacks, or with no item in common, was
-    not measured; a task only the candidate has is shown, with nothing to compare it to."""
+    """Non-inferiority per task, on the same items. A baseline task the candidate lacks, or
+    scored on other items, was not measured; a task only the candidate has is shown, with
+    nothing to compare it to."""
     compared = refused = 0
     for task in sorted(set(cand_items) | set(base_items)):
         cand_task, base_task = cand_items.get(task, {}), base_items.get(task, {})
-        shared = cand_task.keys() & base_task.keys()
         if not base_task:
             result.rows.append((f"{task} accuracy", f"{len(cand_task)} items", "", "no baseline"))
             continue
-        if not shared:
+        if cand_task.keys() != base_task.keys():
+            other = len(cand_task.keys() - base_task.keys())
+            missing = len(base_task.keys() - cand_task.keys())
             result.rows.append((f"{task} accuracy", f"{len(cand_task)} items", "", "not paired"))
             refused += 1
             result.refusals.append(
-                f"{task}: no item scored on both runs ({len(cand_task)} on the candidate, "
-                f"{len(base_task)} on the baseline); --skip accuracy to gate without it"
+                f"{task}: the candidate was scored on other items ({other} of its "
+                f"{len(cand_task)} are not the baseline's, {missing} of the baseline's "
+                f"{len(base_task)} are missing); score both on one eval set, or --skip accuracy"
             )
             continue
         compared += 1
-        cand = sum(cand_task[i] for i in shared) / len(shared)
-        base = sum(base_task[i] for i in shared) / len(shared)
-        lost, gained, p = mcnemar(base_task, cand_task)
-        regressed = base - cand > tol.accuracy_drop_max and p < tol.significance
+        t = paired.table(base_task, cand_task)
+        lower, upper = t.interval(tol.confidence)
+        tolerance = tol.tolerance[task]
+        held, regressed = upper < tolerance, lower > tolerance
+        outcome = "ok" if held else "regressed" if regressed else "not shown within tolerance"
+        interval = f"drop {t.drop:+.3f} [{lower:+.3f}, {upper:+.3f}] at {tol.confidence:.0%}"
         result.rows.append(
             (
-                f"{task} accuracy ({len(shared)} paired items)",
-                f"{cand:.3f}",
-                f"{base:.3f}",
-                f"{'regressed' if regressed else 'ok'} "
-                f"(lost {lost}, gained {gained}, McNemar p={p:.3g})",
+                f"{task} accuracy ({t.n} paired items)",
+                f"{(t.both + t.gained) / t.n:.3f}",
+                f"{(t.both + t.lost) / t.n:.3f}",
+                f"{outcome} ({interval}, tolerance {tolerance:g}; "
+                f"lost {t.lost}, gained {t.gained})",
             )
         )
-        if regressed:
-            result.regressions.append(f"{task}: {cand:.3f} vs {base:.3f}, McNemar p={p:.3g}")
+        if not held:
+            result.regressions.append(f"{task}: {outcome}: {interval}, tolerance {tolerance:g}")
     if not compared and not refused:
         result.refusals.append(
             "accuracy: no evaluated task in common (no per-item samples on one side or both); "

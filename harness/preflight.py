@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness import data, evals, inputs, templates
+from harness import data, evals, inputs, sample_size, templates
 from harness.errors import ForgebenchError, InputError
 from harness.ollama_models import GgufInfo
 from harness.spec import Spec
@@ -58,6 +58,7 @@ def check(spec: Spec) -> Shape | None:
     inputs.serve_parameters(spec)
     inputs.model_names(spec)
     _data(spec)
+    sample_size.check(spec)
     shape = _base(spec)
     templates.require(spec)
     _targets(spec, shape.architecture if shape else None)

@@ -127,7 +127,8 @@ def quality_chain(rows: list[Row]) -> list[tuple[str, list[str]]]:
 
 ROUTES_NOTE = (
     "Each figure merge / adapter. Paired: the items both were scored on, those the merged "
-    "cell got right and the adapter cell wrong, the reverse, exact McNemar p. Files: what "
+    "cell got right and the adapter cell wrong, the reverse, the adapter route's drop with its "
+    "95% interval (Newcombe's hybrid score). Files: what "
     "ships (base GGUF plus LoRA GGUF on the adapter route). Build: seconds of merge, "
     "convert, convert_lora and quantize (training is the same for both routes)."
 )
@@ -201,7 +202,7 @@ def page(
         )
         titles = "".join(f"<th>{esc(t)}</th>" for _, t in routes.COLUMNS)
         compared = (
-            f'<h2>Merge route against adapter route</h2><p>{esc(ROUTES_NOTE)}</p>'
+            f"<h2>Merge route against adapter route</h2><p>{esc(ROUTES_NOTE)}</p>"
             f'<table id="routes"><tr>{titles}</tr>{rows}</table>'
         )
     best = "".join(f"<li><b>{esc(c.adapter)}</b>: {esc(c.why)}</li>" for c in choices)

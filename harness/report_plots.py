@@ -34,8 +34,8 @@ class Point:
     """The cell whose link metrics describe the step (the cell itself for a quant level)."""
     lost: bool = False
     """The verdict (`forgebench.steps_lost`) blames this point's step."""
-    losses: dict[str, tuple[float, float | None]] = field(default_factory=dict)
-    """task -> (drop, p) for the step, where the cell logged them."""
+    losses: dict[str, tuple[float, float | None, float | None]] = field(default_factory=dict)
+    """task -> (drop, its lower and upper bounds) for the step, where the cell logged them."""
 
 
 def steps_lost(row: Row) -> list[str]:
@@ -102,7 +102,11 @@ def chain(rows: list[Row], adapter: str, tasks: list[str]) -> list[Point]:
         if p.step and p.row is not None:
             m = p.row.metrics
             p.losses = {
-                t: (m[f"link_{p.step}_{t}_drop"], m.get(f"link_{p.step}_{t}_p"))
+                t: (
+                    m[f"link_{p.step}_{t}_drop"],
+                    m.get(f"link_{p.step}_{t}_drop_lower"),
+                    m.get(f"link_{p.step}_{t}_drop_upper"),
+                )
                 for t in tasks
                 if f"link_{p.step}_{t}_drop" in m
             }
@@ -157,8 +161,9 @@ def chain_plot(plt, adapter: str, points: list[Point], tasks: list[str]):
                 arrowprops={"arrowstyle": "->", "color": RED, "linestyle": ":"},
             )
             text += f"\n{t} {before:.2f}→{after:.2f}"
-        if (pvalue := point.losses.get(t, (None, None))[1]) is not None:
-            text += f"\np={pvalue:.2g}"
+        drop, lower, upper = point.losses.get(t, (None, None, None))
+        if lower is not None and upper is not None:
+            text += f"\ndrop {drop:.2f} [{lower:.2f}, {upper:.2f}]"
         edge = "right" if i == len(points) - 1 else "left" if i == 0 else "center"
         ax.text(i, 1.2, text, ha=edge, va="top", fontsize=8, color=RED)
     ax.set_xticks(list(xs), [p.label for p in points], rotation=20)

@@ -2,8 +2,9 @@
 shipped merged into the weights or as a LoRA GGUF beside the base GGUF.
 
 No other tool measures both on the same items (seed 004: users choose blind). Accuracy is
-compared on the items both cells were scored on, with the exact McNemar test, as `check`
-compares a candidate with its baseline; KLD is each route's own, to the F16 of its route.
+compared on the items both cells were scored on: the adapter route's drop against the
+merge route with its 95% interval (`harness.paired`, as `check` compares a candidate with
+its baseline); KLD is each route's own, to the F16 of its route.
 The rest are the cells' own figures from MLflow: decode tok/s, TTFT, memory, the bytes a
 user ships (base plus LoRA on the adapter route) and the seconds its files took to build.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from harness.blame import mcnemar
+from harness import paired as paired_stats
 from harness.chain import ROUTE_BUILD
 from harness.results import Invocation, Row, primary_task
 
@@ -23,7 +24,7 @@ base file the adapter route shares between adapters is counted in full for each.
 COLUMNS = (
     ("pair", "adapter, level"),
     ("accuracy", "accuracy merge / adapter"),
-    ("mcnemar", "paired (lost, gained, McNemar p)"),
+    ("paired", "paired: lost, gained, drop [95% interval]"),
     ("kld", "KLD to own F16"),
     ("decode", "decode tok/s"),
     ("ttft", "TTFT p95 ms"),
@@ -40,9 +41,9 @@ class Pair:
     merge: Row
     adapter_row: Row
     task: str | None
-    paired: tuple[int, int, int, float] | None
-    """(items scored on both, merge right & adapter wrong, the reverse, exact McNemar p);
-    None when either cell has no per-item samples for the task."""
+    paired: paired_stats.Table | None
+    """Merge (reference) against adapter on the items both scored; None when either cell
+    has no per-item samples for the task."""
 
 
 def pairs(inv: Invocation, items: Callable[[Row], dict[str, dict[str, bool]]]) -> list[Pair]:
@@ -58,8 +59,8 @@ def pairs(inv: Invocation, items: Callable[[Row], dict[str, dict[str, bool]]]) -
         paired = None
         if task and row.status == other.status == "done":
             mine, theirs = items(row).get(task, {}), items(other).get(task, {})
-            if shared := mine.keys() & theirs.keys():
-                paired = (len(shared), *mcnemar(mine, theirs))
+            if mine.keys() & theirs.keys():
+                paired = paired_stats.table(mine, theirs)
         out.append(Pair(row.adapter, row.quant, row, other, task, paired))
     return out
 
@@ -77,13 +78,13 @@ def values(pair: Pair) -> dict[str, str]:
         return sum(t for t in times if t is not None) if any(times) else None
 
     paired = "-"
-    if pair.paired:
-        n, lost, gained, p = pair.paired
-        paired = f"{n} items: {lost}, {gained}, p={p:.3g}"
+    if t := pair.paired:
+        lower, upper = t.interval(0.975)  # each side at 97.5%: the two-sided 95% interval
+        paired = f"{t.n} items: {t.lost}, {t.gained}, {t.drop:+.2f} [{lower:+.2f}, {upper:+.2f}]"
     return {
         "pair": f"{pair.adapter} {pair.quant}",
         "accuracy": both("", ".3f", lambda r: r.accuracy(pair.task)),
-        "mcnemar": paired,
+        "paired": paired,
         "kld": both("kld_mean", ".4f"),
         "decode": both("decode_tps_p50", ".1f"),
         "ttft": both("ttft_ms_p95", ".0f"),

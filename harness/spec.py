@@ -24,8 +24,10 @@ from pydantic import (
 )
 
 from harness import quant
+from harness.blame import Rule
 from harness.chain import MEASUREMENTS, SERVED_MEASUREMENTS, TASKS
 from harness.errors import SpecError
+from harness.paired import DEFAULT_TOLERANCE
 from harness.templates import FAMILIES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -155,7 +157,11 @@ class ServeSpec(Strict):
         description="Ollama option names: temperature, num_ctx, top_k, top_p, seed, ...",
     )
     slots: int = Field(
-        4, gt=0, le=256, description="parallel requests (llama-server -np; llama.cpp's most: 256)"
+        1,
+        gt=0,
+        le=256,
+        description="parallel requests (llama-server -np; llama.cpp's most: 256); one, as "
+        "Ollama's default, keeps every answer reproducible",
     )
     keep: bool = Field(
         False,
@@ -221,7 +227,12 @@ class EvaluateSpec(Strict):
         "base is 'stupid (training: forgetting)'",
     )
     limit: int | None = Field(None, gt=0, description="items per task (all when unset)")
-    concurrency: int = Field(4, gt=0, description="requests in flight (server slots)")
+    concurrency: int = Field(
+        1,
+        gt=0,
+        description="requests in flight; above 1 llama-server batches them, and batched "
+        "answers are not item by item reproducible",
+    )
 
     @property
     def all_tasks(self) -> list[str | EvalTaskSpec]:
@@ -249,16 +260,62 @@ class DriftSpec(Strict):
     chunks: int = Field(6, gt=0)
 
 
+RENAMED_BUDGETS = {
+    "accuracy_drop_max": "a drop is judged against budgets.tolerance (per task) with an "
+    "interval, not a point estimate; write tolerance: <fraction>",
+    "significance": "bounds are stated by budgets.confidence (0.95 for significance 0.05)",
+}
+
+
 class BudgetSpec(Strict):
     """When a cell is "slow" (misses a speed or memory budget) or "stupid" (loses accuracy
-    against its own F16, significantly, or drifts from it)."""
+    beyond a task's tolerance, shown at the stated confidence, or drifts from its F16)."""
 
-    decode_tps_min: float | None = Field(None, gt=0, description="slow if p50 decode is below")
+    decode_tps_min: float | None = Field(None, gt=0, description="slow if p5 decode is below")
     ttft_ms_p95_max: float | None = Field(None, gt=0, description="slow if p95 TTFT is above")
     memory_mb_max: float | None = Field(None, gt=0, description="slow if peak memory is above")
-    accuracy_drop_max: float = Field(0.03, ge=0, le=1)
-    significance: float = Field(0.05, gt=0, lt=1)
+    tolerance: float | dict[str, float] = Field(
+        DEFAULT_TOLERANCE,
+        description="the accuracy drop a task may lose, as a fraction: one for every task, "
+        "or per task name ({arithmetic: 0.1, default: 0.05})",
+    )
+    confidence: float = Field(
+        0.95,
+        ge=0.5,
+        lt=1,
+        description="of every one-sided bound: an ok link's drop is below its tolerance, a "
+        "stupid cell's beyond it, at this confidence (run-wide, by Holm, for stupid)",
+    )
+    min_gain: float = Field(
+        0.0, ge=0, lt=1, description="training must surely raise a target task by more"
+    )
     kld_max: float | None = Field(None, gt=0, description="stupid if mean KLD from F16 is above")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for old, new in RENAMED_BUDGETS.items():
+                if old in raw:
+                    raise ValueError(f"budgets.{old} is gone: {new}")
+        return raw
+
+    @field_validator("tolerance")
+    @classmethod
+    def _fractions(cls, tolerance: float | dict[str, float]) -> float | dict[str, float]:
+        values = tolerance.values() if isinstance(tolerance, dict) else [tolerance]
+        if any(not 0 < v < 1 for v in values):
+            raise ValueError("a tolerance is a fraction of the items, above 0 and below 1")
+        return tolerance
+
+    def rule(self, task: str) -> Rule:
+        """What the task's links are judged by."""
+        return Rule(self.tolerance_of(task), self.confidence, self.min_gain)
+
+    def tolerance_of(self, task: str) -> float:
+        if isinstance(self.tolerance, dict):
+            return self.tolerance.get(task, self.tolerance.get("default", DEFAULT_TOLERANCE))
+        return self.tolerance
 
 
 class TrackingSpec(Strict):
@@ -342,6 +399,17 @@ class Spec(Strict):
                 raise ValueError(
                     f"budgets.{budget} is set but measure leaves out "
                     f"{measurement}: add it to measure or drop the budget"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _tolerances_name_tasks(self) -> Spec:
+        if isinstance(self.budgets.tolerance, dict):
+            tasks = [t if isinstance(t, str) else t.name for t in self.evaluate.all_tasks]
+            if unknown := sorted(set(self.budgets.tolerance) - {*tasks, "default"}):
+                raise ValueError(
+                    f"budgets.tolerance names {', '.join(unknown)}, not a task of evaluate; "
+                    f"name one of {', '.join(tasks)} or default"
                 )
         return self
 

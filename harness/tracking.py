@@ -351,7 +351,10 @@ class Experiment:
         from harness import evals
 
         now = int(time.time() * 1000)
-        common = {"forgebench.machine": host.machine()}
+        common = {
+            "forgebench.machine": host.machine(),
+            "forgebench.confidence": str(self.spec.budgets.confidence),
+        }
         if primary_task:
             common["forgebench.primary_task"] = primary_task
         if guard := [t if isinstance(t, str) else t.name for t in self.spec.evaluate.guard]:
@@ -366,7 +369,7 @@ class Experiment:
                 tags["forgebench.verdict"] = judged.verdict
                 tags["forgebench.verdict_reasons"] = "; ".join(judged.reasons)[:5000]
                 tags["forgebench.verdict_notes"] = "; ".join(judged.notes)[:5000]
-                steps = dict.fromkeys(link.step for link in judged.links if link.state == "lost")
+                steps = dict.fromkeys(step.split(":")[0] for step in judged.steps)
                 tags["forgebench.steps_lost"] = ",".join(steps)
                 metrics = dict(judged.chain)
                 for link in judged.links:
@@ -403,7 +406,7 @@ RENAMED = {"reference": "hf", "reference_base": "hf_base", "drift_tuning": "tuni
 
 def stage_metrics(result: CellResult) -> dict[str, float]:
     """A cell's numeric figures, one value per name: where two stages report a name, the
-    later in the chain wins (settle's re-scored accuracy over evaluate's batched one)."""
+    later in the chain wins."""
     out: dict[str, float] = {}
     for role, outcome in result.stages.items():
         out[f"time_{role}_s"] = round(outcome.seconds, 3)
@@ -552,7 +555,8 @@ def resolve_run(uri: str, ref: str) -> str:
 
 
 def samples(uri: str, run_id: str) -> dict[str, dict[str, bool]]:
-    """Per-item correctness logged by the evaluate stage: task -> item id -> correct."""
+    """Per-item correctness logged by the evaluate stage: task -> item -> correct, each item
+    named by its content (`item_key`), so two runs pair only the items they share."""
     from mlflow.artifacts import download_artifacts
 
     client = _reader(uri)
@@ -566,9 +570,18 @@ def samples(uri: str, run_id: str) -> dict[str, dict[str, bool]]:
         )
         rows = [json.loads(line) for line in local.read_text().splitlines() if line.strip()]
         out[name[len("samples_") : -len(".jsonl")]] = {
-            str(r["doc_id"]): bool(r["correct"]) for r in rows
+            item_key(r): bool(r["correct"]) for r in rows
         }
     return out
+
+
+def item_key(row: dict[str, Any]) -> str:
+    """An item by its content: the prompt as sent and the target (a row logged without
+    them, by an older forgebench, by its doc id)."""
+    if "prompt" not in row or "target" not in row:
+        return f"doc {row['doc_id']}"
+    content = json.dumps([row["prompt"], row["target"]], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
 def register(

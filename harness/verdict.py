@@ -2,36 +2,35 @@
 
 "Slow" is a missed speed or memory budget; the decode budget is judged on the slow
 tail (p5 of the per-request decode rates), since a user notices the slow answers.
-"Stupid" is lost accuracy, blamed on the step of the chain that lost it
-(`harness.blame`): `stupid (training)` when the tuned HF model is significantly worse
-than the untuned base, `stupid (training: forgetting)` on a guard task, `stupid
-(export)` when the F16 GGUF, served, is worse than the tuned HF model (conversion or
-template loss), `stupid (quantization)` when a level is worse than its F16 or drifts
-from it (mean KLD above `kld_max`). "Broken" is a cell that failed a stage or the chat
-check (`broken (template)` when the served template differs from the tokenizer's).
+"Stupid" is lost accuracy, shown with the spec's confidence: a cell whose end-to-end
+drop on a task (from the tuned HF model on a target task, from the untuned one on a guard
+task) is surely beyond that task's tolerance, with the family-wise error held across
+every cell and task of the run by Holm's procedure; the label names the steps of the
+chain (`harness.blame`) whose own drop is surely above zero (`stupid (quantization)`,
+`stupid (export)`, `stupid (training: forgetting)` on a guard task). Training that does
+not surely gain the spec's minimum on a target task is `stupid (training: no gain)`: an
+adapter trained on wrong labels is never ok. A level whose mean KLD from its F16 is above
+`kld_max` is `stupid (quantization)` too. "Broken" is a cell that failed a stage or the
+chat check (`broken (template)` when the served template differs from the tokenizer's).
 
-A verdict never passes what was not measured: a cell any of whose links is unjudged
-(missing or failed reference, reference at the floor), a cell whose accuracy was not
-measured at all, or a budget whose figure is missing, is "unjudged" with the reason,
-never "ok". Every "ok" says the smallest
-drop its items could have shown, so a user sees when there are too few items.
-
-The paired test is the exact McNemar test: the same items are scored by both
-models, so only the items where they disagree carry information, and with the few
-hundred items a quick eval has, the exact binomial form is right where the
-chi-squared approximation is not.
+"ok" means shown within tolerance, not "no loss found": every link of the chain and the
+end-to-end drop hold (their upper bounds are below the tolerance, at the stated
+confidence), training surely gained, and every budget was met. Anything else that is not
+slow, stupid or broken is "unjudged", with the reason: a missing or failed reference, an
+interval that straddles the tolerance (with about how many items would decide it), a
+figure not measured.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness import quant
-from harness.blame import Link, Scores, compare, mcnemar
+from harness import paired, quant
+from harness.blame import END_TO_END, Link, Scores, compare
 from harness.errors import ForgebenchError
 from harness.spec import BudgetSpec
 
-__all__ = ["Figures", "Scores", "Verdict", "judge", "mcnemar"]
+__all__ = ["Figures", "Scores", "Verdict", "judge"]
 
 
 @dataclass
@@ -71,14 +70,12 @@ class Verdict:
     verdict: str
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    """What informs but does not decide: each held link's power, the tuning drift."""
+    """What informs but does not decide: each held link's interval, the tuning drift."""
     links: list[Link] = field(default_factory=list)
     chain: dict[str, float] = field(default_factory=dict)
     """The chain's accuracies: chain_hf_base_<task>, chain_hf_tuned_<task>, chain_f16_<task>."""
-
-    @property
-    def steps_lost(self) -> list[str]:
-        return list(dict.fromkeys(link.blame for link in self.links if link.state == "lost"))
+    steps: list[str] = field(default_factory=list)
+    """The steps blamed, as the label names them."""
 
 
 def slow_reasons(fig: Figures, budgets: BudgetSpec) -> tuple[list[str], list[str]]:
@@ -112,23 +109,25 @@ class Judging:
 
 
 def chain_links(fig: Figures, f16: Figures | None, ctx: Judging) -> list[Link]:
-    """The links from the untuned base to this cell, on every task."""
-    references, budgets, control = ctx.references, ctx.budgets, ctx.control
+    """The links from the untuned base to this cell, and end to end, on every task."""
+    references, control = ctx.references, ctx.control
     own_hf = references.get(fig.adapter) or Scores("tuned HF", error="not scored")
     base_hf = references.get(control) or Scores("untuned HF", error="not scored")
     f16_scores = f16.scores() if f16 is not None else Scores(quant.REFERENCE, error="no cell")
+    tuned = fig.adapter != control
     pairs = []
-    if fig.adapter != control:
+    if tuned:
         pairs.append(("training", base_hf, own_hf))
     pairs.append(("export", own_hf, f16_scores))
     if fig.quant != quant.REFERENCE:
         pairs.append(("quantization", f16_scores, fig.scores()))
-    drop_max, alpha = budgets.accuracy_drop_max, budgets.significance
-    return [
-        compare(step, task, ref, cand, drop_max, alpha, guard=task in ctx.guard)
-        for step, ref, cand in pairs
-        for task in ctx.tasks
-    ]
+    links = []
+    for task in ctx.tasks:
+        rule, guard = ctx.budgets.rule(task), task in ctx.guard
+        links += [compare(step, task, ref, cand, rule, guard) for step, ref, cand in pairs]
+        start = own_hf if tuned and not guard else base_hf
+        links.append(compare(END_TO_END, task, start, fig.scores(), rule, guard))
+    return links
 
 
 def judge(
@@ -151,52 +150,94 @@ def judge(
             f"no {quant.REFERENCE} cell for {', '.join(missing)}: accuracy is judged against the "
             f"same adapter at {quant.REFERENCE}; add {quant.REFERENCE} to the spec's quant list"
         )
-    verdicts = {}
+    links, f16s = {}, {}
     for fig in cells:
         scored = tasks if tasks is not None else sorted(fig.accuracy)
         ctx = Judging(references or {}, scored, set(guard), budgets, control)
-        f16 = by_key.get((fig.adapter, fig.route, quant.REFERENCE))
-        verdicts[fig.cell] = _judge_cell(fig, f16, ctx)
-    return verdicts
+        f16 = f16s[fig.cell] = by_key.get((fig.adapter, fig.route, quant.REFERENCE))
+        links[fig.cell] = chain_links(fig, f16, ctx) if scored and fig.status == "done" else []
+    beyond = _beyond(links, 1 - budgets.confidence)
+    return {
+        fig.cell: _judge_cell(
+            fig,
+            links[fig.cell],
+            beyond,
+            budgets,
+            _chain(fig, f16s[fig.cell], references or {}, control),
+        )
+        for fig in cells
+    }
 
 
-def _judge_cell(fig: Figures, f16: Figures | None, ctx: Judging) -> Verdict:
+def _beyond(links: dict[str, list[Link]], alpha: float) -> set[int]:
+    """The end-to-end links surely beyond tolerance, Holm-adjusted across the whole run
+    (by id), so a run with no true loss calls a cell stupid at most `alpha` of the time."""
+    tested = [link for mine in links.values() for link in mine if link.p_beyond is not None]
+    rejected = paired.holm([link.p_beyond for link in tested], alpha)
+    return {id(link) for link, out in zip(tested, rejected, strict=True) if out}
+
+
+def _judge_cell(
+    fig: Figures,
+    links: list[Link],
+    beyond: set[int],
+    budgets: BudgetSpec,
+    chain: dict[str, float],
+) -> Verdict:
     if fig.status != "done":
         label = f"broken ({fig.broken})" if fig.broken else "broken"
         return Verdict(fig.cell, label, [fig.error or fig.status])
-    budgets, tasks = ctx.budgets, ctx.tasks
-    links = chain_links(fig, f16, ctx) if tasks else []
-    chain = _chain(fig, f16, ctx.references, ctx.control)
     verdict = Verdict(fig.cell, "", links=links, chain=chain)
     slow, unmeasured = slow_reasons(fig, budgets)
-    stupid = [link.why for link in links if link.state == "lost"]
-    unjudged = unmeasured + [link.why for link in links if link.state == "unjudged"]
-    if fig.evaluated and not tasks:
-        unjudged.append("no task was scored")
-    elif not links:
-        unjudged.append("accuracy not measured: add evaluate to the spec's measure list")
-    steps = verdict.steps_lost
+    stupid, steps = _stupid(links, beyond)
     if budgets.kld_max is not None and fig.quant != quant.REFERENCE:
         if fig.kld_mean is None:
-            unjudged.append(f"KLD from {quant.REFERENCE} not measured (budget {budgets.kld_max:g})")
+            unmeasured.append(
+                f"KLD from {quant.REFERENCE} not measured (budget {budgets.kld_max:g})"
+            )
         elif fig.kld_mean > budgets.kld_max:
             stupid.append(f"KLD {fig.kld_mean:.3g} > {budgets.kld_max:g} from {quant.REFERENCE}")
             steps += [] if "quantization" in steps else ["quantization"]
-    parts = []
-    if slow:
-        parts.append("slow")
+    unjudged = unmeasured + [link.why for link in links if link.state != "held"]
+    if fig.evaluated and not links:
+        unjudged.append("no task was scored")
+    elif not links:
+        unjudged.append("accuracy not measured: add evaluate to the spec's measure list")
+    parts = ["slow"] if slow else []
     if stupid:
-        parts.append(f"stupid ({', '.join(steps)})")
+        parts.append(f"stupid ({', '.join(steps)})" if steps else "stupid")
     elif unjudged:
         parts.append("unjudged")
     verdict.verdict = "+".join(parts) or "ok"
+    verdict.steps = steps
     verdict.reasons = slow + stupid + ([] if stupid else unjudged)
-    verdict.notes = [link.why for link in links if link.state in ("held", "n/a")]
+    verdict.notes = [link.why for link in links if link.state == "held"]
     if fig.tuning_kld is not None:
         verdict.notes.append(
             f"training moved the F16 by KLD {fig.tuning_kld:.3g} on the drift text"
         )
     return verdict
+
+
+def _stupid(links: list[Link], beyond: set[int]) -> tuple[list[str], list[str]]:
+    """(reasons, steps blamed): every task whose end-to-end drop is surely beyond its
+    tolerance (Holm across the run), with the steps on it whose own drop is surely above
+    zero; and training that did not surely gain on a target task."""
+    reasons, steps = [], []
+    for link in links:
+        if link.state == "no gain":
+            reasons.append(link.why)
+            steps.append(link.blame)
+        if id(link) not in beyond:
+            continue
+        reasons.append(
+            f"{link.why} (one-sided p={link.p_beyond:.2g}, Holm-adjusted across the run)"
+        )
+        for step in links:
+            if step.task == link.task and step.step != END_TO_END and step.dropped:
+                reasons.append(step.why)
+                steps.append(step.blame)
+    return reasons, list(dict.fromkeys(steps))
 
 
 def _chain(

@@ -35,6 +35,7 @@ measure: [check, evaluate, drift]
 serve: {{backend: {backend}, chat_template: {template}, slots: 2}}
 evaluate: {{tasks: [arithmetic], concurrency: 2}}
 drift: {{ctx: 128, chunks: 2}}
+budgets: {{tolerance: 0.3}}
 tracking: {{uri: "sqlite:///{db}"}}
 """
 CELLS = ["qkvo-f16", "qkvo-q8_0"]

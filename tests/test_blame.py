@@ -1,7 +1,8 @@
 """The blame chain on the real chain: an adapter trained on corrupted labels (every capital
-swapped for another country's) is "stupid (training)" at F16 and at every level, against
-the untuned base, on a task the base does well (the bundled capitals task). Before the
-chain existed its cells were "ok": they match their own F16. MLflow holds every link."""
+swapped for another country's) is "stupid (training: no gain)" at F16 and at every level,
+against the untuned base, on a task the base does well (the bundled capitals task). Before
+the chain existed its cells were "ok": they match their own F16. MLflow holds every link,
+with its interval."""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def blamed(tmp_path_factory):
 def test_corrupted_labels_are_blamed_on_training_at_every_level(blamed):
     for cell in ("swapped-f16", "swapped-q8_0"):
         tags = blamed[cell].data.tags
-        assert tags["forgebench.verdict"] == "stupid (training)", tags["forgebench.verdict_reasons"]
+        verdict = tags["forgebench.verdict"]
+        assert verdict == "stupid (training: no gain)", tags["forgebench.verdict_reasons"]
         assert tags["forgebench.steps_lost"] == "training"
         assert "capitals tuned HF" in tags["forgebench.verdict_reasons"]
 
@@ -75,10 +77,10 @@ def test_mlflow_holds_every_link_of_the_chain(blamed):
     base, tuned = metrics["chain_hf_base_capitals"], metrics["chain_hf_tuned_capitals"]
     assert base >= 0.4, "the untuned base must do the task for the test to mean anything"
     assert tuned < base - 0.2
-    assert metrics["link_training_capitals_p"] < 0.05
+    assert metrics["link_training_capitals_drop_lower"] > 0  # surely worse, not only no gain
     assert metrics["link_training_capitals_drop"] == pytest.approx(base - tuned)
     for step in ("export", "quantization"):
-        assert f"link_{step}_capitals_p" in metrics
+        assert f"link_{step}_capitals_drop_upper" in metrics
     assert metrics["chain_f16_capitals"] == pytest.approx(
         blamed["swapped-f16"].data.metrics["accuracy_capitals"]
     )

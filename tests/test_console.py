@@ -103,6 +103,7 @@ lora: [{name: a, r: 4, alpha: 8, target_modules: [q_proj]}]
 quant: [q8_0]
 control: false
 evaluate: {tasks: [arithmetic], guard: [capitals]}
+budgets: {tolerance: 0.3}
 tracking: {uri: "sqlite:///%s"}
 """
 

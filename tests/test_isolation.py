@@ -27,6 +27,7 @@ base: {model: smollm2-135m}
 data: {task: arithmetic, n_train: 40, n_eval: 20}
 lora: [{name: a, r: 4, alpha: 8, target_modules: [q_proj]}]
 quant: [q8_0]
+budgets: {tolerance: 0.3}
 '''
 
 

@@ -1,22 +1,24 @@
-"""Verdict logic on constructed figures: the blame chain, slow, broken, and every way a
-verdict fails closed (unjudged, never ok, when something was not measured)."""
+"""Verdict logic on constructed figures: the blame chain with its intervals, slow,
+broken, and every way a verdict fails closed (unjudged, never ok, when something was not
+measured or not shown within tolerance)."""
 
 from __future__ import annotations
 
 import pytest
 
-from harness.blame import mcnemar, needed_losses
 from harness.errors import ForgebenchError
 from harness.spec import BudgetSpec
 from harness.verdict import Figures, Scores, judge
 
+N = 300
 
-def items(n_right: int, n: int = 100) -> dict[str, bool]:
+
+def items(n_right: int, n: int = N) -> dict[str, bool]:
     """n items, the first `n_right` of them correct."""
     return {str(i): i < n_right for i in range(n)}
 
 
-def cell(adapter: str, level: str, right: int = 70, guard: int | None = None, **kw) -> Figures:
+def cell(adapter: str, level: str, right: int = 210, guard: int | None = None, **kw) -> Figures:
     fig = Figures(f"{adapter}-{level}", adapter, level, evaluated=True, **kw)
     fig.items = {"arith": items(right)}
     if guard is not None:
@@ -34,16 +36,12 @@ def hf(label: str, right: int, guard: int | None = None) -> Scores:
 
 
 BUDGETS = BudgetSpec(
-    decode_tps_min=40,
-    ttft_ms_p95_max=800,
-    memory_mb_max=1024,
-    accuracy_drop_max=0.03,
-    significance=0.05,
+    decode_tps_min=40, ttft_ms_p95_max=800, memory_mb_max=1024, tolerance=0.05, confidence=0.95
 )
 FAST = {"decode_tps": 50.0, "ttft_ms_p95": 100.0, "memory_mb": 300.0}
 
 
-def chain(base_hf=60, tuned_hf=70, f16=70, levels=(("q8_0", 70),), base_cells=True, **kw):
+def chain(base_hf=180, tuned_hf=210, f16=210, levels=(("q8_0", 210),), base_cells=True, **kw):
     """An untuned base (HF and served) and adapter a (HF, F16, levels), all measured."""
     cells = [cell("a", "f16", f16, **FAST), *[cell("a", q, r, **FAST) for q, r in levels]]
     if base_cells:
@@ -52,24 +50,14 @@ def chain(base_hf=60, tuned_hf=70, f16=70, levels=(("q8_0", 70),), base_cells=Tr
     return judge(cells, kw.pop("budgets", BUDGETS), references, ["arith"], **kw)
 
 
-def test_mcnemar_counts_only_disagreements():
-    lost, gained, p = mcnemar(items(70), items(50))
-    assert (lost, gained) == (20, 0)
-    assert p == pytest.approx(2 * 0.5**20)
-    assert mcnemar(items(70), items(70)) == (0, 0, 1.0)
-
-
-def test_the_fewest_losses_that_can_count():
-    # two-sided exact p of m losses and no gains is 2 * 0.5**m: 5 -> 0.0625, 6 -> 0.031
-    assert needed_losses(100, 0.03, 0.05) == 6
-    assert needed_losses(1000, 0.03, 0.05) == 31  # now the budget binds: more than 3%
-
-
-def test_a_sound_chain_is_ok_and_says_what_it_could_detect():
+def test_a_sound_chain_is_ok_and_every_link_says_its_interval():
     v = chain()
     assert v["a-q8_0"].verdict == "ok" and v["a-f16"].verdict == "ok"
-    assert any("could show drops >= 0.06" in note for note in v["a-q8_0"].notes)
-    assert [link.step for link in v["a-q8_0"].links] == ["training", "export", "quantization"]
+    steps = [link.step for link in v["a-q8_0"].links]
+    assert steps == ["training", "export", "quantization", "end to end"]
+    assert all(link.state == "held" for link in v["a-q8_0"].links)
+    assert any("gain +0.10 [" in note and "surely above zero" in note for note in v["a-q8_0"].notes)
+    assert any("within tolerance 0.05" in note for note in v["a-q8_0"].notes)
     assert v["a-q8_0"].chain == {
         "chain_hf_base_arith": 0.6,
         "chain_hf_tuned_arith": 0.7,
@@ -77,95 +65,121 @@ def test_a_sound_chain_is_ok_and_says_what_it_could_detect():
     }
 
 
+def test_ok_means_shown_within_tolerance_not_that_no_loss_was_found():
+    """100 items, 6 lost and 4 gained: no significant loss (the old rule said ok), but the
+    interval reaches past 0.05, so the level is unjudged and says what would decide it."""
+    cells = [cell("a", "f16", 70, **FAST), cell("a", "q4_0", 70, **FAST)]
+    for fig in cells:
+        fig.items["arith"] = items(70, 100)
+    near = dict(items(70, 100))
+    near.update({str(i): False for i in range(6)} | {str(99 - i): True for i in range(4)})
+    cells[1].items["arith"] = near
+    refs = {"base": hf("untuned HF", 0), "a": hf("tuned HF", 0)}
+    refs["base"].items["arith"], refs["a"].items["arith"] = items(10, 100), items(70, 100)
+    v = judge(cells, BUDGETS, refs, ["arith"])["a-q4_0"]
+    assert v.verdict == "unjudged"
+    assert "straddles tolerance 0.05" in v.reasons[0]
+    assert "items would decide it" in v.reasons[0]
+
+
+def test_a_significant_loss_within_tolerance_is_ok():
+    """1000 items, 15 lost: chance does not explain 0.015, but it is surely below 0.05."""
+    cells = [cell("a", "f16", **FAST), cell("a", "q4_0", **FAST)]
+    cells[0].items["arith"], cells[1].items["arith"] = items(700, 1000), items(685, 1000)
+    refs = {"base": hf("untuned HF", 0), "a": hf("tuned HF", 0)}
+    refs["base"].items["arith"], refs["a"].items["arith"] = items(500, 1000), items(700, 1000)
+    assert judge(cells, BUDGETS, refs, ["arith"])["a-q4_0"].verdict == "ok"
+
+
 def test_each_step_is_blamed_for_its_own_loss():
-    training = chain(base_hf=70, tuned_hf=50, f16=50, levels=(("q8_0", 50),))
-    assert {training[c].verdict for c in ("a-f16", "a-q8_0")} == {"stupid (training)"}
-    assert "training: lost 20, gained 0" in training["a-f16"].reasons[0]
-    export = chain(tuned_hf=70, f16=50, levels=(("q8_0", 50),))
+    export = chain(tuned_hf=210, f16=150, levels=(("q8_0", 150),))
     assert export["a-f16"].verdict == "stupid (export)"
     assert export["a-q8_0"].verdict == "stupid (export)"  # and quantization lost nothing more
-    quantization = chain(levels=(("q2_k", 40),))
+    quantization = chain(levels=(("q2_k", 120),))
     assert quantization["a-f16"].verdict == "ok"
     assert quantization["a-q2_k"].verdict == "stupid (quantization)"
+    assert "beyond tolerance 0.05" in quantization["a-q2_k"].reasons[0]
+    assert "Holm-adjusted across the run" in quantization["a-q2_k"].reasons[0]
 
 
-def test_a_drop_that_chance_explains_is_not_stupid():
-    near = {**items(70), "0": False, "1": False, "99": True}  # lost 2, gained 1
-    cells = [cell("a", "f16", 70, **FAST), cell("a", "q4_0", 70, **FAST)]
-    cells[1].items["arith"] = near
-    refs = {"base": hf("untuned HF", 60), "a": hf("tuned HF", 70)}
-    v = judge(cells, BudgetSpec(accuracy_drop_max=0.0), refs, ["arith"])
-    assert v["a-q4_0"].verdict == "ok"
+def test_training_that_gains_nothing_is_stupid_whatever_follows():
+    """Wrong labels: the tuned model is no better than the base on its own task, so every
+    level is stupid (training: no gain), however faithfully it is exported."""
+    v = chain(base_hf=210, tuned_hf=150, f16=150, levels=(("q8_0", 150),))
+    assert {v[c].verdict for c in ("a-f16", "a-q8_0")} == {"stupid (training: no gain)"}
+    assert "not surely above zero" in v["a-f16"].reasons[0]
+    same = chain(base_hf=210, tuned_hf=210, f16=210, levels=(("q8_0", 210),))
+    assert same["a-q8_0"].verdict == "stupid (training: no gain)"
+    wanted = BUDGETS.model_copy(update={"min_gain": 0.2})
+    assert chain(budgets=wanted)["a-q8_0"].verdict == "stupid (training: no gain)"
+
+
+def test_stupid_holds_the_error_rate_across_the_whole_run():
+    """A drop whose one-sided p against the tolerance is about 0.02 is stupid in a run of
+    one comparison, not among many (Holm): it is then unjudged, never ok."""
+
+    def run(extra_levels: int) -> str:
+        levels = [("q4_0", 185), *((f"q{i}", 210) for i in range(extra_levels))]
+        cells = [cell("a", "f16", **FAST), *[cell("a", q, r, **FAST) for q, r in levels]]
+        refs = {"base": hf("untuned HF", 60), "a": hf("tuned HF", 210)}
+        return judge(cells, BUDGETS, refs, ["arith"])["a-q4_0"].verdict
+
+    assert run(0) == "stupid (quantization)"
+    assert run(12) == "unjudged"
 
 
 def test_forgetting_a_guard_task_is_blamed_on_training():
-    cells = [cell("a", "f16", 70, guard=30, **FAST)]
-    refs = {"base": hf("untuned HF", 0, guard=65), "a": hf("tuned HF", 70, guard=30)}
+    cells = [cell("a", "f16", 210, guard=90, **FAST)]
+    refs = {"base": hf("untuned HF", 0, guard=195), "a": hf("tuned HF", 210, guard=90)}
     v = judge(cells, BUDGETS, refs, ["arith", "caps"], guard=["caps"])
     assert v["a-f16"].verdict == "stupid (training: forgetting)"
-    # the untuned base cannot do arith at all: training cannot have lost on it
-    assert any(link.state == "n/a" for link in v["a-f16"].links if link.task == "arith")
-
-
-def test_a_guard_task_the_base_cannot_do_is_unjudged():
-    cells = [cell("a", "f16", 70, guard=0, **FAST)]
-    refs = {"base": hf("untuned HF", 60, guard=2), "a": hf("tuned HF", 70, guard=0)}
-    v = judge(cells, BUDGETS, refs, ["arith", "caps"], guard=["caps"])
-    assert v["a-f16"].verdict == "unjudged"
-    assert "at the floor" in "; ".join(v["a-f16"].reasons)
-
-
-def test_a_reference_at_the_floor_judges_nothing():
-    v = chain(base_hf=0)  # the untuned base scores 0 everywhere
-    assert v["base-q8_0"].verdict == "unjudged"
-    assert v["base-f16"].verdict == "unjudged"
-    assert "nothing could be detected" in v["base-q8_0"].reasons[0]
-    assert v["a-q8_0"].verdict == "ok"  # the tuned chain has something to lose
+    (guard_link,) = [x for x in v["a-f16"].links if x.task == "caps" and x.step == "end to end"]
+    assert guard_link.reference == "untuned HF"  # a guard task is judged from the base
 
 
 def test_a_missing_or_failed_reference_is_unjudged():
-    cells = [cell("a", "f16", 70, **FAST), cell("a", "q8_0", 70, **FAST)]
-    missing = judge(cells, BUDGETS, {"base": hf("untuned HF", 60)}, ["arith"])
+    cells = [cell("a", "f16", **FAST), cell("a", "q8_0", **FAST)]
+    missing = judge(cells, BUDGETS, {"base": hf("untuned HF", 180)}, ["arith"])
     assert {v.verdict for v in missing.values()} == {"unjudged"}
-    failed = {"base": hf("untuned HF", 60), "a": Scores("tuned HF", error="reference failed")}
+    failed = {"base": hf("untuned HF", 180), "a": Scores("tuned HF", error="reference failed")}
     v = judge(cells, BUDGETS, failed, ["arith"])
     assert v["a-q8_0"].verdict == "unjudged" and "reference failed" in v["a-q8_0"].reasons[0]
 
 
 def test_a_quantized_cell_whose_f16_broke_is_unjudged_not_ok():
     cells = [
-        cell("a", "f16", 70, status="broken", error="check: did not stop"),
-        cell("a", "q8_0", 70, **FAST),
+        cell("a", "f16", status="broken", error="check: did not stop"),
+        cell("a", "q8_0", **FAST),
     ]
-    v = judge(cells, BUDGETS, {"base": hf("untuned HF", 60), "a": hf("tuned HF", 70)}, ["arith"])
+    v = judge(cells, BUDGETS, {"base": hf("untuned HF", 180), "a": hf("tuned HF", 210)}, ["arith"])
     assert v["a-f16"].verdict == "broken" and v["a-f16"].reasons == ["check: did not stop"]
     assert v["a-q8_0"].verdict == "unjudged"
 
 
 def test_items_that_do_not_pair_up_are_unjudged():
-    cells = [cell("a", "f16", 70, **FAST), cell("a", "q8_0", 70, **FAST)]
-    cells[1].items["arith"] = {f"other-{i}": True for i in range(100)}
-    v = judge(cells, BUDGETS, {"base": hf("untuned HF", 60), "a": hf("tuned HF", 70)}, ["arith"])
+    cells = [cell("a", "f16", **FAST), cell("a", "q8_0", **FAST)]
+    cells[1].items["arith"] = {f"other-{i}": True for i in range(N)}
+    v = judge(cells, BUDGETS, {"base": hf("untuned HF", 180), "a": hf("tuned HF", 210)}, ["arith"])
     assert v["a-q8_0"].verdict == "unjudged" and "share no items" in v["a-q8_0"].reasons[0]
 
 
 def test_slow_is_judged_on_the_slow_tail_and_a_missing_figure_is_unjudged():
-    v = chain(levels=(("q8_0", 70),))
+    v = chain()
     assert v["a-q8_0"].verdict == "ok"
-    cells = [cell("a", "f16", 70, **FAST), cell("a", "q8_0", 40, **{**FAST, "decode_tps": 30})]
-    refs = {"base": hf("untuned HF", 60), "a": hf("tuned HF", 70)}
+    cells = [cell("a", "f16", **FAST), cell("a", "q8_0", 120, **{**FAST, "decode_tps": 30})]
+    refs = {"base": hf("untuned HF", 180), "a": hf("tuned HF", 210)}
     both = judge(cells, BUDGETS, refs, ["arith"])["a-q8_0"]
     assert both.verdict == "slow+stupid (quantization)"
     assert both.reasons[0] == "decode p5 30 tok/s < 40"
-    cells[1] = cell("a", "q8_0", 70, **{**FAST, "memory_mb": None})
+    cells[1] = cell("a", "q8_0", **{**FAST, "memory_mb": None})
     unmeasured = judge(cells, BUDGETS, refs, ["arith"])["a-q8_0"]
     assert unmeasured.verdict == "unjudged" and unmeasured.reasons[0].startswith("memory not")
 
 
 def test_the_kld_budget_blames_quantization_and_needs_its_figure():
     budgets = BUDGETS.model_copy(update={"kld_max": 0.1})
-    cells = [cell("a", "f16", 70, **FAST), cell("a", "q2_k", 70, kld_mean=0.4, **FAST)]
-    refs = {"base": hf("untuned HF", 60), "a": hf("tuned HF", 70)}
+    cells = [cell("a", "f16", **FAST), cell("a", "q2_k", kld_mean=0.4, **FAST)]
+    refs = {"base": hf("untuned HF", 180), "a": hf("tuned HF", 210)}
     v = judge(cells, budgets, refs, ["arith"])
     assert v["a-q2_k"].verdict == "stupid (quantization)"
     assert v["a-q2_k"].reasons == ["KLD 0.4 > 0.1 from f16"]
