@@ -71,8 +71,8 @@ def local_ray(cpus: int) -> RayExecutor:
 
 def critical_path(cells: list[planning.Cell], store: Store) -> tuple[float, float]:
     """The longest chain of dependent tasks and the sum of all of them, in recorded seconds:
-    one task a build call, one a cell's served stages (after its builds and the F16 cell
-    it is settled against), as the Ray executor submits them."""
+    one task a build call, one a cell's served stages (after its builds), as the Ray
+    executor submits them."""
     seconds = {
         key: store.manifest(call)["seconds"]
         for key, call in planning.unique_calls(cells).items()
@@ -87,7 +87,7 @@ def critical_path(cells: list[planning.Cell], store: Store) -> tuple[float, floa
         return finish[call.key]
 
     ends: dict[str, float] = {}  # a served call's key -> when its cell's task ends
-    for cell in cells:  # plan order: the F16 cell before the levels settled against it
+    for cell in cells:
         served = [c for r, c in cell.calls.items() if r in planning.SERVED]
         starts = [done(c) for r, c in cell.calls.items() if r not in planning.SERVED]
         starts += [ends[dep.key] for c in served for dep in c.inputs.values() if dep.key in ends]

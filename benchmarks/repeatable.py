@@ -1,11 +1,11 @@
-"""Repeatable verdicts: the quickstart measured twice from scratch gives the same verdicts.
+"""Repeatable verdicts: the quickstart measured twice gives the same verdicts and the same
+answers, item by item.
 
 Batched scoring is not bit-repeatable (llama-server's K-quant kernels sum in another
-order depending on what shares the batch), so a cell on the significance boundary
-could flip between two runs. The settle stage re-scores, one request at a time, the
-items a cell and its reference disagree on, and the verdicts read the settled rows.
-This script shows whether that is enough: it runs the quickstart into two stores and
-diffs the verdicts, the batched responses and the settled correctness, item by item.
+order depending on what shares the batch), so forgebench scores one request at a time
+with the prompt cache off (`evaluate.concurrency: 1`, `serve.slots: 1`, the defaults).
+This script shows that it is enough: it runs the spec into two stores and diffs the
+verdicts, the replies and their correctness, item by item (the flip rate).
 
 By default the second store is seeded with the first one's builds (train, merge,
 convert, quantize and the PyTorch reference: deterministic, the adapters bit-identical
@@ -81,9 +81,9 @@ def main() -> None:
             summaries.append(run_once(loaded, args.spec, store, Path(tmp) / f"mlflow{i}.db"))
             seconds.append(time.perf_counter() - started)
         table = Table(title=f"{loaded.name} measured twice ({host.machine()})")
-        for column in ("cell", "run 1", "run 2", "batched replies differ", "settled differ"):
+        for column in ("cell", "run 1", "run 2", "replies differ", "right/wrong flips"):
             table.add_column(column)
-        same, same_quality, batched_total, settled_total = 0, 0, 0, 0
+        same, same_quality, replies_total, flips_total, items_total = 0, 0, 0, 0, 0
         for cell in cells:
             first, second = (s.verdicts.get(cell.name) for s in summaries)
             verdicts = [v.verdict if v else "-" for v in (first, second)]
@@ -91,21 +91,20 @@ def main() -> None:
             # "slow" is a speed figure of this machine at this moment; the rest is accuracy
             quality = {v.removeprefix("slow+").removeprefix("slow") for v in verdicts}
             same_quality += len(quality) == 1
-            batched = settled = 0
+            replies = flips = 0
             if "evaluate" in cell.calls and all(s.has(cell.calls["evaluate"]) for s in stores):
                 a, b = (rows(s, cell, "evaluate") for s in stores)
-                batched = sum(a[k]["response"] != b[k]["response"] for k in a.keys() & b.keys())
-            if "settle" in cell.calls and all(s.has(cell.calls["settle"]) for s in stores):
-                a, b = (rows(s, cell, "settle") for s in stores)
-                settled = sum(a[k]["correct"] != b[k]["correct"] for k in a.keys() & b.keys())
-            batched_total, settled_total = batched_total + batched, settled_total + settled
-            table.add_row(cell.name, *verdicts, str(batched), str(settled))
+                shared = a.keys() & b.keys()
+                replies = sum(a[k]["response"] != b[k]["response"] for k in shared)
+                flips = sum(a[k]["correct"] != b[k]["correct"] for k in shared)
+                items_total += len(shared)
+            replies_total, flips_total = replies_total + replies, flips_total + flips
+            table.add_row(cell.name, *verdicts, str(replies), str(flips))
         console.print(table)
         console.print(
             f"identical verdicts: {same} of {len(cells)} cells ({same_quality} ignoring slow); "
-            f"batched replies that differ: "
-            f"{batched_total}; settled items whose correctness differs: {settled_total}; "
-            f"runs took {seconds[0]:.0f} s and {seconds[1]:.0f} s"
+            f"replies that differ: {replies_total} of {items_total}; right/wrong flips: "
+            f"{flips_total}; runs took {seconds[0]:.0f} s and {seconds[1]:.0f} s"
         )
         raise SystemExit(0 if same == len(cells) else 1)
 

@@ -45,7 +45,6 @@ ROLES = (
     Role("reference", "reference", "reference", advisory=True),
     Role("check", "check", "served", ()),
     Role("evaluate", "evaluate", "served", ()),
-    Role("settle", "settle", "served", ()),
     Role("bench", "bench", "served", ("llama-bench",)),
     Role("drift_base", "drift_base", "drift", ("llama-perplexity",)),
     Role("drift", "drift", "drift", ("llama-perplexity",)),
@@ -73,8 +72,7 @@ besides `serve`."""
 LLAMA_CPP = {role.stage: role.llama_cpp for role in ROLES if role.llama_cpp is not None}
 """The stages that run llama.cpp code, and the programs each runs."""
 MEASUREMENTS = ("check", "evaluate", "bench", "drift")
-"""What `measure` may name: the served stages a user picks (settle follows evaluate) and
-drift."""
+"""What `measure` may name: the served stages a user picks, and drift."""
 SERVED_MEASUREMENTS = tuple(m for m in MEASUREMENTS if m in SERVED)
 """The measurements made on a deployed model; drift reads the GGUFs with llama-perplexity."""
 ROUTE_BUILD = tuple(s for s in BUILD if s not in ("resolve", "train"))

@@ -1,8 +1,8 @@
 """What the verdicts read from a finished run: each cell's figures and the HF references.
 
 The pipeline runs stages; `harness.verdict` decides. In between, this module
-gathers, for every cell, the per-item rows its decision rests on (the settled rows
-where the settle stage ran, else the evaluate stage's), its speed, memory and drift
+gathers, for every cell, the per-item rows its decision rests on (the evaluate stage's,
+each request scored alone on its server, so item by item reproducible), its speed, memory and drift
 figures, and, per adapter, the PyTorch reference scores. A figure that should exist
 and does not (a samples file missing from a finished stage) is an error of the
 cell, never an empty set of items that a paired test would read as "no loss".
@@ -91,9 +91,8 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
     )
     if result.status != "done" or not evaluated:
         return fig
-    stage = "settle" if metric("settle", f"accuracy_{tasks[0]}") is not None else "evaluate"
     try:
-        fig.items = {t: paired_items(store.path(cell.calls[stage]), t) for t in tasks}
+        fig.items = {t: paired_items(store.path(cell.calls["evaluate"]), t) for t in tasks}
     except ForgebenchError as exc:
         fig.status, fig.error = "failed", str(exc)
         return fig

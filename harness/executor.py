@@ -132,8 +132,6 @@ def run_cell(
         if call.key not in outcomes:
             missing = _inputs(call, store, reporter, outcomes, executed)
             if missing:
-                if role == "settle":  # its reference cell failed: nothing to settle against
-                    continue
                 outcomes[call.key] = Outcome(call.key, False, 0.0, error=missing)
             else:
                 reporter.stage_started(cell, role, store.has(call))

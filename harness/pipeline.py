@@ -69,13 +69,11 @@ def run(
 
 
 def _artifacts(store: Store, cell: Cell, result: CellResult) -> list[tuple[str, Path]]:
-    """Files worth keeping beside a cell's run: per-item samples (the settled ones where
-    contested items were re-scored, for paired comparisons later), the PyTorch
-    reference's samples, the chat check's exchange and export parity diff, the Modelfile
-    a user can `ollama create -f`."""
-    samples = "settle" if _ok(result, "settle") else "evaluate"
+    """Files worth keeping beside a cell's run: per-item samples (for paired comparisons
+    later: the gate), the PyTorch reference's samples, the chat check's exchange and export
+    parity diff, the Modelfile a user can `ollama create -f`."""
     wanted = [
-        (samples, "samples", "samples_*.jsonl"),
+        ("evaluate", "samples", "samples_*.jsonl"),
         ("reference", "samples_hf", "samples_*.jsonl"),
         ("check", "serve", "verdict.json"),
         ("check", "serve", "parity_diff.txt"),

@@ -5,7 +5,7 @@ expanded into cells and their stage calls.
     (route adapter: resolve -> convert (F16) -> quantize, the base's GGUF at each level,
      and train -> convert_lora, the LoRA GGUF served beside it)
             -> reference_base, reference                          the HF models scored in PyTorch
-            -> check -> evaluate -> settle -> bench               on the served model
+            -> check -> evaluate -> bench                         on the served model
             -> drift_base (F16, once per adapter) -> drift        llama-perplexity, offline
             -> drift_tuning                                       tuned F16 vs untuned F16
 
@@ -83,8 +83,7 @@ def _versions(*packages: str) -> dict[str, str]:
 def plan(spec: Spec) -> list[Cell]:
     """Expand a spec into its cells without running or importing anything heavy.
 
-    Within an adapter the F16 cell comes first: the other levels are judged, and their
-    contested items settled, against it."""
+    Within an adapter the F16 cell comes first: the other levels are judged against it."""
     base = spec.base.model_dump(mode="json")
     template = templates.given(spec)
     resolve = StageCall(
@@ -170,7 +169,7 @@ def _levels(
     """One route's cells, F16 first: each level's GGUF and what the spec measures on it."""
     f16 = calls["convert"]
     model = calls.get("merge") or calls["resolve"]
-    cells, f16_settle = [], None
+    cells = []
     for level in levels:
         cell_calls = dict(calls)
         if level != quant.REFERENCE:
@@ -178,12 +177,10 @@ def _levels(
                 "quantize", {"level": level}, {"gguf": f16}, keys.versions("quantize")
             )
         cell_calls |= references
-        judge_by = references.get("reference") if level == quant.REFERENCE else f16_settle
-        measured = _measurements(spec, cell_calls, model, f16, backend, judge_by)
-        if level == quant.REFERENCE:
-            f16_settle = measured.get("settle")
-            if lora is not None and route == MERGE and "drift" in spec.measure:
-                measured["drift_tuning"] = _tuning_drift(spec, f16, base_f16)
+        measured = _measurements(spec, cell_calls, model, f16, backend)
+        tuned_f16 = level == quant.REFERENCE and lora is not None and route == MERGE
+        if tuned_f16 and "drift" in spec.measure:
+            measured["drift_tuning"] = _tuning_drift(spec, f16, base_f16)
         cells.append(Cell(lora, level, cell_calls | measured, backend, route))
     return cells
 
@@ -258,10 +255,8 @@ def _measurements(
     model: StageCall,
     f16: StageCall,
     backend: str,
-    judge_by: StageCall | None = None,
 ) -> dict[str, StageCall]:
-    """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served.
-    `judge_by` holds the rows the cell's contested items are settled against."""
+    """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served."""
     gguf = calls.get("quantize") or f16
     # the adapter route serves the base GGUF with the LoRA GGUF: both name what is measured
     on = {"gguf": gguf, "model": model} | (
@@ -290,13 +285,6 @@ def _measurements(
             on,
             _versions("lm-eval") | keys.versions("evaluate", backend, tasks),
         )
-        if judge_by is not None:
-            out["settle"] = StageCall(
-                "settle",
-                scoring,
-                {**on, "evaluate": out["evaluate"], "reference": judge_by},
-                _versions("lm-eval") | keys.versions("settle", backend, tasks),
-            )
     if "bench" in spec.measure:
         out["bench"] = StageCall(
             "bench",

@@ -3,8 +3,9 @@
 Every stage call the plan needs (once by key) that is not served becomes one task, whose
 arguments are the tasks of its inputs, so Ray starts it when they are done and runs
 independent builds side by side. Each cell's served stages run as one more task that
-owns the cell's deployment; a level settled against its F16 cell waits for that cell's
-task. Tasks hand back outcomes and the driver alone writes MLflow (harness.pipeline).
+owns the cell's deployment; a cell whose served stage reads another cell's output
+waits for that cell's task. Tasks hand back outcomes and the driver alone writes MLflow
+(harness.pipeline).
 
 The store must be a path every node mounts: tasks read their inputs from it and write
 their outputs there, in the store's own format (and under its own locks). A worker
@@ -93,7 +94,7 @@ class RayExecutor:
 
         owner = {c.key: cell for cell in cells for r, c in cell.calls.items() if r in SERVED}
         cell_tasks: dict[str, Any] = {}
-        for cell in cells:  # plan order: the F16 cell a level is settled against comes first
+        for cell in cells:
             built = [submit(c, cell, r) for r, c in cell.calls.items() if r not in SERVED]
             after = {
                 owner[dep.key].name

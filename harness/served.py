@@ -1,5 +1,5 @@
 """A served cell's lifecycle: its model deployed on the cell's backend the first time a
-served stage (check, evaluate, settle, bench) has work to do, shared by all of them, and
+served stage (check, evaluate, bench) has work to do, shared by all of them, and
 removed when the cell is done (unless serve.keep leaves it in Ollama). On the adapter
 route a level's cells may share one llama-server (harness/sharing.py), which the
 `Sharing` owns and stops, not the cell."""

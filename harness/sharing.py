@@ -79,8 +79,7 @@ class Sharing:
 
     def batches(self, cells: list[Cell]) -> Iterator[list[Cell]]:
         """`cells` in plan order, a shared level's cells together where its first comes:
-        a level's server is up only while its cells run. A route's F16 cells come before
-        its other levels in the plan, so each level still settles against a done F16."""
+        a level's server is up only while its cells run."""
         seen: set[str] = set()
         for cell in cells:
             if cell.name not in seen:

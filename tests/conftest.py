@@ -166,10 +166,11 @@ MEASURE_SPEC = (
 lora:
   - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
 quant: [f16, q8_0, q4_k_m, q2_k]
-serve: {{backend: llamacpp, slots: 2{template}}}
-evaluate: {{tasks: [arithmetic], concurrency: 2}}
+serve: {{backend: llamacpp{template}}}
+evaluate: {{tasks: [arithmetic]}}
 bench: {{warmup: 1, repeats: 1, max_tokens: 32}}
 drift: {{ctx: 256, chunks: 4}}
+budgets: {{tolerance: 0.1}}
 tracking: {{uri: "sqlite:///{db}"}}
 """
 )

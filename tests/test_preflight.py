@@ -87,7 +87,7 @@ def test_plan_shows_what_the_run_will_take(tmp_path):
     assert result.exit_code == 0, result.output
     assert (
         "estimated: disk for the store about 2.9 GiB, memory for training about 4.6 GiB, "
-        "memory for serving about 0.8 GiB" in result.output
+        "memory for serving about 0.4 GiB" in result.output
     )
 
 

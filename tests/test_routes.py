@@ -72,10 +72,8 @@ def test_the_merge_route_keys_are_what_they_were(both):
         }
 
 
-def test_a_level_settles_against_the_f16_of_its_own_route(both):
+def test_a_level_drifts_from_the_f16_of_its_own_route(both):
     cells = by_name(both)
-    settle = cells["r8-qv-lora-q4_k_m"].calls["settle"]
-    assert settle.inputs["reference"].key == cells["r8-qv-lora-f16"].calls["settle"].key
     drift = cells["r8-qv-lora-q4_k_m"].calls["drift"]
     assert drift.inputs["reference"].inputs["gguf"].key == cells["base-f16"].gguf.key
     assert drift.inputs["reference"].inputs["adapter"] is cells["r8-qv-lora-f16"].lora_gguf
@@ -162,10 +160,11 @@ def test_the_comparison_pairs_the_routes_on_the_same_items():
     }
     inv = Invocation("x", "sqlite://", "p", {}, rows)
     (pair,) = routes.pairs(inv, lambda r: {"arithmetic": samples[r.cell]})
-    assert pair.paired[:3] == (3, 1, 0), "items 1-3 on both: the merged cell alone got 2"
+    t = pair.paired
+    assert (t.n, t.lost, t.gained) == (3, 1, 0), "items 1-3 on both: the merged cell alone got 2"
     shown = routes.values(pair)
     assert shown["size"] == "258.0 / 259.0" and shown["build"] == "8.0 / 9.0"
-    assert shown["pair"] == "a f16" and shown["mcnemar"].startswith("3 items: 1, 0, p=1")
+    assert shown["pair"] == "a f16" and shown["paired"].startswith("3 items: 1, 0, +0.33 [")
 
 
 # --- serving a LoRA GGUF --------------------------------------------------------------------
@@ -293,7 +292,7 @@ def test_the_serial_executor_builds_a_levels_adapter_cells_then_serves_them_toge
             (group[1], "served"),
         ], ran
     assert served.index("r8-qv-lora-f16") < served.index("r8-qv-lora-q4_k_m"), (
-        "a route's F16 before its other levels: they settle against it"
+        "a route's F16 before its other levels: they are judged against it"
     )
     assert [name for name, how in ran if how == "build"] == [
         name for name in served if "-lora-" in name

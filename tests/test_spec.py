@@ -109,7 +109,6 @@ def test_plan_json_lists_every_cell_and_stage(tmp_path):
         "reference": 3,  # the untuned base and each tuned model, in PyTorch
         "check": 6,
         "evaluate": 6,
-        "settle": 6,
         "bench": 6,
         "drift_base": 3,
         "drift": 6,  # 4 levels against their F16, 2 tuned F16s against the untuned one
@@ -125,7 +124,6 @@ def test_plan_json_lists_every_cell_and_stage(tmp_path):
         "reference",
         "check",
         "evaluate",
-        "settle",
         "bench",
         "drift_base",
         "drift",

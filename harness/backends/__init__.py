@@ -46,7 +46,7 @@ class ServeConfig:
     system: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     """Sampling and context options in Ollama's names (temperature, num_ctx, top_k, ...)."""
-    slots: int = 4
+    slots: int = 1
     """Parallel requests the server should handle (llama-server -np; OLLAMA_NUM_PARALLEL)."""
     adapter: Path | None = None
     """A LoRA GGUF served on top of the weights at scale 1 (the adapter route):

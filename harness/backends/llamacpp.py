@@ -127,8 +127,11 @@ def lora_arguments(config: ServeConfig) -> list[str]:
 
 
 def applied(config: ServeConfig) -> dict[str, Any]:
-    """The request fields of a deployment of `config`: its own adapter at scale 1."""
-    return {"lora": [{"id": 0, "scale": 1.0}]} if config.adapter else {}
+    """The request fields of a deployment of `config`: no prompt cache (no request reuses
+    another's cached prompt, so with one request in flight each is computed alone and
+    answers the same every time), and its own adapter at scale 1."""
+    adapter = {"lora": [{"id": 0, "scale": 1.0}]} if config.adapter else {}
+    return {"cache_prompt": False} | adapter
 
 
 def with_system(messages: list[dict[str, str]], config: ServeConfig) -> list[dict[str, str]]:

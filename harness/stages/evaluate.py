@@ -36,7 +36,7 @@ from harness.backends import ServerStopped
 from harness.evals import EvalTask
 from harness.stages import Progress
 
-VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it
+VERSION = 2  # bump when this stage's outputs change: tests/test_keys.py checks it
 
 METRIC = "exact_match"
 Z_95 = 1.959963984540054
