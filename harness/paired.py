@@ -25,7 +25,14 @@ import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
-__all__ = ["DEFAULT_TOLERANCE", "Table", "holm", "smallest_tolerance", "table"]
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "Table",
+    "accuracy_interval",
+    "holm",
+    "smallest_tolerance",
+    "table",
+]
 
 DEFAULT_TOLERANCE = 0.05
 """The accuracy drop a task may lose when the spec does not say: five points, which a few
@@ -97,6 +104,12 @@ def smallest_tolerance(n: int, confidence: float) -> float:
     can never be shown, whatever the models do."""
     z2 = _z(confidence) ** 2
     return z2 / (n + z2)
+
+
+def accuracy_interval(accuracy: float, n: int, confidence: float = 0.975) -> tuple[float, float]:
+    """The Wilson interval of one model's accuracy on n items (each side at `confidence`:
+    the default is the two-sided 95% interval), for plots and tables."""
+    return _wilson(round(accuracy * n), n, _z(confidence))
 
 
 def holm(pvalues: list[float], alpha: float) -> list[bool]:

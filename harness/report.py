@@ -1,7 +1,9 @@
 """The comparison report: a self-contained HTML page and a Markdown file, from MLflow alone.
 
 Written to `reports/<experiment>/`: `index.html` (plots embedded as PNG data,
-no network needed to view it), `report.md` with the PNGs beside it.
+no network needed to view it), `report.md` with the PNGs beside it. It opens with the
+decision, one line per adapter (the level to ship and why, or that none is), then the
+cells, then where the quality went along each chain; each cell's reasons appear once.
 """
 
 from __future__ import annotations
@@ -94,6 +96,15 @@ def served(row: Row) -> str:
     return row.tags.get("forgebench.lineage.gguf_sha256", "-")
 
 
+def decision(choice: Choice, rows: list[Row]) -> str:
+    """One line: the level to ship and why, or each level's verdict when none ships."""
+    if choice.row is not None:
+        return f"ship {choice.why}"
+    mine = [r for r in rows if r.adapter == choice.adapter]
+    verdicts = "; ".join(f"{r.cell} {r.verdict or r.status}" for r in mine)
+    return f"ship nothing: no level was shown ok ({verdicts})"
+
+
 def slow_or_stupid(rows: list[Row]) -> list[str]:
     return [
         f"{r.cell}: {r.verdict} ({r.reasons})"
@@ -145,6 +156,10 @@ def markdown(
         if task
         else f"MLflow run `{inv.run_id}`.",
         "",
+        "## Decision",
+        "",
+        *(f"- **{c.adapter}**: {decision(c, inv.rows)}" for c in choices),
+        "",
         "## Cells",
         "",
     ]
@@ -160,14 +175,12 @@ def markdown(
         for pair in pairs:
             values = routes.values(pair)
             lines.append("| " + " | ".join(values[key] for key, _ in routes.COLUMNS) + " |")
-    lines += ["", "## Best quant level per adapter", ""]
-    lines += [f"- **{c.adapter}**: {c.why}" for c in choices]
     chains = quality_chain(inv.rows)
     if chains:
         lines += ["", "## Where the quality went"]
         for name, text in chains:
             lines += ["", *(f"- {line}" for line in text), "", f"![{name}]({name})"]
-    lines += ["", "## Not ok", ""]
+    lines += ["", "## Why not ok", ""]
     lines += [f"- {line}" for line in slow_or_stupid(inv.rows)] or ["- none"]
     lines += ["", "## Lineage", ""] + [f"- {k}: {v}" for k, v in lineage(inv.rows)]
     shown = {name for name, _ in chains}
@@ -205,7 +218,9 @@ def page(
             f"<h2>Merge route against adapter route</h2><p>{esc(ROUTES_NOTE)}</p>"
             f'<table id="routes"><tr>{titles}</tr>{rows}</table>'
         )
-    best = "".join(f"<li><b>{esc(c.adapter)}</b>: {esc(c.why)}</li>" for c in choices)
+    best = "".join(
+        f"<li><b>{esc(c.adapter)}</b>: {esc(decision(c, inv.rows))}</li>" for c in choices
+    )
     flagged = "".join(f"<li>{esc(s)}</li>" for s in slow_or_stupid(inv.rows)) or "<li>none</li>"
     lin = "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in lineage(inv.rows))
 
@@ -237,12 +252,12 @@ figure {{ display: inline-block; margin: 1em; }} img {{ max-width: 640px; }}
 </style></head><body>
 <h1>forgebench report: {esc(inv.experiment)}</h1>
 <p>MLflow run <code>{esc(inv.run_id)}</code>{accuracy_note}.</p>
+<h2>Decision</h2><ul id="best">{best}</ul>
 <h2>Cells</h2><table id="cells"><tr>{head}</tr>
 {body}</table>
 {compared}
-<h2>Best quant level per adapter</h2><ul id="best">{best}</ul>
 {where}
-<h2>Not ok</h2><ul>{flagged}</ul>
+<h2>Why not ok</h2><ul>{flagged}</ul>
 <h2>Lineage</h2><ul>{lin}</ul>
 <h2>Plots</h2>{figs}
 </body></html>

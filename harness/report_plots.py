@@ -13,7 +13,7 @@ import io
 import re
 from dataclasses import dataclass, field
 
-from harness import quant
+from harness import paired, quant
 from harness.best import pareto_front
 from harness.planning import CONTROL
 from harness.results import ORDER, Row
@@ -34,6 +34,8 @@ class Point:
     """The cell whose link metrics describe the step (the cell itself for a quant level)."""
     lost: bool = False
     """The verdict (`forgebench.steps_lost`) blames this point's step."""
+    items: dict[str, int] = field(default_factory=dict)
+    """task -> the items the chain is scored on, for the accuracy's interval."""
     losses: dict[str, tuple[float, float | None, float | None]] = field(default_factory=dict)
     """task -> (drop, its lower and upper bounds) for the step, where the cell logged them."""
 
@@ -96,7 +98,13 @@ def chain(rows: list[Row], adapter: str, tasks: list[str]) -> list[Point]:
         for r in mine
         if r.quant != quant.REFERENCE
     ]
+    logged = {
+        t: [r.metrics[f"link_e2e_{t}_items"] for r in mine if f"link_e2e_{t}_items" in r.metrics]
+        for t in tasks
+    }
+    items = {t: int(found[0]) for t, found in logged.items() if found}
     for p in points:
+        p.items = items
         if p.step == "quantization":
             p.lost = "quantization" in steps_lost(p.row)
         if p.step and p.row is not None:
@@ -145,7 +153,22 @@ def chain_plot(plt, adapter: str, points: list[Point], tasks: list[str]):
         ys = [p.accuracy.get(t) for p in points]
         style = "o-" if t == tasks[0] else "s--"
         label = t if t == tasks[0] else f"{t} (guard)"
-        ax.plot(xs, [float("nan") if y is None else y for y in ys], style, label=label)
+        (line,) = ax.plot(xs, [float("nan") if y is None else y for y in ys], style, label=label)
+        n = next((p.items[t] for p in points if t in p.items), None)
+        if n:  # every point of a chain is scored on the same items: its 95% interval
+            bounds = [paired.accuracy_interval(y, n) if y is not None else None for y in ys]
+            below = [y - b[0] if b else 0.0 for y, b in zip(ys, bounds, strict=True)]
+            above = [b[1] - y if b else 0.0 for y, b in zip(ys, bounds, strict=True)]
+            values = [float("nan") if y is None else y for y in ys]
+            ax.errorbar(
+                xs,
+                values,
+                yerr=[below, above],
+                fmt="none",
+                capsize=3,
+                ecolor=line.get_color(),
+                alpha=0.6,
+            )
     for i, ref, t in blamed(points, tasks):
         point = points[i]
         ax.axvspan(i - 0.4, i + 0.4, color=RED, alpha=0.12)

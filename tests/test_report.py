@@ -159,6 +159,18 @@ def test_report_text_shows_each_adapters_chain_and_the_verdict_with_its_step(tmp
     assert text.count("![chain_main.png]") == 1, "a chain chart is shown once, in its section"
 
 
+def test_the_report_opens_with_the_decision_and_gives_each_reason_once(tmp_path):
+    inv = Invocation("chain", "sqlite:///x.db", "p" * 32, {}, rows())
+    _, md = report.write(inv, tmp_path)
+    text = md.read_text()
+    assert text.index("## Decision") < text.index("## Cells") < text.index("## Why not ok")
+    decisions = text.split("## Decision")[1].split("## Cells")[0]
+    assert "- **main**: ship q4_k_m: smallest file" in decisions
+    assert "- **forgetful**: ship nothing: no level was shown ok (forgetful-f16 " in decisions
+    reason = "quantization: arithmetic 0.450 vs F16 0.800 (p=2e-06)"
+    assert text.count(reason) == 1, "a reason is given once, under Why not ok"
+
+
 def render(page: Path, tmp_path: Path) -> tuple[str, Image.Image]:
     """The page as headless Chromium sees it: its DOM, and a screenshot."""
     chromium = shutil.which("chromium")
