@@ -82,7 +82,7 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
         error=result.error,
         broken="template" if template_broken else "adapter not applied" if unapplied else None,
         evaluated=evaluated,
-        decode_tps=metric("bench", "decode_tps_p5"),
+        decode_rates=_decode_rates(cell, result, store),
         ttft_ms_p95=metric("bench", "ttft_ms_p95"),
         # llama-server's peak RSS; on Ollama, the size its /api/ps reports for the model
         memory_mb=metric("bench", "memory_mb") or metric("bench", "ollama_ps_size_mb"),
@@ -98,6 +98,18 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
         return fig
     fig.accuracy = {t: sum(items.values()) / len(items) for t, items in fig.items.items() if items}
     return fig
+
+
+def _decode_rates(cell: Cell, result: CellResult, store: Store) -> list[float]:
+    """Each bench request's decode tok/s, from the bench's requests.jsonl."""
+    outcome = result.stages.get("bench")
+    if outcome is None or outcome.error or "bench" not in cell.calls:
+        return []
+    path = store.path(cell.calls["bench"]) / "requests.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [float(r["decode_tps"]) for r in rows if r.get("decode_tps")]
 
 
 def _scores(

@@ -251,7 +251,12 @@ class EvaluateSpec(Strict):
 
 class BenchSpec(Strict):
     warmup: int = Field(1, ge=0)
-    repeats: int = Field(1, gt=0, description="passes over the fixed prompt set")
+    repeats: int = Field(
+        2,
+        gt=0,
+        description="passes over the fixed prompt set (6 prompts): 12 requests bound the "
+        "median decode rate between their 3rd smallest and 3rd largest at 95%",
+    )
     max_tokens: int = Field(64, gt=1)
 
 
@@ -271,7 +276,19 @@ class BudgetSpec(Strict):
     """When a cell is "slow" (misses a speed or memory budget) or "stupid" (loses accuracy
     beyond a task's tolerance, shown at the stated confidence, or drifts from its F16)."""
 
-    decode_tps_min: float | None = Field(None, gt=0, description="slow if p5 decode is below")
+    decode_tps_min: float | None = Field(
+        None,
+        gt=0,
+        description="slow if the median decode tok/s of the bench's fixed-length requests is "
+        "surely below (its upper bound at the stated confidence is)",
+    )
+    decode_speedup_min: float | None = Field(
+        None,
+        gt=0,
+        description="slow if the median decode is surely below this many times the median of "
+        "the F16 of the same adapter and route, measured in the same run (means the same on "
+        "every CPU)",
+    )
     ttft_ms_p95_max: float | None = Field(None, gt=0, description="slow if p95 TTFT is above")
     memory_mb_max: float | None = Field(None, gt=0, description="slow if peak memory is above")
     tolerance: float | dict[str, float] = Field(
@@ -390,6 +407,7 @@ class Spec(Strict):
     def _budgets_are_measured(self) -> Spec:
         needs = {
             "decode_tps_min": "bench",
+            "decode_speedup_min": "bench",
             "ttft_ms_p95_max": "bench",
             "memory_mb_max": "bench",
             "kld_max": "drift",

@@ -371,7 +371,7 @@ class Experiment:
                 tags["forgebench.verdict_notes"] = "; ".join(judged.notes)[:5000]
                 steps = dict.fromkeys(step.split(":")[0] for step in judged.steps)
                 tags["forgebench.steps_lost"] = ",".join(steps)
-                metrics = dict(judged.chain)
+                metrics = dict(judged.chain) | judged.speed
                 for link in judged.links:
                     metrics |= link.metrics()
             self.client.log_batch(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness import paired, quant
+from harness import paired, quant, speed
 from harness.blame import END_TO_END, Link, Scores, compare
 from harness.errors import ForgebenchError
 from harness.spec import BudgetSpec
@@ -51,8 +51,8 @@ class Figures:
     """task -> item id -> correct, for the paired tests."""
     evaluated: bool = False
     """Accuracy was asked for (the spec measures evaluate)."""
-    decode_tps: float | None = None
-    """The slow tail: p5 of the per-request decode rates."""
+    decode_rates: list[float] = field(default_factory=list)
+    """Each bench request's decode tok/s (fixed-length decodes): the median is judged."""
     ttft_ms_p95: float | None = None
     memory_mb: float | None = None
     kld_mean: float | None = None
@@ -76,16 +76,20 @@ class Verdict:
     """The chain's accuracies: chain_hf_base_<task>, chain_hf_tuned_<task>, chain_f16_<task>."""
     steps: list[str] = field(default_factory=list)
     """The steps blamed, as the label names them."""
+    speed: dict[str, float] = field(default_factory=dict)
+    """The median decode rate's bounds the budget was judged with, as MLflow metrics."""
 
 
-def slow_reasons(fig: Figures, budgets: BudgetSpec) -> tuple[list[str], list[str]]:
-    """(missed budgets, budgets whose figure was not measured)."""
+def slow_reasons(
+    fig: Figures, budgets: BudgetSpec, f16: Figures | None = None
+) -> tuple[list[str], list[str]]:
+    """(missed budgets, budgets not shown met: a figure not measured, or a decode median
+    whose interval straddles its budget)."""
+    missed, unmeasured = _decode(fig, budgets, f16)
     checks = [
-        ("decode p5", budgets.decode_tps_min, fig.decode_tps, "tok/s", "<"),
         ("TTFT p95", budgets.ttft_ms_p95_max, fig.ttft_ms_p95, "ms", ">"),
         ("memory", budgets.memory_mb_max, fig.memory_mb, "MB", ">"),
     ]
-    missed, unmeasured = [], []
     for name, budget, value, unit, worse in checks:
         if budget is None:
             continue
@@ -94,6 +98,42 @@ def slow_reasons(fig: Figures, budgets: BudgetSpec) -> tuple[list[str], list[str
         elif (value < budget) if worse == "<" else (value > budget):
             missed.append(f"{name} {value:.0f} {unit} {worse} {budget:g}")
     return missed, unmeasured
+
+
+def _decode(fig: Figures, budgets: BudgetSpec, f16: Figures | None) -> tuple[list, list]:
+    """The median decode rate against `decode_tps_min` and against `decode_speedup_min`
+    times the median of the F16 of the cell's own adapter and route, measured in the same
+    run (a budget that means the same on every CPU)."""
+    wanted = []
+    if budgets.decode_tps_min is not None:
+        wanted.append((budgets.decode_tps_min, "decode p50", "tok/s"))
+    if budgets.decode_speedup_min is not None:
+        base = f16.decode_rates if f16 is not None else []
+        if not base:
+            return [], [f"decode of {quant.REFERENCE} not measured (decode_speedup_min)"]
+        reference = speed.median(base, budgets.confidence).value
+        budget = budgets.decode_speedup_min * reference
+        wanted.append(
+            (
+                budget,
+                f"decode p50 ({budgets.decode_speedup_min:g}x {quant.REFERENCE}'s {reference:.0f})",
+                "tok/s",
+            )
+        )
+    if wanted and not fig.decode_rates:
+        return [], [
+            f"{name} not measured (budget {budget:g} {unit})" for budget, name, unit in wanted
+        ]
+    missed, undecided = [], []
+    for budget, name, unit in wanted:
+        state, said = speed.judge(
+            speed.median(fig.decode_rates, budgets.confidence), budget, name, unit
+        )
+        if state == "missed":
+            missed.append(said)
+        elif state == "unjudged":
+            undecided.append(said)
+    return missed, undecided
 
 
 @dataclass
@@ -160,6 +200,7 @@ def judge(
     return {
         fig.cell: _judge_cell(
             fig,
+            f16s[fig.cell],
             links[fig.cell],
             beyond,
             budgets,
@@ -179,6 +220,7 @@ def _beyond(links: dict[str, list[Link]], alpha: float) -> set[int]:
 
 def _judge_cell(
     fig: Figures,
+    f16: Figures | None,
     links: list[Link],
     beyond: set[int],
     budgets: BudgetSpec,
@@ -188,7 +230,11 @@ def _judge_cell(
         label = f"broken ({fig.broken})" if fig.broken else "broken"
         return Verdict(fig.cell, label, [fig.error or fig.status])
     verdict = Verdict(fig.cell, "", links=links, chain=chain)
-    slow, unmeasured = slow_reasons(fig, budgets)
+    if fig.decode_rates:
+        median = speed.median(fig.decode_rates, budgets.confidence)
+        bounds = {"lower": median.lower, "upper": median.upper}
+        verdict.speed = {f"decode_tps_p50_{k}": v for k, v in bounds.items() if v is not None}
+    slow, unmeasured = slow_reasons(fig, budgets, f16)
     stupid, steps = _stupid(links, beyond)
     if budgets.kld_max is not None and fig.quant != quant.REFERENCE:
         if fig.kld_mean is None:

@@ -80,13 +80,24 @@ def test_drift_grows_as_bits_shrink(measured):
     assert "drift" not in measured["main-f16"].stages
 
 
-def test_speed_and_memory_are_measured(measured):
-    for cell in measured.values():
+def test_speed_and_memory_are_measured(measured, e2e):
+    """Every timed request decodes the same fixed length (end of sequence ignored), and the
+    verdict's decode bounds reach MLflow beside the median."""
+    cells = {c.name: c for c in planning.plan(spec.load(e2e.folder / "measure.yaml"))}
+    client = MlflowClient(f"sqlite:///{e2e.folder / 'mlflow.db'}")
+    for name, cell in measured.items():
         bench = cell.stages["bench"].metrics
         assert bench["decode_tps_p50"] > 0 and bench["stream_tps_p50"] > 0
         assert 0 < bench["ttft_ms_p50"] <= bench["ttft_ms_p95"]
         assert bench["memory_mb"] > 0 and bench["load_s"] > 0
         assert bench["llama_bench_tg_tps"] > 0 and bench["llama_bench_pp_tps"] > 0
+        requests = e2e.store.path(cells[name].calls["bench"]) / "requests.jsonl"
+        rows = requests.read_text().splitlines()
+        tokens = {json.loads(line)["completion_tokens"] for line in rows}
+        assert tokens == {32}, (name, tokens)  # bench.max_tokens in MEASURE_SPEC
+        logged = client.get_run(cell.run_id).data.metrics
+        assert logged["decode_tps_p50_lower"] <= bench["decode_tps_p50"]
+        assert bench["decode_tps_p50"] <= logged["decode_tps_p50_upper"]
 
 
 def test_no_server_outlives_the_run(measured):

@@ -331,7 +331,7 @@ class CachingServer:
     def __init__(self) -> None:
         self.requests = 0
 
-    def chat(self, deployment, messages, max_tokens=256):
+    def chat(self, deployment, messages, max_tokens=256, fixed_length=False):
         cold, self.requests = self.requests == 0, self.requests + 1
         yield Chunk("Paris")
         yield Chunk(

@@ -38,7 +38,11 @@ def hf(label: str, right: int, guard: int | None = None) -> Scores:
 BUDGETS = BudgetSpec(
     decode_tps_min=40, ttft_ms_p95_max=800, memory_mb_max=1024, tolerance=0.05, confidence=0.95
 )
-FAST = {"decode_tps": 50.0, "ttft_ms_p95": 100.0, "memory_mb": 300.0}
+FAST = {
+    "decode_rates": [48.0, 49.0, 50.0, 51.0, 52.0, 50.0] * 2,
+    "ttft_ms_p95": 100.0,
+    "memory_mb": 300.0,
+}
 
 
 def chain(base_hf=180, tuned_hf=210, f16=210, levels=(("q8_0", 210),), base_cells=True, **kw):
@@ -163,14 +167,20 @@ def test_items_that_do_not_pair_up_are_unjudged():
     assert v["a-q8_0"].verdict == "unjudged" and "share no items" in v["a-q8_0"].reasons[0]
 
 
-def test_slow_is_judged_on_the_slow_tail_and_a_missing_figure_is_unjudged():
+def test_slow_is_judged_on_the_median_s_bounds_and_a_missing_figure_is_unjudged():
     v = chain()
     assert v["a-q8_0"].verdict == "ok"
-    cells = [cell("a", "f16", **FAST), cell("a", "q8_0", 120, **{**FAST, "decode_tps": 30})]
+    slow = {**FAST, "decode_rates": [28.0, 29.0, 30.0, 31.0, 32.0, 30.0] * 2}
+    cells = [cell("a", "f16", **FAST), cell("a", "q8_0", 120, **slow)]
     refs = {"base": hf("untuned HF", 180), "a": hf("tuned HF", 210)}
     both = judge(cells, BUDGETS, refs, ["arith"])["a-q8_0"]
     assert both.verdict == "slow+stupid (quantization)"
-    assert both.reasons[0] == "decode p5 30 tok/s < 40"
+    assert both.reasons[0] == "decode p50 30 [29, 31] tok/s (median of 12) < 40"
+    near = {**FAST, "decode_rates": [36.0, 38.0, 39.0, 41.0, 42.0, 44.0] * 2}
+    cells[1] = cell("a", "q8_0", **near)
+    straddles = judge(cells, BUDGETS, refs, ["arith"])["a-q8_0"]
+    assert straddles.verdict == "unjudged"
+    assert "straddles the budget 40" in straddles.reasons[0]
     cells[1] = cell("a", "q8_0", **{**FAST, "memory_mb": None})
     unmeasured = judge(cells, BUDGETS, refs, ["arith"])["a-q8_0"]
     assert unmeasured.verdict == "unjudged" and unmeasured.reasons[0].startswith("memory not")
@@ -219,5 +229,18 @@ def test_a_cell_whose_accuracy_was_not_measured_is_never_ok():
     assert v.reasons == ["accuracy not measured: add evaluate to the spec's measure list"]
     nothing = Figures("a-f16", "a", "f16")
     assert judge([nothing], BudgetSpec(), {}, [])["a-f16"].verdict == "unjudged"
-    slow = Figures("a-f16", "a", "f16", **{**FAST, "decode_tps": 30})
+    slow = Figures("a-f16", "a", "f16", **{**FAST, "decode_rates": [30.0] * 12})
     assert judge([slow], BUDGETS, {}, [])["a-f16"].verdict == "slow+unjudged"
+
+
+def test_a_relative_decode_budget_reads_the_f16_of_the_same_run():
+    """decode_speedup_min 1.5: the F16 is slow against itself, a level 1.8x faster meets it,
+    whatever the CPU's absolute speed."""
+    budgets = BUDGETS.model_copy(update={"decode_tps_min": None, "decode_speedup_min": 1.5})
+    fast = {**FAST, "decode_rates": [r * 1.8 for r in FAST["decode_rates"]]}
+    cells = [cell("a", "f16", **FAST), cell("a", "q4_k_m", **fast)]
+    refs = {"base": hf("untuned HF", 180), "a": hf("tuned HF", 210)}
+    v = judge(cells, budgets, refs, ["arith"])
+    assert v["a-f16"].verdict == "slow"
+    assert v["a-f16"].reasons[0].startswith("decode p50 (1.5x f16's 50) 50 [")
+    assert v["a-q4_k_m"].verdict == "ok"

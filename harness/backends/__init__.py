@@ -121,10 +121,13 @@ class Backend(Protocol):
         messages: list[dict[str, str]],
         max_tokens: int = 256,
         adapter_scale: float | None = None,
+        fixed_length: bool = False,
     ) -> Iterator[Chunk]:
         """`adapter_scale`: a probe at this scale of the deployed adapter (0 answers as the
         base alone), answered greedily; None serves the deployment as it is, with its
-        options. Ollama takes 0 or 1 only."""
+        options. Ollama takes 0 or 1 only. `fixed_length`: generate `max_tokens` whatever
+        the model says (llama-server's `ignore_eos`; Ollama has no such option and may stop
+        early), so every timed request decodes the same length."""
         ...
 
     def render_prompt(self, deployment: Deployment, messages: list[dict[str, str]]) -> str | None:

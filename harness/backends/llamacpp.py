@@ -259,9 +259,12 @@ class LlamaServer:
         messages: list[dict[str, str]],
         max_tokens: int = 256,
         adapter_scale: float | None = None,
+        fixed_length: bool = False,
     ) -> Iterator[Chunk]:
         _, config, _ = self._servers[deployment.model_name]
         body = request_body(messages, config, max_tokens, deployment.request_fields, adapter_scale)
+        if fixed_length:
+            body["ignore_eos"] = True
         # one connection per request: llama-server closes kept-alive connections after a
         # few requests, which would surface as a spurious disconnect mid-benchmark
         try:

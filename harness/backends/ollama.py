@@ -353,9 +353,12 @@ class OllamaBackend:
         messages: list[dict[str, str]],
         max_tokens: int = 256,
         adapter_scale: float | None = None,
+        fixed_length: bool = False,
     ) -> Iterator[Chunk]:
         """`adapter_scale` 0 asks the model made from the same base without its ADAPTER
-        (Ollama applies an adapter at scale 1 and takes no scale per request)."""
+        (Ollama applies an adapter at scale 1 and takes no scale per request). Ollama has
+        no option to ignore the end of sequence: `fixed_length` cannot be honoured, and a
+        reply may stop before `max_tokens` (its decode rate is per token all the same)."""
         name = deployment.model_name
         options: dict[str, Any] = {"num_predict": max_tokens}
         if adapter_scale is not None:

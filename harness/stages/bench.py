@@ -2,8 +2,9 @@
 
 Spec keys: `bench.*` (`max_tokens`, `repeats`, `warmup`). A fixed prompt set
 (`evals/bench_prompts.jsonl`) is streamed through the serving API one request
-at a time, after warm-up requests, on a deployment of the bench's own: one that
-an earlier stage (check, evaluate) used is replaced first, so that no figure
+at a time, each decoding exactly `max_tokens` tokens (end of sequence ignored, on
+llama-server), `repeats` times over, after warm-up requests, on a deployment of the
+bench's own: one that an earlier stage (check, evaluate) used is replaced first, so that no figure
 depends on whether those stages ran now or came from the store. Per request:
 time to first token from the client's side, end-to-end stream tokens/s, and the
 server's own prefill and decode figures (llama-server `timings`, Ollama's
@@ -50,10 +51,10 @@ from harness.backends import Backend, Deployment
 from harness.evals import EVALS
 
 PROMPTS = EVALS / "bench_prompts.jsonl"
-VERSION = 3
+VERSION = 4
 """The bench's logic in the stage key (harness/keys.py): 2 is nearest-rank percentiles, the
 throughputs' slow tail (p5, no p95) and memory on a deployment of the bench's own; 3 is
-prefill from the cold first request."""
+prefill from the cold first request; 4 is fixed-length decodes."""
 MEMORY_METRIC = {"llamacpp": "memory_mb", "ollama": "ollama_ps_size_mb"}
 """Backend name -> the name its `memory_bytes` is reported under (see the docstring)."""
 THROUGHPUTS = ("stream_tps", "prefill_tps", "decode_tps")
@@ -79,7 +80,7 @@ def one_request(backend: Backend, deployment: Deployment, messages, max_tokens: 
     started = time.perf_counter()
     first = None
     final = None
-    for chunk in backend.chat(deployment, messages, max_tokens=max_tokens):
+    for chunk in backend.chat(deployment, messages, max_tokens=max_tokens, fixed_length=True):
         if first is None and chunk.text:
             first = time.perf_counter()
         if chunk.done:
