@@ -49,7 +49,10 @@ def test_the_adapter_route_builds_only_the_lora_gguf(routes):
     for name in ("main-lora-f16", "main-lora-q4_k_m"):
         assert cells[name].status == "done", cells[name].error
         assert cells[name].stages["check"].metrics["adapter_applied"] == 1
-        assert not summary.verdicts[name].verdict.startswith(("broken", "unjudged"))
+        judged = summary.verdicts[name]
+        assert not judged.verdict.startswith("broken"), judged.reasons
+        # every link was measured: its F16 (of its own route) and its references were there
+        assert all(link.table is not None for link in judged.links), judged.reasons
 
 
 def test_the_lora_gguf_changes_the_served_output(routes, e2e):

@@ -37,6 +37,7 @@ control: false
 measure: [{measure}]
 serve: {{backend: llamacpp, slots: 2}}
 evaluate: {{tasks: [arithmetic], limit: 40, concurrency: 2}}
+budgets: {{tolerance: 0.2}}  # 40 items cannot show less than 0.063
 tracking: {{uri: "sqlite:///{db}"}}
 """
 
