@@ -147,7 +147,7 @@ RED = "#d62728"
 def chain_plot(plt, adapter: str, points: list[Point], tasks: list[str]):
     """Accuracy along the chain, one line per task; each blamed link shaded, its candidate
     point crossed and an arrow drawn from the reference it lost against."""
-    fig, ax = plt.subplots(figsize=(7.2, 4))
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
     xs = range(len(points))
     for t in tasks:
         ys = [p.accuracy.get(t) for p in points]
@@ -169,7 +169,9 @@ def chain_plot(plt, adapter: str, points: list[Point], tasks: list[str]):
                 ecolor=line.get_color(),
                 alpha=0.6,
             )
+    row_of: dict[int, int] = {}  # a blamed link's label row: adjacent labels alternate
     for i, ref, t in blamed(points, tasks):
+        row_of[i] = 1 if row_of.get(i - 1) == 0 else 0
         point = points[i]
         ax.axvspan(i - 0.4, i + 0.4, color=RED, alpha=0.12)
         before, after = points[ref].accuracy.get(t), point.accuracy.get(t)
@@ -188,9 +190,9 @@ def chain_plot(plt, adapter: str, points: list[Point], tasks: list[str]):
         if lower is not None and upper is not None:
             text += f"\ndrop {drop:.2f} [{lower:.2f}, {upper:.2f}]"
         edge = "right" if i == len(points) - 1 else "left" if i == 0 else "center"
-        ax.text(i, 1.2, text, ha=edge, va="top", fontsize=8, color=RED)
+        ax.text(i, 1.47 - 0.24 * row_of[i], text, ha=edge, va="top", fontsize=8, color=RED)
     ax.set_xticks(list(xs), [p.label for p in points], rotation=20)
-    ax.set_ylim(-0.03, 1.22)  # headroom above 1.0 for the labels of blamed links
+    ax.set_ylim(-0.03, 1.5)  # headroom above 1.0 for two rows of blamed links' labels
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set(ylabel="accuracy", title=f"{adapter}: where the quality went")
     ax.legend(fontsize=8, loc="lower left")
