@@ -26,7 +26,7 @@ COLUMNS = (
     ("top1_agreement", "top-1"),
     ("ttft_ms_p50", "TTFT p50 ms"),
     ("decode_tps_p5", "decode tok/s p5"),
-    ("decode_tps_p50", "decode tok/s"),
+    ("decode_tps_p50", "decode tok/s p50"),
     ("llama_bench_tg_tps", "llama-bench tg tok/s"),
     ("memory_mb", "memory MB"),
     ("gguf_mb", "size MB"),
