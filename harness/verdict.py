@@ -1,7 +1,9 @@
 """Verdicts: is a cell ok, "slow", "stupid" (and through which step), "broken" or "unjudged"?
 
-"Slow" is a missed speed or memory budget; the decode budget is judged on the slow
-tail (p5 of the per-request decode rates), since a user notices the slow answers.
+"Slow" is a missed speed or memory budget; a decode budget (absolute, or a multiple of
+the same adapter's F16 in the same run) is judged on the median decode rate of the
+bench's fixed-length requests and its distribution-free bounds (`harness.speed`): slow
+when surely below, unjudged when the bounds straddle it.
 "Stupid" is lost accuracy, shown with the spec's confidence: a cell whose end-to-end
 drop on a task (from the tuned HF model on a target task, from the untuned one on a guard
 task) is surely beyond that task's tolerance, with the family-wise error held across
