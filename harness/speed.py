@@ -60,7 +60,7 @@ def judge(figure: Median, budget: float, name: str, unit: str) -> tuple[str, str
     """("missed" | "met" | "unjudged", what to say): a minimum the figure must reach."""
     shown = f"{name} {figure.describe(unit)}"
     if figure.upper is not None and figure.upper < budget:
-        return "missed", f"{shown} < {budget:g}"
+        return "missed", f"{shown} < {budget:.4g}"
     if figure.lower is not None and figure.lower >= budget:
-        return "met", f"{shown} >= {budget:g}"
-    return "unjudged", f"{shown} straddles the budget {budget:g}: add bench.repeats"
+        return "met", f"{shown} >= {budget:.4g}"
+    return "unjudged", f"{shown} straddles the budget {budget:.4g}: add bench.repeats"
