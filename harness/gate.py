@@ -104,7 +104,7 @@ def compare(
     if "accuracy" in skip:
         result.rows.append(("accuracy", "", "", "skipped (--skip accuracy)"))
     else:
-        _accuracy(result, cand_items, base_items, _resolved(tol, candidate))
+        _accuracy(result, cand_items, base_items, _Resolved(tol, candidate))
     machines = candidate.tags.get(MACHINE), baseline.tags.get(MACHINE)
     same_machine = machines[0] is not None and machines[0] == machines[1]
     if not same_machine:
@@ -133,22 +133,22 @@ def compare(
 
 @dataclass
 class _Resolved:
-    tolerance: dict[str, float]
-    confidence: float
-
-
-def _resolved(tol: Tolerances, candidate: RunView) -> _Resolved:
     """The tolerance per task and the confidence the candidate was judged with, unless
     given: the gate judges by the same rule as the verdict it refuses to contradict."""
 
-    class PerTask(dict):
-        def __missing__(self, task: str) -> float:
-            if tol.tolerance is not None:
-                return tol.tolerance
-            return candidate.metrics.get(f"link_e2e_{task}_tolerance", DEFAULT_TOLERANCE)
+    given: Tolerances
+    candidate: RunView
 
-    confidence = tol.confidence or float(candidate.tags.get("forgebench.confidence", 0.95))
-    return _Resolved(PerTask(), confidence)
+    def tolerance(self, task: str) -> float:
+        if self.given.tolerance is not None:
+            return self.given.tolerance
+        return self.candidate.metrics.get(f"link_e2e_{task}_tolerance", DEFAULT_TOLERANCE)
+
+    @property
+    def confidence(self) -> float:
+        return self.given.confidence or float(
+            self.candidate.tags.get("forgebench.confidence", 0.95)
+        )
 
 
 def _candidate_state(result: GateResult, candidate: RunView, accept: frozenset[str]) -> None:
@@ -203,7 +203,7 @@ def _accuracy(
         compared += 1
         t = paired.table(base_task, cand_task)
         lower, upper = t.interval(tol.confidence)
-        tolerance = tol.tolerance[task]
+        tolerance = tol.tolerance(task)
         held, regressed = upper < tolerance, lower > tolerance
         outcome = "ok" if held else "regressed" if regressed else "not shown within tolerance"
         interval = f"drop {t.drop:+.3f} [{lower:+.3f}, {upper:+.3f}] at {tol.confidence:.0%}"
