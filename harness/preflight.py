@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness import data, evals, inputs, sample_size, templates
+from harness import data, evals, inputs, replay, sample_size, templates
 from harness.errors import ForgebenchError, InputError
 from harness.ollama_models import GgufInfo
 from harness.spec import Spec
@@ -75,6 +75,16 @@ def _data(spec: Spec) -> None:
             data.read_jsonl(spec.data.train)
         except ForgebenchError as exc:
             raise InputError(f"{spec.where('data', 'train')}: {exc}") from None
+    for i, lora in enumerate(spec.lora):
+        if lora.replay is None:
+            continue
+        where = spec.where("lora", i, "replay")
+        if not lora.replay.is_file():
+            raise InputError(f"{where}: file not found: {lora.replay}")
+        try:
+            replay.prompts(lora.replay)
+        except ForgebenchError as exc:
+            raise InputError(f"{where}: {exc}") from None
     for field, tasks in (("tasks", spec.evaluate.tasks), ("guard", spec.evaluate.guard)):
         for i, task in enumerate(tasks):
             if (

@@ -136,10 +136,19 @@ class LoraSpec(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(min_length=1)
     bias: Literal["none", "all", "lora_only"] = "none"
+    replay: Path | None = Field(
+        None,
+        description="JSONL of general prompts ({prompt} rows) mixed into this adapter's "
+        "training set with the untuned base model's own greedy answers (self-replay): the "
+        "adapter rehearses what the base already does, against forgetting",
+    )
 
     def settings(self) -> dict[str, Any]:
-        """What the adapter depends on: everything but its display name."""
-        return self.model_dump(mode="json", exclude={"name"})
+        """What the adapter depends on: everything but its display name (and no `replay`
+        key when there is none, so adapters trained before it existed keep their keys)."""
+        return self.model_dump(
+            mode="json", exclude={"name"} | ({"replay"} if self.replay is None else set())
+        )
 
 
 class ServeSpec(Strict):
@@ -517,8 +526,9 @@ def _resolve_paths(spec: Spec, folder: Path) -> Spec:
     if template is not None and template not in FAMILIES:  # a file, relative to the spec
         template = str(absolute(Path(template)))
     serve = spec.serve.model_copy(update={"chat_template": template})
+    loras = [lora.model_copy(update={"replay": absolute(lora.replay)}) for lora in spec.lora]
     return spec.model_copy(
-        update={"base": base, "data": data, "evaluate": evaluate, "serve": serve}
+        update={"base": base, "data": data, "evaluate": evaluate, "serve": serve, "lora": loras}
     )
 
 

@@ -226,6 +226,7 @@ PATH_SETTINGS = (
     ("base", "gguf"),
     ("base", "resolved", "path"),  # an Ollama model's local HF copy
     ("data", "train"),
+    ("lora", "replay"),
     ("evaluate", "tasks", "*", "path"),
     ("evaluate", "guard", "*", "path"),
 )

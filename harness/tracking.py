@@ -286,7 +286,7 @@ class Experiment:
         params |= flatten("base", self.spec.base.model_dump(mode="json", exclude_none=True))
         params |= flatten("data", self.spec.data.model_dump(mode="json", exclude_none=True))
         if cell.lora is not None:
-            params |= flatten("lora", cell.lora.model_dump(mode="json"))
+            params |= flatten("lora", cell.lora.model_dump(mode="json", exclude_none=True))
             params |= flatten("train", self.spec.train.model_dump(mode="json"))
         tags = {
             "forgebench.cell": cell.name,

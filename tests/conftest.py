@@ -153,13 +153,15 @@ E2E_SPEC = (
     + """\
 lora:
   - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
-  - {{name: small, r: {small_r}, alpha: 8, target_modules: [q_proj]}}
+  - {{name: small, r: {small_r}, alpha: 8, target_modules: [q_proj], replay: {replay}}}
 quant: [{quant}]
 measure: [{measure}]
 tracking: {{uri: "sqlite:///{db}"}}
 """
 )
 QUANT = ("f16", "q8_0", "q4_k_m", "q2_k")
+REPLAY = Path(__file__).parent / "replay_prompts.jsonl"
+"""Eight general prompts the small adapter rehearses with the base's own answers."""
 MEASURE_SPEC = (
     E2E_BASE
     + """\
@@ -192,7 +194,9 @@ class Experiment:
         """The e2e spec, varied; `measure` lists what to measure (nothing by default)."""
         path = self.folder / name
         db = self.folder / "mlflow.db"
-        text = E2E_SPEC.format(small_r=small_r, quant=", ".join(quant), measure=measure, db=db)
+        text = E2E_SPEC.format(
+            small_r=small_r, quant=", ".join(quant), measure=measure, db=db, replay=REPLAY
+        )
         path.write_text(text)
         return path
 

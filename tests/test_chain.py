@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from conftest import REPLAY
 from gguf import GGUFReader
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness import data, executor, outcomes, pipeline, planning, quant, spec
+from harness import data, executor, outcomes, pipeline, planning, quant, replay, spec
+from harness.stages.train import REPLAY_TOKENS
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +111,28 @@ def test_adapter_raises_heldout_exact_match(e2e):
     # the untuned model answers in sentences (exact match ~0); 135M parameters add
     # two-digit numbers poorly, so the gain is in format and some arithmetic
     assert tuned >= base + 0.15, f"held-out exact match: base {base:.2f}, tuned {tuned:.2f}"
+
+
+def test_a_replay_adapter_rehearses_the_bases_own_answers(e2e):
+    """`replay:` mixes general prompts, answered by the untuned base itself, into the
+    training set; the train stage keeps them beside the adapter."""
+    out = e2e.output("small-f16", "train")
+    rehearsed = [json.loads(line)["messages"] for line in (out / "replay.jsonl").open()]
+    assert [m[0]["content"] for m in rehearsed] == replay.prompts(REPLAY)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_replay_examples"] == len(rehearsed) == 8
+    assert metrics["train_examples"] == spec.load(e2e.spec_path).data.n_train + 8
+    assert not (e2e.output("main-f16", "train") / "replay.jsonl").exists()
+    # the answer is the base's greedy one: the same prompt asked alone gives it again
+    base_dir = e2e.output("small-f16", "resolve")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir / "model")
+    ids = tokenizer.apply_chat_template(
+        rehearsed[0][:1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.inference_mode():
+        out_ids = hf_model(base_dir).generate(**ids, max_new_tokens=REPLAY_TOKENS, do_sample=False)
+    alone = tokenizer.decode(out_ids[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert alone.strip().split("\n")[0].strip() == rehearsed[0][1]["content"]
 
 
 def test_every_cell_is_in_mlflow(e2e):

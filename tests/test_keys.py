@@ -317,6 +317,14 @@ def test_keys_see_the_content_of_files_named_in_settings(tmp_path):
     assert a.key == b.key and a.settings != b.settings  # the stage still gets its own path
     (tmp_path / "b" / "train.jsonl").write_text('{"prompt": "p", "completion": "other"}\n')
     assert StageCall("train", dict(b.settings)).key != a.key
+    for name in ("a", "b"):
+        (tmp_path / name / "replay.jsonl").write_text('{"prompt": "What do bees make?"}\n')
+    a, b = (
+        StageCall("train", {"lora": {"replay": str(tmp_path / n / "replay.jsonl")}}) for n in "ab"
+    )
+    assert a.key == b.key
+    (tmp_path / "b" / "replay.jsonl").write_text('{"prompt": "Who wrote Hamlet?"}\n')
+    assert StageCall("train", dict(b.settings)).key != a.key
     tasks = {"evaluate": {"tasks": ["gsm8k", {"name": "x", "path": str(tmp_path / "nope")}]}}
     with pytest.raises(ForgebenchError, match=r"evaluate.tasks\[1\].path: file not found"):
         store.portable(tasks)

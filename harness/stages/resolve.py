@@ -17,7 +17,7 @@ from typing import Any
 from harness import sources, templates
 from harness.stages import Progress
 
-VERSION = 3  # bump when this stage's outputs change: tests/test_keys.py checks it
+VERSION = 4  # bump when this stage's outputs change: tests/test_keys.py checks it
 
 
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: Progress) -> dict:

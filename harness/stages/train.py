@@ -17,6 +17,7 @@ in fp32. `precision: fp32` turns that off.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -37,11 +38,11 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from harness import data as datasets
-from harness import templates
+from harness import replay, templates
 from harness.errors import StageError
 from harness.stages import Progress
 
-VERSION = 2  # bump when this stage's outputs change: tests/test_keys.py checks it
+VERSION = 3  # bump when this stage's outputs change: tests/test_keys.py checks it
 
 IGNORE = -100
 """The label of a token the loss skips (the prompt, padding), as PyTorch's cross entropy
@@ -67,12 +68,18 @@ def run(
     trust = settings["trust_remote_code"]
     progress("loading the base model", None)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
-    examples = tokenize(tokenizer, datasets.training_set(settings["data"]), train["max_seq_len"])
+    conversations = datasets.training_set(settings["data"])
 
     torch.manual_seed(train["seed"])
     model = AutoModelForCausalLM.from_pretrained(
         base_dir, dtype=torch.float32, trust_remote_code=trust
     )
+    replayed = []
+    if lora.get("replay"):
+        prompts = replay.prompts(Path(lora["replay"]))
+        progress(f"answering {len(prompts)} replay prompts with the base model", None)
+        replayed = self_replay(model, tokenizer, prompts, settings["data"].get("system"))
+    examples = tokenize(tokenizer, conversations + replayed, train["max_seq_len"])
     model = get_peft_model(
         model,
         LoraConfig(
@@ -100,7 +107,10 @@ def run(
         per_device_train_batch_size=train["batch_size"],
         gradient_accumulation_steps=train["grad_accum"],
         warmup_steps=warmup_steps(
-            train["warmup_ratio"], len(examples), train["batch_size"], train["grad_accum"],
+            train["warmup_ratio"],
+            len(examples),
+            train["batch_size"],
+            train["grad_accum"],
             train["epochs"],
         ),
         weight_decay=train["weight_decay"],
@@ -130,6 +140,9 @@ def run(
     seconds = time.perf_counter() - started
 
     model.save_pretrained(out / "adapter")
+    if replayed:  # what the adapter rehearsed, to read beside its scores
+        with (out / "replay.jsonl").open("w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({"messages": chat}) + "\n" for chat in replayed)
     shutil.rmtree(out / "trainer", ignore_errors=True)
     # the whole curve, including the steps before a resume
     points = [(e["step"], float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
@@ -137,6 +150,7 @@ def run(
         raise StageError("training produced no finite loss; lower train.lr or check the data")
     return {
         "train_examples": len(examples),
+        "train_replay_examples": len(replayed),
         "train_tokens": collate.tokens,
         "train_padding_fraction": round(
             collate.padding / max(1, collate.tokens + collate.padding), 4
@@ -150,6 +164,50 @@ def run(
         "train_resumed_from_step": int(resume.rsplit("-", 1)[-1]) if resume else 0,
         "loss_curve": points,
     }
+
+
+REPLAY_TOKENS = 24
+"""The longest replay answer generated, in tokens: a replayed example rehearses the base's
+manner of answering, which its first line shows."""
+REPLAY_BATCH = 40
+
+
+def self_replay(model, tokenizer, prompts: list[str], system: str | None) -> list:
+    """Each prompt with the untuned base's own greedy answer (its first line, as the guard
+    tasks read answers), ready to mix into the training set.
+
+    Rehearsing the base's own outputs keeps an adapter from unlearning how the base
+    answers things outside the target task (the quickstart's arithmetic adapters otherwise
+    forget capitals: they start answering in bare words), with no general dataset to ship
+    and nothing the base did not already know. Prompts whose answer is empty are dropped."""
+    head = [{"role": "system", "content": system}] if system else []
+    chats = [[*head, {"role": "user", "content": prompt}] for prompt in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation appends on the right
+    replayed = []
+    model.eval()  # as loaded; the Trainer switches it to training mode itself
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(chats), REPLAY_BATCH):
+                batch = chats[start : start + REPLAY_BATCH]
+                encoded = tokenizer.apply_chat_template(
+                    batch,
+                    add_generation_prompt=True,
+                    padding=True,
+                    return_tensors="pt",
+                    return_dict=True,
+                )
+                out = model.generate(
+                    **encoded, max_new_tokens=REPLAY_TOKENS, do_sample=False, pad_token_id=pad
+                )
+                for chat, row in zip(batch, out[:, encoded["input_ids"].shape[1] :], strict=True):
+                    answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+                    answer = answer.split("\n", 1)[0].strip()
+                    if answer:
+                        replayed.append([*chat, {"role": "assistant", "content": answer}])
+    finally:
+        tokenizer.padding_side = side
+    return replayed
 
 
 def warmup_steps(ratio: float, examples: int, batch_size: int, grad_accum: int, epochs) -> int:
