@@ -73,6 +73,7 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
     check = result.stages.get("check")
     template_broken = check is not None and check.metrics.get("check_template_ok") == 0
     unapplied = check is not None and check.metrics.get("adapter_applied") == 0
+    requests = _bench_requests(cell, result, store)
     fig = verdict.Figures(
         cell.name,
         cell.adapter,
@@ -82,8 +83,8 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
         error=result.error,
         broken="template" if template_broken else "adapter not applied" if unapplied else None,
         evaluated=evaluated,
-        decode_rates=_decode_rates(cell, result, store),
-        ttft_ms_p95=metric("bench", "ttft_ms_p95"),
+        decode_rates=[float(r["decode_tps"]) for r in requests if r.get("decode_tps")],
+        ttft_ms=[float(r["ttft_s"]) * 1000 for r in requests if r.get("ttft_s") is not None],
         # llama-server's peak RSS; on Ollama, the size its /api/ps reports for the model
         memory_mb=metric("bench", "memory_mb") or metric("bench", "ollama_ps_size_mb"),
         kld_mean=metric("drift", "kld_mean"),
@@ -100,16 +101,15 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
     return fig
 
 
-def _decode_rates(cell: Cell, result: CellResult, store: Store) -> list[float]:
-    """Each bench request's decode tok/s, from the bench's requests.jsonl."""
+def _bench_requests(cell: Cell, result: CellResult, store: Store) -> list[dict]:
+    """Each bench request's figures (decode tok/s, TTFT), from the bench's requests.jsonl."""
     outcome = result.stages.get("bench")
     if outcome is None or outcome.error or "bench" not in cell.calls:
         return []
     path = store.path(cell.calls["bench"]) / "requests.jsonl"
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [float(r["decode_tps"]) for r in rows if r.get("decode_tps")]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _scores(

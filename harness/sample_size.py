@@ -14,9 +14,10 @@ import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from harness import data, evals, paired
+from harness import data, evals, paired, speed
 from harness.errors import InputError
 from harness.spec import Spec
+from harness.stages import bench
 
 TYPICAL_DISAGREEMENT = 0.10
 """Items two models of one chain answer differently, as the quickstart shows (10-20%)."""
@@ -73,7 +74,9 @@ def plan(spec: Spec) -> list[TaskItems]:
 
 
 def check(spec: Spec) -> None:
-    """Refuse a task whose items can never show its tolerance."""
+    """Refuse a task whose items can never show its tolerance, and a speed budget whose
+    figure the bench's requests can never bound."""
+    _requests(spec)
     z2 = NormalDist().inv_cdf(spec.budgets.confidence) ** 2
     for task in plan(spec):
         if task.tolerance <= task.smallest:
@@ -83,4 +86,26 @@ def check(spec: Spec) -> None:
                 f"at confidence {spec.budgets.confidence:g} they cannot show a drop below "
                 f"{task.smallest:.3f} even with no disagreement, so tolerance {task.tolerance:g} "
                 f"could never be shown; score at least {needed} items, or raise the tolerance"
+            )
+
+
+def _requests(spec: Spec) -> None:
+    """A budget on the median decode rate needs 5 requests at 95% (its bounds are order
+    statistics), one on the p95 TTFT 59: fewer, and every cell would be unjudged."""
+    prompts = len(bench.prompts())
+    made = spec.bench.repeats * prompts
+    budgets = spec.budgets
+    wanted = [
+        ("ttft_ms_p95_max", 0.95, "a p95"),
+        ("decode_tps_min", 0.5, "a median"),
+        ("decode_speedup_min", 0.5, "a median"),
+    ]
+    for budget, q, what in wanted:
+        needed = speed.needed(q, budgets.confidence)
+        if getattr(budgets, budget) is not None and made < needed:
+            raise InputError(
+                f"{spec.where('budgets', budget)}: {what} is bounded at confidence "
+                f"{budgets.confidence:g} only from {needed} requests, and the bench makes "
+                f"{made} ({spec.bench.repeats} repeats of {prompts} prompts); set "
+                f"bench.repeats: {math.ceil(needed / prompts)}, or drop the budget"
             )

@@ -298,7 +298,13 @@ class BudgetSpec(Strict):
         "the F16 of the same adapter and route, measured in the same run (means the same on "
         "every CPU)",
     )
-    ttft_ms_p95_max: float | None = Field(None, gt=0, description="slow if p95 TTFT is above")
+    ttft_ms_p95_max: float | None = Field(
+        None,
+        gt=0,
+        description="slow if the p95 time to first token of the bench's requests is surely "
+        "above (its lower bound at the stated confidence is); bounding a p95 at 95% takes 59 "
+        "requests",
+    )
     memory_mb_max: float | None = Field(None, gt=0, description="slow if peak memory is above")
     tolerance: float | dict[str, float] = Field(
         DEFAULT_TOLERANCE,

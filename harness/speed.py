@@ -1,17 +1,20 @@
-"""A speed figure with a stated confidence: the median per-request decode rate and its
-distribution-free bounds.
+"""Speed figures with a stated confidence: a quantile of per-request figures (the median
+decode rate, the p95 time to first token) and its distribution-free bounds.
 
 The bench times the same fixed-length decodes (the same prompts, `bench.max_tokens`
 generated tokens each, end-of-sequence ignored where the server allows it) several times.
-The median's one-sided bound at confidence c is an order statistic: the k-th smallest of
-n rates is below the true median with probability P(Binomial(n, 1/2) >= k), so the lower
-bound is the largest k-th smallest with P(Binomial(n, 1/2) <= k - 1) <= 1 - c (and the
-upper bound the mirror image). It assumes only that the requests are exchangeable, not
-that rates are normal, which a few requests on a busy CPU are not.
+A quantile's one-sided bound at confidence c is an order statistic: the k-th smallest of n
+values is below the true q-quantile with probability P(Binomial(n, q) >= k), so the lower
+bound is the largest k-th smallest with P(Binomial(n, q) <= k - 1) <= 1 - c, and the upper
+bound the smallest j-th smallest with P(Binomial(n, q) <= j - 1) >= c. It assumes only
+that the requests are exchangeable, not that times are normal, which a few requests on a
+busy CPU are not. A tail quantile needs many requests: p95's upper bound at 95% exists
+from 59 on.
 
-A budget is missed ("slow") when the upper bound is below it, met when the lower bound is
-at or above it, and unjudged otherwise, with the interval, so a cell near its budget is
-not "slow" one run and "ok" the next.
+A minimum (decode) is missed ("slow") when the upper bound is below it, met when the
+lower bound is at or above it; a maximum (TTFT) is missed when the lower bound is above
+it, met when the upper bound is at or below it; unjudged otherwise, with the interval, so
+a cell near its budget is not "slow" one run and "ok" the next.
 """
 
 from __future__ import annotations
@@ -21,46 +24,100 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Median:
+class Quantile:
     value: float
     lower: float | None
-    """None when n rates are too few to bound the median at the confidence asked."""
+    """None when n values are too few to bound the quantile at the confidence asked."""
     upper: float | None
     n: int
+    q: float = 0.5
+    confidence: float = 0.95
+
+    @property
+    def name(self) -> str:
+        return "median" if self.q == 0.5 else f"p{self.q * 100:g}"
 
     def describe(self, unit: str) -> str:
+        low = "-" if self.lower is None else f"{self.lower:.0f}"
+        high = "-" if self.upper is None else f"{self.upper:.0f}"
+        shown = f"{self.value:.0f} [{low}, {high}] {unit} ({self.name} of {self.n})"
         if self.lower is None or self.upper is None:
-            return f"{self.value:.0f} {unit} (median of {self.n}, too few to bound)"
-        return f"{self.value:.0f} [{self.lower:.0f}, {self.upper:.0f}] {unit} (median of {self.n})"
+            return shown[:-1] + f", too few to bound; {needed(self.q, self.confidence)} would)"
+        return shown
 
 
-def median(values: list[float], confidence: float) -> Median:
-    """The median (nearest rank, an actual request) and its one-sided bounds."""
+def quantile(values: list[float], q: float, confidence: float) -> Quantile:
+    """The q-quantile (nearest rank: an actual request) and its one-sided bounds."""
     ordered = sorted(values)
     n = len(ordered)
-    middle = ordered[math.ceil(n / 2) - 1]
-    k = _rank(n, 1 - confidence)
-    if k == 0:
-        return Median(middle, None, None, n)
-    return Median(middle, ordered[k - 1], ordered[n - k], n)
+    value = ordered[max(math.ceil(q * n), 1) - 1]
+    k = _lower_rank(n, q, 1 - confidence)
+    j = _upper_rank(n, q, confidence)
+    return Quantile(
+        value,
+        ordered[k - 1] if k else None,
+        ordered[j - 1] if j else None,
+        n,
+        q,
+        confidence,
+    )
 
 
-def _rank(n: int, alpha: float) -> int:
-    """The largest k with P(Binomial(n, 1/2) <= k - 1) <= alpha (0 when even k = 1 fails)."""
-    k, below = 0, 0.0
-    while k < n:
-        below += math.comb(n, k) / 2**n  # P(X <= k)
-        if below > alpha:
-            break
+def median(values: list[float], confidence: float) -> Quantile:
+    return quantile(values, 0.5, confidence)
+
+
+def needed(q: float, confidence: float = 0.95) -> int:
+    """The fewest values that bound the q-quantile on both sides at `confidence`."""
+    n = 1
+    while not (_lower_rank(n, q, 1 - confidence) and _upper_rank(n, q, confidence)):
+        n += 1
+    return n
+
+
+def _cdf(n: int, q: float) -> list[float]:
+    """P(Binomial(n, q) <= k) for k = 0..n."""
+    out, total = [], 0.0
+    for k in range(n + 1):
+        total += math.comb(n, k) * q**k * (1 - q) ** (n - k)
+        out.append(total)
+    return out
+
+
+def _lower_rank(n: int, q: float, alpha: float) -> int:
+    """The largest k with P(Binomial(n, q) <= k - 1) <= alpha (0 when even k = 1 fails)."""
+    cdf = _cdf(n, q)
+    k = 0
+    while k < n and cdf[k] <= alpha:
         k += 1
     return k
 
 
-def judge(figure: Median, budget: float, name: str, unit: str) -> tuple[str, str]:
-    """("missed" | "met" | "unjudged", what to say): a minimum the figure must reach."""
+def _upper_rank(n: int, q: float, confidence: float) -> int:
+    """The smallest j with P(Binomial(n, q) <= j - 1) >= confidence (0 when even j = n
+    fails)."""
+    cdf = _cdf(n, q)
+    for j in range(1, n + 1):
+        if cdf[j - 1] >= confidence:
+            return j
+    return 0
+
+
+def judge(
+    figure: Quantile, budget: float, name: str, unit: str, at_most: bool = False
+) -> tuple[str, str]:
+    """("missed" | "met" | "unjudged", what to say): a minimum the figure must reach, or
+    with `at_most` a maximum it must stay under."""
     shown = f"{name} {figure.describe(unit)}"
-    if figure.upper is not None and figure.upper < budget:
-        return "missed", f"{shown} < {budget:.4g}"
-    if figure.lower is not None and figure.lower >= budget:
-        return "met", f"{shown} >= {budget:.4g}"
+    low, high = figure.lower, figure.upper
+    if at_most:
+        if low is not None and low > budget:
+            return "missed", f"{shown} > {budget:.4g}"
+        if high is not None and high <= budget:
+            return "met", f"{shown} <= {budget:.4g}"
+    else:
+        if high is not None and high < budget:
+            return "missed", f"{shown} < {budget:.4g}"
+        if low is not None and low >= budget:
+            return "met", f"{shown} >= {budget:.4g}"
     return "unjudged", f"{shown} straddles the budget {budget:.4g}: add bench.repeats"

@@ -55,7 +55,8 @@ class Figures:
     """Accuracy was asked for (the spec measures evaluate)."""
     decode_rates: list[float] = field(default_factory=list)
     """Each bench request's decode tok/s (fixed-length decodes): the median is judged."""
-    ttft_ms_p95: float | None = None
+    ttft_ms: list[float] = field(default_factory=list)
+    """Each bench request's time to first token: its p95 is judged."""
     memory_mb: float | None = None
     kld_mean: float | None = None
     tuning_kld: float | None = None
@@ -88,17 +89,18 @@ def slow_reasons(
     """(missed budgets, budgets not shown met: a figure not measured, or a decode median
     whose interval straddles its budget)."""
     missed, unmeasured = _decode(fig, budgets, f16)
-    checks = [
-        ("TTFT p95", budgets.ttft_ms_p95_max, fig.ttft_ms_p95, "ms", ">"),
-        ("memory", budgets.memory_mb_max, fig.memory_mb, "MB", ">"),
-    ]
-    for name, budget, value, unit, worse in checks:
-        if budget is None:
-            continue
-        if value is None:
-            unmeasured.append(f"{name} not measured (budget {budget:g} {unit})")
-        elif (value < budget) if worse == "<" else (value > budget):
-            missed.append(f"{name} {value:.0f} {unit} {worse} {budget:g}")
+    if (budget := budgets.ttft_ms_p95_max) is not None:
+        if not fig.ttft_ms:
+            unmeasured.append(f"TTFT p95 not measured (budget {budget:g} ms)")
+        else:
+            p95 = speed.quantile(fig.ttft_ms, 0.95, budgets.confidence)
+            state, said = speed.judge(p95, budget, "TTFT", "ms", at_most=True)
+            {"missed": missed, "unjudged": unmeasured}.get(state, []).append(said)
+    if (budget := budgets.memory_mb_max) is not None:  # a peak, measured once: no interval
+        if fig.memory_mb is None:
+            unmeasured.append(f"memory not measured (budget {budget:g} MB)")
+        elif fig.memory_mb > budget:
+            missed.append(f"memory {fig.memory_mb:.0f} MB > {budget:g}")
     return missed, unmeasured
 
 
@@ -232,10 +234,14 @@ def _judge_cell(
         label = f"broken ({fig.broken})" if fig.broken else "broken"
         return Verdict(fig.cell, label, [fig.error or fig.status])
     verdict = Verdict(fig.cell, "", links=links, chain=chain)
-    if fig.decode_rates:
-        median = speed.median(fig.decode_rates, budgets.confidence)
-        bounds = {"lower": median.lower, "upper": median.upper}
-        verdict.speed = {f"decode_tps_p50_{k}": v for k, v in bounds.items() if v is not None}
+    for name, values, q in (
+        ("decode_tps_p50", fig.decode_rates, 0.5),
+        ("ttft_ms_p95", fig.ttft_ms, 0.95),
+    ):
+        if values:
+            figure = speed.quantile(values, q, budgets.confidence)
+            bounds = {"lower": figure.lower, "upper": figure.upper}
+            verdict.speed |= {f"{name}_{k}": v for k, v in bounds.items() if v is not None}
     slow, unmeasured = slow_reasons(fig, budgets, f16)
     stupid, steps = _stupid(links, beyond)
     if budgets.kld_max is not None and fig.quant != quant.REFERENCE:

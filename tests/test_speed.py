@@ -26,3 +26,26 @@ def test_a_budget_is_missed_met_or_unjudged_by_the_bounds():
     assert speed.judge(m, 92, "decode p50", "tok/s")[0] == "met"
     state, said = speed.judge(m, 95, "decode p50", "tok/s")
     assert state == "unjudged" and "straddles the budget 95" in said
+
+
+def test_a_tail_quantile_is_bounded_only_from_enough_requests():
+    """p95's upper bound at 95% is the largest of 59 (1 - 0.95^59 >= 0.95 > 1 - 0.95^58)."""
+    assert speed.needed(0.95, 0.95) == 59 and 1 - 0.95**59 >= 0.95 > 1 - 0.95**58
+    assert speed.needed(0.5, 0.95) == 5
+    twelve = speed.quantile([float(t) for t in range(1, 13)], 0.95, 0.95)
+    assert twelve.value == 12.0 and twelve.upper is None
+    assert "too few to bound; 59 would" in twelve.describe("ms")
+    sixty = speed.quantile([float(t) for t in range(1, 61)], 0.95, 0.95)
+    assert (sixty.value, sixty.upper) == (57.0, 60.0) and sixty.lower is not None
+
+
+def test_a_maximum_is_missed_only_when_the_lower_bound_is_above_it():
+    p95 = speed.quantile([float(t) for t in range(1, 61)], 0.95, 0.95)
+    assert speed.judge(p95, 50, "TTFT", "ms", at_most=True)[0] == "missed"
+    assert speed.judge(p95, 60, "TTFT", "ms", at_most=True)[0] == "met"
+    assert speed.judge(p95, 58, "TTFT", "ms", at_most=True)[0] == "unjudged"
+    # twelve fast requests cannot show a p95 under budget, but twelve slow ones do miss it
+    slow = speed.quantile([900.0 + t for t in range(12)], 0.95, 0.95)
+    assert speed.judge(slow, 800, "TTFT", "ms", at_most=True)[0] == "missed"
+    fast = speed.quantile([100.0 + t for t in range(12)], 0.95, 0.95)
+    assert speed.judge(fast, 800, "TTFT", "ms", at_most=True)[0] == "unjudged"

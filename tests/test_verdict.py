@@ -8,7 +8,7 @@ import pytest
 
 from harness.errors import ForgebenchError
 from harness.spec import BudgetSpec
-from harness.verdict import Figures, Scores, judge
+from harness.verdict import Figures, Scores, judge, slow_reasons
 
 N = 300
 
@@ -40,7 +40,7 @@ BUDGETS = BudgetSpec(
 )
 FAST = {
     "decode_rates": [48.0, 49.0, 50.0, 51.0, 52.0, 50.0] * 2,
-    "ttft_ms_p95": 100.0,
+    "ttft_ms": [100.0] * 60,  # a p95 is bounded from 59 requests
     "memory_mb": 300.0,
 }
 
@@ -244,3 +244,12 @@ def test_a_relative_decode_budget_reads_the_f16_of_the_same_run():
     assert v["a-f16"].verdict == "slow"
     assert v["a-f16"].reasons[0].startswith("decode p50 (1.5x f16's 50) 50 [")
     assert v["a-q4_k_m"].verdict == "ok"
+
+
+def test_ttft_p95_is_judged_on_its_bounds_not_on_the_slowest_request():
+    """p95 of 12 requests is the slowest one: it can show a budget missed, never met."""
+    slow, unjudged = slow_reasons(cell("a", "q8_0", **{**FAST, "ttft_ms": [900.0] * 12}), BUDGETS)
+    assert any(r.startswith("TTFT 900 [900, -] ms (p95 of 12") for r in slow) and not unjudged
+    slow, unjudged = slow_reasons(cell("a", "q8_0", **{**FAST, "ttft_ms": [100.0] * 12}), BUDGETS)
+    assert not slow and any("too few to bound; 59 would" in r for r in unjudged)
+    assert slow_reasons(cell("a", "q8_0", **FAST), BUDGETS) == ([], [])
