@@ -33,7 +33,11 @@ def test_cells_share_stages(quickstart):
     by_adapter = {}
     for cell in cells:
         by_adapter.setdefault(cell.adapter, set()).add(cell.calls["convert"].key)
-    assert {a: len(k) for a, k in by_adapter.items()} == {"base": 1, "r8-qv": 1, "r16-qkvo": 1}
+    assert {a: len(k) for a, k in by_adapter.items()} == {
+        "base": 1,
+        "r16-qkvo": 1,
+        "r16-qkvo-replay": 1,
+    }
     assert len({c.calls["resolve"].key for c in cells}) == 1
     assert all("train" not in c.calls for c in cells if c.adapter == "base")
     assert all("quantize" not in c.calls for c in cells if c.quant == "f16")
@@ -42,15 +46,19 @@ def test_cells_share_stages(quickstart):
 def test_editing_one_lora_changes_only_its_cells(quickstart):
     before, after = keys(quickstart), keys(edit_lora(quickstart, 0, r=4))
     changed = {cell for (cell, _), key in before.items() if after[(cell, _)] != key}
-    assert changed == {f"r8-qv-{q}" for q in quickstart.quant}
-    assert before[("r8-qv-f16", "resolve")] == after[("r8-qv-f16", "resolve")]
+    assert changed == {f"r16-qkvo-{q}" for q in quickstart.quant}
+    assert before[("r16-qkvo-f16", "resolve")] == after[("r16-qkvo-f16", "resolve")]
 
 
 def test_renaming_a_lora_keeps_its_keys(quickstart):
     renamed = edit_lora(quickstart, 0, name="renamed")
-    old = {k for (cell, _), k in keys(quickstart).items() if cell.startswith("r8-qv")}
-    new = {k for (cell, _), k in keys(renamed).items() if cell.startswith("renamed")}
-    assert old == new
+
+    def adapter_keys(s: spec.Spec, adapter: str) -> set[str]:
+        return {
+            call.key for c in planning.plan(s) if c.adapter == adapter for call in c.calls.values()
+        }
+
+    assert adapter_keys(quickstart, "r16-qkvo") == adapter_keys(renamed, "renamed")
 
 
 def test_adding_a_quant_level_adds_only_quantizations(quickstart):
@@ -74,7 +82,7 @@ def test_training_settings_reach_the_key(quickstart):
     slower = quickstart.model_copy(
         update={"train": quickstart.train.model_copy(update={"lr": 1e-4})}
     )
-    assert keys(slower)[("r8-qv-f16", "train")] != keys(quickstart)[("r8-qv-f16", "train")]
+    assert keys(slower)[("r16-qkvo-f16", "train")] != keys(quickstart)[("r16-qkvo-f16", "train")]
     assert keys(slower)[("base-f16", "convert")] == keys(quickstart)[("base-f16", "convert")]
 
 

@@ -43,15 +43,15 @@ def test_each_lora_x_route_x_level_is_a_cell_and_the_base_cells_are_shared(both)
     cells = by_name(both)
     assert sorted(cells) == sorted(
         f"{line}-{level}"
-        for line in ("base", "r8-qv", "r8-qv-lora", "r16-qkvo", "r16-qkvo-lora")
+        for line in ("base", "r16-qkvo", "r16-qkvo-lora", "r16-qkvo-replay", "r16-qkvo-replay-lora")
         for level in ("f16", "q4_k_m", "q2_k")
     )
     for level in ("f16", "q4_k_m", "q2_k"):
-        base, lora = cells[f"base-{level}"], cells[f"r8-qv-lora-{level}"]
+        base, lora = cells[f"base-{level}"], cells[f"r16-qkvo-lora-{level}"]
         # the adapter route serves the untuned base's own file at each level
         assert lora.gguf.key == base.gguf.key
         assert "merge" not in lora.calls and lora.model.key == base.model.key
-        assert lora.calls["train"].key == cells[f"r8-qv-{level}"].calls["train"].key
+        assert lora.calls["train"].key == cells[f"r16-qkvo-{level}"].calls["train"].key
         # what is measured names the LoRA GGUF: never the base's results
         for stage in ("check", "evaluate", "bench", "drift"):
             if stage in lora.calls:
@@ -74,13 +74,12 @@ def test_the_merge_route_keys_are_what_they_were(both):
 
 def test_a_level_drifts_from_the_f16_of_its_own_route(both):
     cells = by_name(both)
-    drift = cells["r8-qv-lora-q4_k_m"].calls["drift"]
+    drift = cells["r16-qkvo-lora-q4_k_m"].calls["drift"]
     assert drift.inputs["reference"].inputs["gguf"].key == cells["base-f16"].gguf.key
-    assert drift.inputs["reference"].inputs["adapter"] is cells["r8-qv-lora-f16"].lora_gguf
+    assert drift.inputs["reference"].inputs["adapter"] is cells["r16-qkvo-lora-f16"].lora_gguf
     # the PyTorch model of base + adapter is the merged one, scored once for both routes
-    assert (
-        cells["r8-qv-lora-f16"].calls["reference"].key == cells["r8-qv-f16"].calls["reference"].key
-    )
+    reference = cells["r16-qkvo-f16"].calls["reference"]
+    assert cells["r16-qkvo-lora-f16"].calls["reference"].key == reference.key
 
 
 # --- verdicts, best, the comparison -------------------------------------------------------
@@ -112,7 +111,7 @@ def test_each_route_is_judged_against_its_own_f16():
 
 
 def test_an_adapter_that_changes_nothing_is_broken_adapter_not_applied(both):
-    cell = by_name(both)["r8-qv-lora-f16"]
+    cell = by_name(both)["r16-qkvo-lora-f16"]
     reasons = f"{check.NOT_APPLIED} the greedy answers to 3 prompts are the same"
     stages = {
         "check": Outcome(
@@ -122,7 +121,7 @@ def test_an_adapter_that_changes_nothing_is_broken_adapter_not_applied(both):
             {"check_ok": 0, "adapter_applied": 0, "check_template_ok": 1, "check_reasons": reasons},
         )
     }
-    result = CellResult(cell.name, "r8-qv", "f16", "broken", stages, error=f"check: {reasons}")
+    result = CellResult(cell.name, "r16-qkvo", "f16", "broken", stages, error=f"check: {reasons}")
     fig = evidence._figures(cell, result, None, [], False)
     judged = verdict.judge([fig], spec.BudgetSpec(), {}, [], [])
     assert judged[cell.name].verdict == "broken (adapter not applied)"
@@ -225,7 +224,7 @@ def test_a_levels_adapter_cells_share_one_server_that_answers_as_each_alone(
     cells = planning.plan(both)
     sharing = Sharing(both, cells, store)
     level = [c for c in cells if c.route == planning.ADAPTER and c.quant == "q4_k_m"]
-    names = ["r8-qv-lora-q4_k_m", "r16-qkvo-lora-q4_k_m"]
+    names = ["r16-qkvo-lora-q4_k_m", "r16-qkvo-replay-lora-q4_k_m"]
     assert [c.name for c in sharing.group(level[0])] == names
     batches = [[c.name for c in batch] for batch in sharing.batches(cells)]
     assert names in batches
@@ -283,7 +282,7 @@ def test_the_serial_executor_builds_a_levels_adapter_cells_then_serves_them_toge
     assert sorted(r.cell for r in results) == sorted(c.name for c in cells), "each cell once"
     served = [name for name, how in ran if how == "served"]
     for level in both.quant:
-        group = [f"r8-qv-lora-{level}", f"r16-qkvo-lora-{level}"]
+        group = [f"r16-qkvo-lora-{level}", f"r16-qkvo-replay-lora-{level}"]
         start = ran.index((group[0], "build"))
         assert ran[start : start + 4] == [
             (group[0], "build"),
@@ -291,7 +290,7 @@ def test_the_serial_executor_builds_a_levels_adapter_cells_then_serves_them_toge
             (group[0], "served"),
             (group[1], "served"),
         ], ran
-    assert served.index("r8-qv-lora-f16") < served.index("r8-qv-lora-q4_k_m"), (
+    assert served.index("r16-qkvo-lora-f16") < served.index("r16-qkvo-lora-q4_k_m"), (
         "a route's F16 before its other levels: they are judged against it"
     )
     assert [name for name, how in ran if how == "build"] == [

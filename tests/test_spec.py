@@ -93,27 +93,27 @@ def test_debug_shows_the_traceback(tmp_path):
     assert type(result.exception).__name__ == "SpecError"
 
 
-def test_plan_json_lists_every_cell_and_stage(tmp_path):
-    result = invoke(
-        "plan", str(ROOT / "experiments" / "quickstart.yaml"), "--store", str(tmp_path), "--json"
-    )
+def plan_json(name: str, store: Path) -> dict:
+    result = invoke("plan", str(ROOT / "experiments" / name), "--store", str(store), "--json")
     assert result.exit_code == 0, result.output
-    plan = json.loads(result.output)
+    return json.loads(result.output)
+
+
+def test_plan_json_lists_every_cell_and_stage(tmp_path):
+    plan = plan_json("quickstart.yaml", tmp_path)
     assert len(plan["cells"]) == 2 * 3  # 2 LoRA configs x 3 levels (control: false)
     assert plan["todo"] == {
         "resolve": 1,
         "train": 2,
         "merge": 2,
-        "convert": 3,  # the untuned F16 too: the tuned F16s' drift is measured against it
+        "convert": 2,
         "quantize": 4,
         "reference": 3,  # the untuned base and each tuned model, in PyTorch
         "check": 6,
         "evaluate": 6,
         "bench": 6,
-        "drift_base": 3,
-        "drift": 6,  # 4 levels against their F16, 2 tuned F16s against the untuned one
     }
-    tuned = next(c for c in plan["cells"] if c["cell"] == "r8-qv-q4_k_m")
+    tuned = next(c for c in plan["cells"] if c["cell"] == "r16-qkvo-q8_0")
     assert list(tuned["stages"]) == [
         "resolve",
         "train",
@@ -125,12 +125,20 @@ def test_plan_json_lists_every_cell_and_stage(tmp_path):
         "check",
         "evaluate",
         "bench",
-        "drift_base",
-        "drift",
     ]
-    f16 = next(c for c in plan["cells"] if c["cell"] == "r8-qv-f16")
-    assert "drift_tuning" in f16["stages"] and "drift" not in f16["stages"]
     assert not any(s["cached"] for s in tuned["stages"].values())
+
+
+def test_drift_is_planned_against_each_adapters_f16_and_the_untuned_one(tmp_path):
+    plan = plan_json("gsm8k-quant-sweep.yaml", tmp_path)  # measures drift; 1 LoRA, 7 levels
+    assert plan["todo"]["convert"] == 2  # the untuned F16 too: the tuned F16's drift needs it
+    assert plan["todo"]["drift_base"] == 2  # each F16's logits, saved once
+    assert (
+        plan["todo"]["drift"] == 13
+    )  # 12 levels against their F16, the tuned F16 against the untuned
+    stages = {c["cell"]: list(c["stages"]) for c in plan["cells"]}
+    assert stages["r16-qkvo-q8_0"][-2:] == ["drift_base", "drift"]
+    assert "drift_tuning" in stages["r16-qkvo-f16"] and "drift" not in stages["r16-qkvo-f16"]
 
 
 def test_plan_loads_no_torch():
