@@ -11,6 +11,10 @@ per item count, how often that cell comes out ok, stupid and unjudged, and how o
 with no true loss anywhere calls any cell stupid.
 
     python benchmarks/verdict_power.py [--runs 400] [--items 100 200 400] [--tolerance 0.1]
+
+`--guard-items` and `--guard-tolerance` give the guard task its own item count and
+tolerance (the quickstart's 80 capitals at 0.15); the "guard held" column is then the
+probe's quantization link on the guard task.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def simulate(rng: random.Random, args: argparse.Namespace, n: int, probe_drop: f
     """One quickstart-shaped run: every cell's verdict."""
     base = {
         TARGET: [rng.random() < args.base_target for _ in range(n)],
-        GUARD: [rng.random() < args.base_guard for _ in range(n)],
+        GUARD: [rng.random() < args.base_guard for _ in range(args.guard_items or n)],
     }
     references = {"base": scores("untuned HF", base)}
     cells = []
@@ -60,7 +64,10 @@ def simulate(rng: random.Random, args: argparse.Namespace, n: int, probe_drop: f
                 drop = probe_drop if name == PROBE else 0.0
                 got = {t: step(rng, v, args.disagreement, drop) for t, v in f16.items()}
             cells.append(figures(name, adapter, level, got))
-    budgets = BudgetSpec(tolerance=args.tolerance, confidence=args.confidence)
+    budgets = BudgetSpec(
+        tolerance={"default": args.tolerance, GUARD: args.guard_tolerance or args.tolerance},
+        confidence=args.confidence,
+    )
     return judge(cells, budgets, references, [TARGET, GUARD], [GUARD])
 
 
@@ -86,6 +93,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=400, help="simulated runs per row")
     parser.add_argument("--items", type=int, nargs="+", default=[100, 200, 400])
     parser.add_argument("--tolerance", type=float, default=0.1)
+    parser.add_argument("--guard-items", type=int, help="the guard task's items (default: --items)")
+    parser.add_argument("--guard-tolerance", type=float, help="(default: --tolerance)")
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--disagreement", type=float, default=0.10, help="per export/quant step")
     parser.add_argument("--gain", type=float, default=0.30, help="training's true gain")
@@ -101,25 +110,28 @@ def main() -> None:
         "per row; the probed cell is a-q4_k_m\n"
     )
     print(
-        "| items | true drop | link held | link lost | cell ok | cell stupid | cell unjudged "
-        "| any stupid in the run |"
+        "| items | true drop | link held | link lost | guard held | cell ok | cell stupid "
+        "| cell unjudged | any stupid in the run |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in args.items:
         for drop in (0.0, tol / 2, tol, 2 * tol):
-            cell, link, any_stupid = Counter(), Counter(), 0
+            cell, link, guard, any_stupid = Counter(), Counter(), Counter(), 0
             for _ in range(args.runs):
                 verdicts = simulate(rng, args, n, drop)
                 probe = verdicts[PROBE]
                 cell[state(probe.verdict)] += 1
                 quantization = [x for x in probe.links if x.step == "quantization"]
                 link.update(x.state for x in quantization if x.task == TARGET)
+                guard.update(x.state for x in quantization if x.task == GUARD)
                 any_stupid += any(state(v.verdict) == "stupid" for v in verdicts.values())
             rate = {k: cell[k] / args.runs for k in ("ok", "stupid", "unjudged")}
             clean = f"{any_stupid / args.runs:.3f}" if drop == 0 else "-"
             print(
-                f"| {n} | {drop:g} | {link['held'] / args.runs:.3f} | "
-                f"{link['lost'] / args.runs:.3f} | {rate['ok']:.3f} | {rate['stupid']:.3f} | "
+                f"| {n}{f'/{args.guard_items}' if args.guard_items else ''} | {drop:g} | "
+                f"{link['held'] / args.runs:.3f} | "
+                f"{link['lost'] / args.runs:.3f} | {guard['held'] / args.runs:.3f} | "
+                f"{rate['ok']:.3f} | {rate['stupid']:.3f} | "
                 f"{rate['unjudged']:.3f} | {clean} |"
             )
 
