@@ -10,8 +10,10 @@ the spec's or the command line's (harness.ray_executor runs cells as Ray tasks).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
+import shutil
 import time
 import traceback
 from collections import Counter
@@ -209,7 +211,7 @@ def execute(
         raise
     except Exception as exc:  # one cell's failure must not lose the others
         whole = str(exc).strip()
-        message = whole.splitlines()[0] if whole else type(exc).__name__
+        message = disk_full(exc, store) or (whole.splitlines()[0] if whole else type(exc).__name__)
         return Outcome(
             call.key,
             False,
@@ -220,6 +222,22 @@ def execute(
         )
     executed[call.stage] += 1
     return Outcome(call.key, False, time.perf_counter() - started, metrics)
+
+
+def disk_full(exc: BaseException, store: Store) -> str | None:
+    """The line for a build that ran out of disk: where, how much is free, and that the
+    store kept nothing of it (`Store.building` removes the partial folder), so freeing
+    space and rerunning redoes just this; None for any other error."""
+    if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return None
+    try:
+        free = f"{shutil.disk_usage(store.root).free / 2**30:.1f} GiB free"
+    except OSError:
+        free = "free space unknown"
+    return (
+        f"the disk holding the store {store.root} is full ({free}); nothing of this stage "
+        "was kept: free some space and rerun"
+    )
 
 
 def ensure(call: StageCall, store: Store, reporter: Reporter) -> Path:

@@ -208,6 +208,38 @@ def test_the_cell_keeps_the_first_line_and_mlflow_the_whole_reason(tmp_path, mon
     assert not Store(tmp_path / "store").has(call)
 
 
+def test_a_build_that_fills_the_disk_keeps_nothing_and_says_where(tmp_path, monkeypatch):
+    """ENOSPC mid-build: one line naming the store and what is free (the errno's own
+    message stays in the detail, for MLflow), no partial output left behind, and the
+    rerun once there is room builds the stage."""
+    import errno
+    from collections import Counter
+
+    from harness import executor, outcomes
+    from harness.store import StageCall, Store
+
+    disk = {"full": True}
+
+    def run(settings, inputs, out, progress, **kwargs):
+        (out / "model.gguf").write_bytes(b"GGUF" + bytes(1024))
+        if disk["full"]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.gguf"))
+        return {"gguf_bytes": 1028}
+
+    monkeypatch.setattr(executor.importlib, "import_module", lambda name: SimpleNamespace(run=run))
+    store, call, executed = Store(tmp_path / "store"), StageCall("quantize", {"q": 1}), Counter()
+    outcome = executor.execute(call, store, outcomes.Quiet(), executed)
+    assert outcome.error.startswith(f"the disk holding the store {store.root} is full (")
+    assert outcome.error.endswith(
+        "GiB free); nothing of this stage was kept: free some space and rerun"
+    )
+    assert "No space left on device" in outcome.detail
+    assert not store.has(call) and not list(store.path(call).parent.glob(".tmp-*"))
+    disk["full"] = False
+    assert executor.execute(call, store, outcomes.Quiet(), executed).error is None
+    assert store.has(call) and executed["quantize"] == 1
+
+
 def test_ollama_that_stops_answering_is_named_by_its_address():
     """Ollama restarts its own runners, so the stage ends only when the server itself is
     gone; a server that still answers is not called stopped."""
