@@ -3,7 +3,9 @@
 "Slow" is a missed speed or memory budget; a decode budget (absolute, or a multiple of
 the same adapter's F16 in the same run) is judged on the median decode rate of the
 bench's fixed-length requests and its distribution-free bounds (`harness.speed`): slow
-when surely below, unjudged when the bounds straddle it.
+when surely below, unjudged when the bounds straddle it. A TTFT budget is judged the same
+way on the p95 time to first token (slow when surely above); memory is a peak, measured
+once, against its budget as it is.
 "Stupid" is lost accuracy, shown with the spec's confidence: a cell whose end-to-end
 drop on a task (from the tuned HF model on a target task, from the untuned one on a guard
 task) is surely beyond that task's tolerance, with the family-wise error held across
