@@ -86,7 +86,7 @@ def test_plan_shows_what_the_run_will_take(tmp_path):
     result = CliRunner().invoke(app, ["plan", quickstart, "--store", str(tmp_path / "store")])
     assert result.exit_code == 0, result.output
     assert (
-        "estimated: disk for the store about 2.9 GiB, memory for training about 4.6 GiB, "
+        "estimated: disk for the store about 2.4 GiB, memory for training about 4.6 GiB, "
         "memory for serving about 0.4 GiB" in result.output
     )
 
@@ -128,6 +128,7 @@ def test_disk_counts_only_what_the_store_lacks(tmp_path):
             (store.path(call) / "manifest.json").write_text("{}")
     left = {n.what: n.bytes for n in preflight.needs(quickstart, shape, cells, store)}
     params = 134_515_008
-    quants = sum(preflight.BYTES_PER_WEIGHT[q] for q in ("q4_k_m", "q2_k")) * 2 * params
+    levels = [q for q in quickstart.quant if q != "f16"]  # q8_0 and q2_k, for both adapters
+    quants = sum(preflight.BYTES_PER_WEIGHT[q] for q in levels) * 2 * params
     assert left["disk for the store"] == pytest.approx(quants, rel=1e-6)
     assert fresh > 3 * left["disk for the store"]
