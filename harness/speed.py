@@ -51,8 +51,7 @@ def quantile(values: list[float], q: float, confidence: float) -> Quantile:
     ordered = sorted(values)
     n = len(ordered)
     value = ordered[max(math.ceil(q * n), 1) - 1]
-    k = _lower_rank(n, q, 1 - confidence)
-    j = _upper_rank(n, q, confidence)
+    k, j = _ranks(n, q, confidence)
     return Quantile(
         value,
         ordered[k - 1] if k else None,
@@ -70,7 +69,7 @@ def median(values: list[float], confidence: float) -> Quantile:
 def needed(q: float, confidence: float = 0.95) -> int:
     """The fewest values that bound the q-quantile on both sides at `confidence`."""
     n = 1
-    while not (_lower_rank(n, q, 1 - confidence) and _upper_rank(n, q, confidence)):
+    while not all(_ranks(n, q, confidence)):
         n += 1
     return n
 
@@ -84,23 +83,16 @@ def _cdf(n: int, q: float) -> list[float]:
     return out
 
 
-def _lower_rank(n: int, q: float, alpha: float) -> int:
-    """The largest k with P(Binomial(n, q) <= k - 1) <= alpha (0 when even k = 1 fails)."""
+def _ranks(n: int, q: float, confidence: float) -> tuple[int, int]:
+    """(k, j): the largest k with P(Binomial(n, q) <= k - 1) <= 1 - confidence, and the
+    smallest j with P(Binomial(n, q) <= j - 1) >= confidence; 0 for a side that even the
+    extreme value cannot bound."""
     cdf = _cdf(n, q)
     k = 0
-    while k < n and cdf[k] <= alpha:
+    while k < n and cdf[k] <= 1 - confidence:
         k += 1
-    return k
-
-
-def _upper_rank(n: int, q: float, confidence: float) -> int:
-    """The smallest j with P(Binomial(n, q) <= j - 1) >= confidence (0 when even j = n
-    fails)."""
-    cdf = _cdf(n, q)
-    for j in range(1, n + 1):
-        if cdf[j - 1] >= confidence:
-            return j
-    return 0
+    j = next((j for j in range(1, n + 1) if cdf[j - 1] >= confidence), 0)
+    return k, j
 
 
 def judge(
