@@ -34,10 +34,12 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from harness import host, outcomes, pipeline, planning, spec
-from harness.executor import Serial
-from harness.ray_executor import RayExecutor
-from harness.store import Store
+from harness import host, pipeline, spec
+from harness.plan import cells as planning
+from harness.plan.store import Store
+from harness.run import outcomes
+from harness.run.executor import Serial
+from harness.run.ray import RayExecutor
 
 SPEC = """\
 name: ray-overhead

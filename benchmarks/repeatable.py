@@ -33,8 +33,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from rich.console import Console
 from rich.table import Table
 
-from harness import host, outcomes, pipeline, planning, spec
-from harness.store import Store
+from harness import host, pipeline, spec
+from harness.plan import cells as planning
+from harness.plan.store import Store
+from harness.run import outcomes
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT = ("resolve", "train", "merge", "convert", "quantize", "reference")

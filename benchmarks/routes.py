@@ -13,7 +13,7 @@ the run that built each file). Per route:
 - one server for all N: the base at Q4_K_M with all N LoRA GGUFs loaded (`--lora` each,
   `--lora-init-without-apply`), its load time and memory, against N servers of the
   merged Q4_K_M models (the serial executor serves a level's adapter cells this way:
-  harness/sharing.py);
+  harness/run/sharing.py);
 - request order on that server, at the evaluation's concurrency: requests per second
   when every request in flight picks the same adapter (the chain's order) against
   interleaved adapters, which llama-server does not batch together.
@@ -40,10 +40,12 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
 
-from harness import host, outcomes, pipeline, planning, spec
+from harness import host, pipeline, spec
 from harness.backends import ServeConfig
 from harness.backends.llamacpp import LlamaServer
-from harness.store import Store
+from harness.plan import cells as planning
+from harness.plan.store import Store
+from harness.run import outcomes
 
 LORAS = [
     "{name: a, r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",

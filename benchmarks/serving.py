@@ -29,10 +29,13 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
 
-from harness import evals, executor, host, outcomes, planning, spec
+from harness import host, spec
 from harness.backends import ServeConfig, get
+from harness.data import evals
+from harness.plan import cells as planning
+from harness.plan.store import Store
+from harness.run import executor, outcomes
 from harness.stages import bench, evaluate
-from harness.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,9 +31,11 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness import data, executor, host, outcomes, planning, spec
+from harness import data, host, spec
+from harness.plan import cells as planning
+from harness.plan.store import Store
+from harness.run import executor, outcomes
 from harness.stages import train
-from harness.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

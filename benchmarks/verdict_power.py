@@ -1,4 +1,4 @@
-"""How often the verdicts are right: the real rule (`harness.verdict.judge`) on simulated
+"""How often the verdicts are right: the real rule (`harness.judge.verdict.judge`) on simulated
 paired items, so a user knows what "ok" and "stupid" promise at the item counts they run.
 
 Each simulated run is shaped like the quickstart: two adapters, levels f16, q4_k_m and
@@ -23,8 +23,8 @@ import argparse
 import random
 from collections import Counter
 
-from harness.spec import BudgetSpec
-from harness.verdict import Figures, Scores, judge
+from harness.judge.verdict import Figures, Scores, judge
+from harness.spec.schema import BudgetSpec
 
 TARGET, GUARD = "target", "guard"
 LEVELS = ("f16", "q4_k_m", "q2_k")

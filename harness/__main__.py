@@ -1,3 +1,3 @@
-from harness.cli import app
+from harness.cli.commands import app
 
 app(prog_name="forgebench")

@@ -1,4 +1,4 @@
-"""A run: the plan (harness.planning) handed to an executor (harness.executor), each
+"""A run: the plan (harness.plan.cells) handed to an executor (harness.run.executor), each
 cell logged to MLflow as its result comes back, cached or not, then the verdicts. A cell
 whose stage fails is recorded as failed with its reason; the other cells go on. A failed
 reference leaves the cell unjudged, not failed.
@@ -10,12 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness import templates, toolchain
-from harness.executor import Executor, Serial
-from harness.outcomes import CellResult, Reporter, RunSummary
-from harness.planning import Cell, plan
-from harness.spec import Spec
-from harness.store import Store
+from harness import toolchain
+from harness.plan.cells import Cell, plan
+from harness.plan.store import Store
+from harness.run.executor import Executor, Serial
+from harness.run.outcomes import CellResult, Reporter, RunSummary
+from harness.sources import templates
+from harness.spec.schema import Spec
 
 
 def run(
@@ -26,7 +27,8 @@ def run(
     fail_fast: bool = False,
     executor: Executor | None = None,
 ) -> RunSummary:
-    from harness import evidence, tracking
+    from harness.judge import evidence
+    from harness.track import tracking
 
     executor = executor or Serial()
     cells = plan(spec)

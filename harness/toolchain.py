@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from harness.errors import ForgebenchError
-from harness.store import file_sha256
+from harness.plan.store import file_sha256
 
 PACKAGE = "llama-cpp-python"
 CONVERTER = "convert_hf_to_gguf.py"

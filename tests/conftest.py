@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-# the clone's own evals/, whatever the shell names; read when harness.evals is imported, so
+# the clone's own evals/, whatever the shell names; read when harness.data.evals is imported, so
 # dropped here (the rest of what the shell points at: away_from_the_clone)
 os.environ.pop("FORGEBENCH_EVALS", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,9 +28,12 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from harness import outcomes, pipeline, planning, preflight, spec
-from harness.cli import app
-from harness.store import Store
+from harness import pipeline, spec
+from harness.cli.commands import app
+from harness.plan import cells as planning
+from harness.plan.store import Store
+from harness.preflight import checks as preflight
+from harness.run import outcomes
 
 ROOT = Path(__file__).resolve().parents[1]
 

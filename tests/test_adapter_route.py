@@ -13,11 +13,13 @@ from conftest import MEASURE_SPEC
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from harness import evidence, paired, planning, spec, verdict
-from harness.cli import app
-from harness.evidence import paired_items
-from harness.outcomes import CellResult, Outcome
-from harness.served import Served
+from harness import spec
+from harness.cli.commands import app
+from harness.judge import evidence, paired, verdict
+from harness.judge.evidence import paired_items
+from harness.plan import cells as planning
+from harness.run.deployment import Served
+from harness.run.outcomes import CellResult, Outcome
 from harness.stages import check, convert_lora
 
 pytestmark = pytest.mark.slow

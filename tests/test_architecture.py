@@ -18,9 +18,12 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from ollama_double import OllamaDouble
 
-from harness import gguf_meta, outcomes, pipeline, sources, spec, templates
+from harness import pipeline, sources, spec
 from harness.errors import ForgebenchError
-from harness.store import Store
+from harness.plan.store import Store
+from harness.run import outcomes
+from harness.sources import gguf as gguf_meta
+from harness.sources import templates
 
 SPEC = """\
 name: arch

@@ -13,7 +13,10 @@ from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness import data, executor, outcomes, pipeline, planning, quant, replay, spec
+from harness import data, pipeline, quant, spec
+from harness.data import replay
+from harness.plan import cells as planning
+from harness.run import executor, outcomes
 from harness.stages.train import REPLAY_TOKENS
 
 pytestmark = pytest.mark.slow

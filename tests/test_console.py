@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from harness.console import REASONS_WIDTH, summary_table, times_table
-from harness.outcomes import CellResult, Outcome, RunSummary
-from harness.verdict import Verdict
+from harness.cli.console import REASONS_WIDTH, summary_table, times_table
+from harness.judge.verdict import Verdict
+from harness.run.outcomes import CellResult, Outcome, RunSummary
 
 LONG = (
     "quantization: arithmetic 0.450 vs F16 0.800 (lost 31, gained 3, p=2e-06); "
@@ -111,7 +111,9 @@ tracking: {uri: "sqlite:///%s"}
 def logged(tmp_path, capfd):
     """A spec's first invocation on a new sqlite store, outside any git checkout: one cell
     logged and judged, as `forgebench run` logs it; (uri, the cell's name, the console)."""
-    from harness import planning, spec, tracking
+    from harness import spec
+    from harness.plan import cells as planning
+    from harness.track import tracking
 
     path = tmp_path / "viewed.yaml"
     path.write_text(SPEC % (tmp_path / "mlflow.db"))
@@ -139,7 +141,7 @@ def test_the_experiment_opens_as_model_training_on_the_cells_with_their_verdict(
 
     from mlflow.tracking import MlflowClient
 
-    from harness import tracking
+    from harness.track import tracking
 
     uri, name, _ = logged(tmp_path, capfd)
     client = MlflowClient(uri)
@@ -161,8 +163,8 @@ def test_the_experiment_opens_as_model_training_on_the_cells_with_their_verdict(
 
 
 def test_a_failed_stage_prints_its_words_as_written_and_the_whole_reason_only_with_debug():
-    from harness.console import RichReporter
-    from harness.planning import Cell
+    from harness.cli.console import RichReporter
+    from harness.plan.cells import Cell
 
     failed = Outcome(
         "k-eval",

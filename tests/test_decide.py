@@ -14,9 +14,9 @@ from PIL import Image
 from test_report import render
 from typer.testing import CliRunner
 
-from harness import results
-from harness.best import choose
-from harness.cli import app
+from harness.cli.commands import app
+from harness.judge.best import choose
+from harness.track import results
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,10 @@ import httpx
 import pytest
 import yaml
 
-from harness import evals, toolchain
+from harness import toolchain
 from harness.backends import Deployment
 from harness.backends.llamacpp import free_port
+from harness.data import evals
 from harness.errors import ForgebenchError
 from harness.stages import evaluate as stage
 

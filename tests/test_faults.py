@@ -20,9 +20,9 @@ import pytest
 from gguf import GGUFReader
 from lm_eval.models.api_models import TemplateAPI
 
-from harness import evals
 from harness.backends import ServeConfig, ServerStopped
 from harness.backends.llamacpp import LlamaServer, exit_status
+from harness.data import evals
 from harness.stages import evaluate as stage
 
 GGUF = (
@@ -192,8 +192,8 @@ def test_the_cell_keeps_the_first_line_and_mlflow_the_whole_reason(tmp_path, mon
     message its detail (MLflow's forgebench.error_detail.<stage>)."""
     from collections import Counter
 
-    from harness import executor, outcomes
-    from harness.store import StageCall, Store
+    from harness.plan.store import StageCall, Store
+    from harness.run import executor, outcomes
 
     died = ServerStopped("llama-server was killed by signal 9 (SIGKILL)", ["x | y"]).after(3)
 
@@ -215,8 +215,8 @@ def test_a_build_that_fills_the_disk_keeps_nothing_and_says_where(tmp_path, monk
     import errno
     from collections import Counter
 
-    from harness import executor, outcomes
-    from harness.store import StageCall, Store
+    from harness.plan.store import StageCall, Store
+    from harness.run import executor, outcomes
 
     disk = {"full": True}
 

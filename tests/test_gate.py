@@ -8,13 +8,14 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from harness import gate, tracking
-from harness.best import choose
-from harness.cli import app
+from harness.cli.commands import app
 from harness.errors import InputError
-from harness.results import Row
+from harness.judge import gate
+from harness.judge.best import choose
 from harness.stages.bench import percentile, summarise
-from harness.tracking import RunView
+from harness.track import tracking
+from harness.track.results import Row
+from harness.track.tracking import RunView
 
 MACHINE = "ci-1: AMD EPYC, 2 cores, x86_64"
 TOL = gate.Tolerances()

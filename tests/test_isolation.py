@@ -18,7 +18,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from harness import spec, tracking
+from harness import spec
+from harness.track import tracking
 from harness.cli import app
 
 SPEC = '''\\

@@ -12,14 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from harness import evals, keys, planning, sources, spec, store, toolchain
+from harness import sources, spec, toolchain
+from harness.data import evals
 from harness.errors import ForgebenchError
+from harness.plan import cells as planning
+from harness.plan import keys, store
+from harness.plan.store import StageCall
 from harness.stages import bench, drift
-from harness.store import StageCall
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "tests" / "stage_versions.json"
-REFRESH = ".tox/forgebench/bin/python -m harness.keys > tests/stage_versions.json"
+REFRESH = ".tox/forgebench/bin/python -m harness.plan.keys > tests/stage_versions.json"
 
 
 # --- forgebench's own logic: VERSION per stage, checked against the record ----------
@@ -61,9 +64,15 @@ def test_stage_version_is_bumped_when_its_logic_changes(stage):
 
 
 def test_the_record_check_catches_an_edit_without_a_bump():
-    recorded = {"version": 1, "sources": {"harness/stages/x.py": "a", "harness/data.py": "b"}}
-    edited = {"version": 1, "sources": {"harness/stages/x.py": "a", "harness/data.py": "c"}}
-    assert "harness/data.py changed" in record_problem("x", edited, recorded)
+    recorded = {
+        "version": 1,
+        "sources": {"harness/stages/x.py": "a", "harness/data/training.py": "b"},
+    }
+    edited = {
+        "version": 1,
+        "sources": {"harness/stages/x.py": "a", "harness/data/training.py": "c"},
+    }
+    assert "harness/data/training.py changed" in record_problem("x", edited, recorded)
     assert "bump VERSION" in record_problem("x", edited, recorded)
     assert "refresh" in record_problem("x", {**edited, "version": 2}, recorded)
     assert record_problem("x", {**recorded, "version": None}, recorded).endswith(REFRESH)
@@ -84,11 +93,11 @@ def test_stage_sources_follow_the_harness_modules_a_stage_uses():
     def names(stage: str) -> set[str]:
         return {p.relative_to(ROOT).as_posix() for p in keys.stage_sources(stage)}
 
-    assert {"harness/stages/train.py", "harness/data.py"} <= names("train")
-    assert {"harness/evals.py", "harness/backends/llamacpp.py"} <= names("evaluate")
+    assert {"harness/stages/train.py", "harness/data/training.py"} <= names("train")
+    assert {"harness/data/evals.py", "harness/backends/llamacpp.py"} <= names("evaluate")
     assert "harness/stages/drift.py" in names("drift_base")  # imported from a sibling stage
     assert "harness/toolchain.py" in names("convert")  # imported inside run()
-    assert "harness/store.py" not in names("convert")  # caching is not the stage's logic
+    assert "harness/plan/store.py" not in names("convert")  # caching is not the stage's logic
 
 
 # --- the evals/ files a stage reads, by content ----------------------------------

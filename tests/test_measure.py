@@ -12,9 +12,11 @@ from conftest import MEASURE_SPEC
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from harness import paired, planning, spec
-from harness.cli import app
-from harness.evidence import paired_items
+from harness import spec
+from harness.cli.commands import app
+from harness.judge import paired
+from harness.judge.evidence import paired_items
+from harness.plan import cells as planning
 
 pytestmark = pytest.mark.slow
 

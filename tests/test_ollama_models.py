@@ -18,9 +18,10 @@ import pytest
 from huggingface_hub import constants
 from typer.testing import CliRunner
 
-from harness import ollama_models, sources
-from harness.cli import app
+from harness import sources
+from harness.cli.commands import app
 from harness.errors import ForgebenchError, InputError
+from harness.sources import ollama as ollama_models
 
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # The fields verification reads, as in the published config.json of each repo.

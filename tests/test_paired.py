@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from harness import paired
-from harness.paired import Table
+from harness.judge import paired
+from harness.judge.paired import Table
 
 
 def test_newcombe_matches_the_published_interval():

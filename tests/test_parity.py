@@ -19,8 +19,9 @@ from gguf import GGUFReader
 from ollama_double import OllamaDouble
 from transformers import AutoTokenizer
 
-from harness import backends, gguf_meta
+from harness import backends
 from harness.backends.ollama import OllamaBackend
+from harness.sources import gguf as gguf_meta
 from harness.stages import check
 
 GGUF = (
@@ -172,7 +173,7 @@ def test_parity_of_a_rendering_against_the_real_tokenizer_and_gguf(tokenizer, ji
 
 @dataclass
 class Served:
-    """What the pipeline hands a served stage (harness.served.Served), for one GGUF."""
+    """What the pipeline hands a served stage (harness.run.deployment.Served), for one GGUF."""
 
     backend: backends.Backend
     gguf: Path

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import planning, spec
-from harness.store import StageCall, Store
+from harness import spec
+from harness.plan import cells as planning
+from harness.plan.store import StageCall, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

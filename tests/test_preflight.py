@@ -12,9 +12,9 @@ import huggingface_hub
 import pytest
 from typer.testing import CliRunner
 
-from harness import ollama_models
 from harness.backends import model_name
-from harness.cli import app
+from harness.cli.commands import app
+from harness.sources import ollama as ollama_models
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = """\
@@ -114,8 +114,9 @@ def test_deploy_names(experiment, adapter, quant, source, name):
 
 def test_disk_counts_only_what_the_store_lacks(tmp_path):
     """A rerun over a full store needs no new disk; a fresh store needs every output."""
-    from harness import planning, preflight, spec
-    from harness.store import Store
+    from harness import preflight, spec
+    from harness.plan import cells as planning
+    from harness.plan.store import Store
 
     quickstart = spec.load(ROOT / "experiments" / "quickstart.yaml")
     store = Store(tmp_path / "store")

@@ -34,10 +34,12 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from harness import outcomes, pipeline, planning, spec
-from harness.cli import app
-from harness.executor import ensure
-from harness.store import Store
+from harness import pipeline, spec
+from harness.cli.commands import app
+from harness.plan import cells as planning
+from harness.plan.store import Store
+from harness.run import outcomes
+from harness.run.executor import ensure
 
 pytestmark = pytest.mark.slow
 
@@ -192,7 +194,7 @@ def test_a_node_lost_mid_training_is_retried_to_the_same_outputs(serial, cluster
     path = write(folder, "builds", f"sqlite:///{folder / 'builds.db'}", measure="")
     store = Store(folder / "lost")
     summary: list[outcomes.RunSummary] = []
-    from harness.ray_executor import RayExecutor
+    from harness.run.ray import RayExecutor
 
     def go() -> None:
         ray = RayExecutor(cluster.address)

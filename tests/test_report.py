@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harness import report, report_plots
-from harness.results import Invocation, Row
+from harness import report
+from harness.report import plots as report_plots
+from harness.track.results import Invocation, Row
 
 LEVELS = ("f16", "q8_0", "q4_k_m", "q2_k")
 

@@ -20,8 +20,10 @@ from conftest import scratch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from harness import executor, outcomes, pipeline, planning, spec
-from harness.store import Store, sha256_file
+from harness import pipeline, spec
+from harness.plan import cells as planning
+from harness.plan.store import Store, sha256_file
+from harness.run import executor, outcomes
 
 pytestmark = pytest.mark.slow
 

@@ -12,14 +12,17 @@ import pytest
 from conftest import lora_gguf
 from ollama_double import OllamaDouble
 
-from harness import best, evidence, planning, routes, sources, spec, verdict
+from harness import sources, spec
 from harness.backends import ServeConfig, ollama_answers, ollama_host
 from harness.backends.llamacpp import LlamaServer, request_body, server_command
 from harness.backends.ollama import OllamaBackend, modelfile
 from harness.errors import ForgebenchError
-from harness.outcomes import CellResult, Outcome
-from harness.results import Invocation, Row
+from harness.judge import best, evidence, verdict
+from harness.plan import cells as planning
+from harness.report import routes
+from harness.run.outcomes import CellResult, Outcome
 from harness.stages import check
+from harness.track.results import Invocation, Row
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF = sources.bundled_gguf("smollm2-135m")
@@ -217,8 +220,8 @@ def test_a_levels_adapter_cells_share_one_server_that_answers_as_each_alone(
     up until the level's last cell is done."""
     from types import SimpleNamespace
 
-    from harness.sharing import Sharing
-    from harness.store import Store
+    from harness.plan.store import Store
+    from harness.run.sharing import Sharing
 
     store = Store(tmp_path / "store")
     cells = planning.plan(both)
@@ -265,9 +268,9 @@ def test_the_serial_executor_builds_a_levels_adapter_cells_then_serves_them_toge
     """What the serial executor runs, in order: a shared level's cells are built first (so
     its server loads every LoRA GGUF), then served one after another on that `Sharing`,
     which stops the level's server when its last cell is done."""
-    from harness import executor
-    from harness.outcomes import Quiet
-    from harness.store import Store
+    from harness.plan.store import Store
+    from harness.run import executor
+    from harness.run.outcomes import Quiet
 
     ran: list[tuple[str, str]] = []
 
@@ -381,7 +384,7 @@ def test_the_double_takes_one_lora_gguf_adapter_as_ollama_does(adapters):
 
 
 def _upload(client, path: Path) -> str:
-    from harness.store import file_sha256
+    from harness.plan.store import file_sha256
 
     client.create_blob(path)
     return file_sha256(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from harness.cli import app
+from harness.cli.commands import app
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("room_on_disk")
@@ -144,7 +144,8 @@ def test_drift_is_planned_against_each_adapters_f16_and_the_untuned_one(tmp_path
 def test_plan_loads_no_torch():
     """Planning and validating stay fast: torch is imported only by stages that train."""
     code = (
-        "import sys; from harness import pipeline, planning, spec; "
+        "import sys; from harness import pipeline, spec; "
+        "from harness.plan import cells as planning; "
         f"planning.plan(spec.load({str(ROOT / 'experiments' / 'quickstart.yaml')!r})); "
         "print('torch' in sys.modules, 'mlflow' in sys.modules)"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from harness import speed
+from harness.judge import speed
 
 
 def test_the_bounds_are_the_order_statistics_the_binomial_allows():

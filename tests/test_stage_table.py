@@ -8,7 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from harness import chain, keys, planning, spec
+from harness import chain, spec
+from harness.plan import cells as planning
+from harness.plan import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 

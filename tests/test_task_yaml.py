@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from harness import evals, keys
+from harness.data import evals
+from harness.plan import keys
 
 
 def test_function_tag_is_kept_as_a_marker():

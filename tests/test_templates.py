@@ -15,10 +15,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
 from typer.testing import CliRunner
 
-from harness import outcomes, planning, spec, templates
+from harness import spec
 from harness.backends.ollama import go_template
-from harness.cli import app
+from harness.cli.commands import app
 from harness.errors import InputError, StageError
+from harness.plan import cells as planning
+from harness.run import outcomes
+from harness.sources import templates
 from harness.stages import resolve
 
 pytestmark = pytest.mark.usefixtures("room_on_disk")
@@ -308,7 +311,7 @@ def test_mlflow_records_which_template_served_and_where_it_came_from(tmp_path):
     from mlflow.artifacts import download_artifacts
     from mlflow.tracking import MlflowClient
 
-    from harness import tracking
+    from harness.track import tracking
 
     (tmp_path / "mine.jinja").write_text(templates.FAMILIES["chatml"])
     path = write_spec(tmp_path, "{model: smollm2-135m}", "mine.jinja")

@@ -16,8 +16,8 @@ from conftest import TrackingServer, scratch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from harness import tracking
-from harness.cli import app
+from harness.cli.commands import app
+from harness.track import tracking
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_a_run_logs_to_a_shared_server_and_reads_back_from_it(
 STOPPING_RUN = textwrap.dedent(
     """\
     import os, signal, socket, sys, time
-    from harness import tracking
+    from harness.track import tracking
     from harness.cli import app
 
     group, port = int(sys.argv[1]), int(sys.argv[2])

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import ForgebenchError
-from harness.spec import BudgetSpec
-from harness.verdict import Figures, Scores, judge, slow_reasons
+from harness.judge.verdict import Figures, Scores, judge, slow_reasons
+from harness.spec.schema import BudgetSpec
 
 N = 300
 

@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 import httpx
 import ollama
 
-from harness import gguf_meta
 from harness.backends import (
     NAMESPACE,
     Chunk,
@@ -33,7 +32,8 @@ from harness.backends import (
     ollama_host,
 )
 from harness.errors import ForgebenchError
-from harness.store import file_sha256
+from harness.plan.store import file_sha256
+from harness.sources import gguf as gguf_meta
 
 KEEP_ALIVE = "10m"
 """How long Ollama keeps a deployed model loaded after each request."""

@@ -48,11 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from harness.backends import Backend, Deployment
-from harness.evals import EVALS
+from harness.data.evals import EVALS
 
 PROMPTS = EVALS / "bench_prompts.jsonl"
 VERSION = 4
-"""The bench's logic in the stage key (harness/keys.py): 2 is nearest-rank percentiles, the
+"""The bench's logic in the stage key (harness/plan/keys.py): 2 is nearest-rank percentiles, the
 throughputs' slow tail (p5, no p95) and memory on a deployment of the bench's own; 3 is
 prefill from the cold first request; 4 is fixed-length decodes."""
 MEMORY_METRIC = {"llamacpp": "memory_mb", "ollama": "ollama_ps_size_mb"}

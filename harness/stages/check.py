@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import gguf_meta
 from harness.backends import Backend, Deployment
+from harness.sources import gguf as gguf_meta
 
 VERSION = 4  # bump when this stage's outputs change: tests/test_keys.py checks it
 

@@ -13,8 +13,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from harness.data.evals import EVALS
 from harness.errors import StageError
-from harness.evals import EVALS
 from harness.stages import Progress
 
 VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import evals
 from harness.backends import ServerStopped
-from harness.evals import EvalTask
+from harness.data import evals
+from harness.data.evals import EvalTask
 from harness.stages import Progress
 
 VERSION = 2  # bump when this stage's outputs change: tests/test_keys.py checks it

@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import gguf_meta, quant
+from harness import quant
 from harness.errors import StageError
+from harness.sources import gguf as gguf_meta
 from harness.stages import Progress
 
 VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks it

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from harness import evals
+from harness.data import evals
 from harness.stages import Progress
 from harness.stages.evaluate import score, scored_tasks
 

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness import sources, templates
+from harness import sources
+from harness.sources import templates
 from harness.stages import Progress
 
 VERSION = 4  # bump when this stage's outputs change: tests/test_keys.py checks it

@@ -38,8 +38,9 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from harness import data as datasets
-from harness import replay, templates
+from harness.data import replay
 from harness.errors import StageError
+from harness.sources import templates
 from harness.stages import Progress
 
 VERSION = 3  # bump when this stage's outputs change: tests/test_keys.py checks it

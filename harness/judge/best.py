@@ -1,0 +1,116 @@
+"""Which quant level (and route) to ship, per adapter, and why.
+
+On each route the spec ran (merged, or the base GGUF with a LoRA GGUF, whose size counts
+both files), the levels are walked in a fixed order, largest to smallest, and the walk
+stops at the first level whose accuracy was not shown within tolerance (a verdict other
+than "ok" or "slow"): testing in a fixed order and stopping at the first failure keeps
+the family-wise error of the whole walk at the spec's confidence, so the pick carries it
+(choosing the best-looking level among all would not). Among the walked cells whose
+verdict is exactly "ok", the smallest file (or, with `by="speed"`, the fastest decode);
+beside it, the Pareto front of accuracy against decode speed and size, so the trade-off
+the choice makes is visible. A cell not judged ok is never shipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness.track.results import ORDER, Row, primary_task
+
+
+@dataclass
+class Choice:
+    adapter: str
+    row: Row | None
+    why: str
+    front: list[Row] = field(default_factory=list)
+
+
+def dominates(a: Row, b: Row, task: str | None) -> bool:
+    """a is at least as accurate, as fast and as small as b, and better in one."""
+    pairs = [
+        (a.accuracy(task), b.accuracy(task)),
+        (a.decode_tps, b.decode_tps),
+        (-(a.size_mb or 0), -(b.size_mb or 0)),
+    ]
+    if any(x is None or y is None for x, y in pairs):
+        return False
+    return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
+
+
+def pareto_front(rows: list[Row], task: str | None) -> list[Row]:
+    done = [r for r in rows if r.status == "done"]
+    return [r for r in done if not any(dominates(o, r, task) for o in done if o is not r)]
+
+
+def is_ok(row: Row) -> bool:
+    return row.status == "done" and row.verdict == "ok"
+
+
+def walked(rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    """Per route, the levels from the largest down to the first whose accuracy was not
+    shown within tolerance: (the cells walked, the cells the walks stopped at)."""
+    out, stops = [], []
+    for route in dict.fromkeys(r.route for r in rows):
+        mine = sorted((r for r in rows if r.route == route), key=lambda r: ORDER.get(r.quant, 99))
+        for row in mine:
+            if row.status != "done" or row.verdict not in ("ok", "slow"):
+                stops.append(row)
+                break
+            out.append(row)
+    return out, stops
+
+
+def rejection(row: Row) -> str:
+    """`main-q2_k: stupid (quantization): accuracy 0.41 < 0.60`; a cell that did not finish
+    says its status too."""
+    verdict = row.verdict or "no verdict"
+    status = "" if row.status == "done" else f" (status {row.status or 'unknown'})"
+    return f"{row.cell}: {verdict}{status}: {row.reasons or 'no reasons recorded'}"
+
+
+def choose(rows: list[Row], by: str = "size", route: str | None = None) -> list[Choice]:
+    """One choice per adapter; with `route`, among that route's cells only (the untuned
+    base has no route to choose)."""
+    task = primary_task(rows)
+    if route is not None:
+        rows = [r for r in rows if r.route == route or r.adapter == "base"]
+    choices = []
+    for adapter in dict.fromkeys(r.adapter for r in rows):
+        mine = [r for r in rows if r.adapter == adapter]
+        passed, stops = walked(mine)
+        ok = [r for r in passed if is_ok(r)]
+        front = pareto_front(mine, task)
+        if not ok:
+            rejected = "; ".join(rejection(r) for r in mine)
+            why = f"no cell is ok: {rejected}"
+            if any(is_ok(r) for r in mine):
+                stopped = ", ".join(r.cell for r in stops)
+                why = (
+                    f"no cell is ok before the walk from the largest level stops (at "
+                    f"{stopped}): a smaller level judged ok after a larger one that was not "
+                    f"would not carry the stated confidence; {rejected}"
+                )
+            choices.append(Choice(adapter, None, why, front))
+            continue
+        if by == "speed":
+            row = max(ok, key=lambda r: r.decode_tps or 0)
+            reason = f"fastest decode ({row.decode_tps or 0:.0f} tok/s p50)"
+        else:
+            row = min(ok, key=lambda r: r.size_mb or float("inf"))
+            reason = f"smallest file ({row.size_mb or 0:.1f} MB)"
+        accuracy = row.accuracy(task)
+        detail = f", {task} {accuracy:.2f}" if accuracy is not None and task else ""
+        routes = {r.route for r in mine}
+        named = len(routes) > 1 or route is not None
+        shipped = f"{row.quant} by route {row.route}" if named else row.quant
+        choices.append(
+            Choice(
+                adapter,
+                row,
+                f"{shipped}: {reason} among the {len(ok)} cells judged ok, walking the "
+                f"levels largest first{detail}",
+                front,
+            )
+        )
+    return choices

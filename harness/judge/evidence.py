@@ -1,0 +1,137 @@
+"""What the verdicts read from a finished run: each cell's figures and the HF references.
+
+The pipeline runs stages; `harness.judge.verdict` decides. In between, this module
+gathers, for every cell, the per-item rows its decision rests on (the evaluate stage's,
+each request scored alone on its server, so item by item reproducible), its speed, memory and drift
+figures, and, per adapter, the PyTorch reference scores. A figure that should exist
+and does not (a samples file missing from a finished stage) is an error of the
+cell, never an empty set of items that a paired test would read as "no loss".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.errors import ForgebenchError
+from harness.judge.blame import Scores
+from harness.spec.schema import Spec
+
+if TYPE_CHECKING:
+    from harness.plan.cells import Cell
+    from harness.plan.store import Store
+    from harness.run.outcomes import CellResult
+
+
+def task_names(spec: Spec) -> list[str]:
+    """Every scored task: the spec's tasks, then its guard tasks."""
+    return [t if isinstance(t, str) else t.name for t in spec.evaluate.all_tasks]
+
+
+def guard_names(spec: Spec) -> list[str]:
+    return [t if isinstance(t, str) else t.name for t in spec.evaluate.guard]
+
+
+def primary_task(spec: Spec) -> str | None:
+    """The task decisions are shown on: the spec's first."""
+    if "evaluate" not in spec.measure or not spec.evaluate.tasks:
+        return None
+    first = spec.evaluate.tasks[0]
+    return first if isinstance(first, str) else first.name
+
+
+def verdicts(
+    spec: Spec, cells: list[Cell], results: list[CellResult], store: Store
+) -> tuple[dict[str, Any], str | None]:
+    """Judge every cell; a spec that cannot be judged (no F16 cell) says why instead."""
+    from harness.judge import verdict
+
+    tasks = task_names(spec) if "evaluate" in spec.measure else []
+    figures, references = [], {}
+    for cell, result in zip(cells, results, strict=True):
+        figures.append(_figures(cell, result, store, tasks, "evaluate" in spec.measure))
+        if "reference" in cell.calls and cell.adapter not in references:
+            label = "tuned HF" if cell.lora else "untuned HF"
+            references[cell.adapter] = _scores(label, cell, result, "reference", store, tasks)
+        if "reference_base" in cell.calls and "base" not in references:
+            references["base"] = _scores("untuned HF", cell, result, "reference_base", store, tasks)
+    try:
+        judged = verdict.judge(figures, spec.budgets, references, tasks, guard_names(spec))
+    except ForgebenchError as exc:
+        return {}, str(exc)
+    return judged, None
+
+
+def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], evaluated: bool):
+    from harness.judge import verdict
+
+    def metric(stage: str, name: str) -> float | None:
+        outcome = result.stages.get(stage)
+        return None if outcome is None or outcome.error else outcome.metrics.get(name)
+
+    check = result.stages.get("check")
+    template_broken = check is not None and check.metrics.get("check_template_ok") == 0
+    unapplied = check is not None and check.metrics.get("adapter_applied") == 0
+    requests = _bench_requests(cell, result, store)
+    fig = verdict.Figures(
+        cell.name,
+        cell.adapter,
+        cell.quant,
+        status=result.status,
+        route=cell.route,
+        error=result.error,
+        broken="template" if template_broken else "adapter not applied" if unapplied else None,
+        evaluated=evaluated,
+        decode_rates=[float(r["decode_tps"]) for r in requests if r.get("decode_tps")],
+        ttft_ms=[float(r["ttft_s"]) * 1000 for r in requests if r.get("ttft_s") is not None],
+        # llama-server's peak RSS; on Ollama, the size its /api/ps reports for the model
+        memory_mb=metric("bench", "memory_mb") or metric("bench", "ollama_ps_size_mb"),
+        kld_mean=metric("drift", "kld_mean"),
+        tuning_kld=metric("drift_tuning", "kld_mean"),
+    )
+    if result.status != "done" or not evaluated:
+        return fig
+    try:
+        fig.items = {t: paired_items(store.path(cell.calls["evaluate"]), t) for t in tasks}
+    except ForgebenchError as exc:
+        fig.status, fig.error = "failed", str(exc)
+        return fig
+    fig.accuracy = {t: sum(items.values()) / len(items) for t, items in fig.items.items() if items}
+    return fig
+
+
+def _bench_requests(cell: Cell, result: CellResult, store: Store) -> list[dict]:
+    """Each bench request's figures (decode tok/s, TTFT), from the bench's requests.jsonl."""
+    outcome = result.stages.get("bench")
+    if outcome is None or outcome.error or "bench" not in cell.calls:
+        return []
+    path = store.path(cell.calls["bench"]) / "requests.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _scores(
+    label: str, cell: Cell, result: CellResult, role: str, store: Store, tasks: list[str]
+) -> Scores:
+    outcome = result.stages.get(role)
+    if outcome is None:
+        return Scores(label, error=f"{role} did not run")
+    if outcome.error:
+        return Scores(label, error=f"{role} failed: {outcome.error}")
+    try:
+        items = {t: paired_items(store.path(cell.calls[role]), t) for t in tasks}
+    except ForgebenchError as exc:
+        return Scores(label, error=str(exc))
+    accuracy = {t: sum(v.values()) / len(v) for t, v in items.items() if v}
+    return Scores(label, accuracy, items)
+
+
+def paired_items(folder: Path, task: str) -> dict[str, bool]:
+    """item id -> correct, from a stage's samples file; its absence is an error."""
+    samples = folder / f"samples_{task}.jsonl"
+    if not samples.is_file():
+        raise ForgebenchError(f"{samples.name} is missing from {folder}: rerun to rebuild it")
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    return {str(r["doc_id"]): bool(r["correct"]) for r in rows}

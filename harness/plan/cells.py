@@ -1,0 +1,328 @@
+"""The chain of stages, the only place that knows their order, and the plan: a spec
+expanded into cells and their stage calls.
+
+    resolve -> train -> merge -> convert (F16) -> quantize       builds the cell's GGUF
+    (route adapter: resolve -> convert (F16) -> quantize, the base's GGUF at each level,
+     and train -> convert_lora, the LoRA GGUF served beside it)
+            -> reference_base, reference                          the HF models scored in PyTorch
+            -> check -> evaluate -> bench                         on the served model
+            -> drift_base (F16, once per adapter) -> drift        llama-perplexity, offline
+            -> drift_tuning                                       tuned F16 vs untuned F16
+
+`plan()` expands a spec into cells (one per LoRA config x route x quant level, plus
+the untuned base at every level) whose stage calls share keys wherever their
+inputs agree, so N adapters x M levels train N adapters and convert N models.
+A cell's `calls` map a role to a stage call; a role is the stage's name except
+where one stage serves twice (`reference_base` and `drift_tuning` run the
+reference and drift stages on the untuned side of the training link). Planning
+runs nothing and imports nothing heavy: `plan`, `validate` and every executor read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from harness import backends, host, quant, sources
+from harness.chain import ADVISORY, BUILD, REFERENCES, SERVED, STAGES  # noqa: F401 (the plan's face)
+from harness.errors import ForgebenchError, InputError
+from harness.plan import keys
+from harness.plan.store import StageCall, sha256_file
+from harness.sources import templates
+from harness.spec.schema import LoraSpec, Spec
+
+CONTROL = "base"
+"""The adapter name of the control cells, which run the untuned base."""
+MERGE, ADAPTER = "merge", "adapter"
+"""The routes: the adapter merged in PyTorch, then converted and quantized; or the base
+converted and quantized once per level, served with the adapter as a LoRA GGUF."""
+NOT_CONVERTIBLE = ("embed_tokens", "lm_head")
+
+
+@dataclass(frozen=True)
+class Cell:
+    lora: LoraSpec | None
+    quant: str
+    calls: dict[str, StageCall]
+    """stage name -> call, in chain order; only the stages this cell needs."""
+    backend: str = "llamacpp"
+    route: str = MERGE
+
+    @property
+    def adapter(self) -> str:
+        return self.lora.name if self.lora else CONTROL
+
+    @property
+    def line(self) -> str:
+        """The adapter as this route ships it: `r8-qv`, on the adapter route `r8-qv-lora`."""
+        return f"{self.adapter}-lora" if self.route == ADAPTER else self.adapter
+
+    @property
+    def name(self) -> str:
+        return f"{self.line}-{self.quant}"
+
+    @property
+    def lora_gguf(self) -> StageCall | None:
+        """The call whose output holds the LoRA GGUF served beside the base (adapter route)."""
+        return self.calls.get("convert_lora")
+
+    @property
+    def gguf(self) -> StageCall:
+        """The call whose output folder holds this cell's model.gguf."""
+        return self.calls.get("quantize") or self.calls["convert"]
+
+    @property
+    def model(self) -> StageCall:
+        """The call whose output holds the HF folder (tokenizer, chat template)."""
+        return self.calls.get("merge") or self.calls["resolve"]
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    return {p: metadata.version(p) for p in packages}
+
+
+def plan(spec: Spec) -> list[Cell]:
+    """Expand a spec into its cells without running or importing anything heavy.
+
+    Within an adapter the F16 cell comes first: the other levels are judged against it."""
+    base = spec.base.model_dump(mode="json")
+    template = templates.given(spec)
+    resolve = StageCall(
+        "resolve",
+        {"base": {**base, **sources.identity(base)}, "chat_template": template and template.text},
+        versions=_versions("transformers", "gguf") | keys.versions("resolve"),
+    )
+    data = _data_identity(spec)
+    backend = backends.resolve_name(spec.serve.backend) if spec.serves else ""
+    adapters: list[LoraSpec | None] = ([None] if spec.control else []) + list(spec.lora)
+    levels = sorted(spec.quant, key=lambda level: level != quant.REFERENCE)
+    trust = spec.base.trust_remote_code
+    base_f16 = StageCall(
+        "convert", {"outtype": quant.REFERENCE}, {"model": resolve}, keys.versions("convert")
+    )
+    base_reference = _reference(spec, resolve)
+    cells = []
+    for lora in adapters:
+        calls: dict[str, StageCall] = {"resolve": resolve}
+        model = resolve
+        if lora is not None:
+            calls["train"] = StageCall(
+                "train",
+                {
+                    "lora": lora.settings(),
+                    "train": {
+                        **spec.train.model_dump(mode="json", exclude={"checkpoint_every"}),
+                        "precision": keys.resolved_precision(spec.train.precision),
+                    },
+                    "data": data,
+                    "trust_remote_code": trust,
+                },
+                {"base": resolve},
+                _versions("torch", "transformers", "peft") | keys.versions("train"),
+                runtime={"checkpoint_every": spec.train.checkpoint_every},
+            )
+            model = StageCall(
+                "merge",
+                {"trust_remote_code": trust},
+                {"base": resolve, "adapter": calls["train"]},
+                _versions("torch", "transformers", "peft") | keys.versions("merge"),
+            )
+        references = {}
+        if base_reference is not None:
+            if lora is not None:
+                references["reference_base"] = base_reference
+            # the adapter route's PyTorch model is the same base + adapter: the merged one
+            references["reference"] = _reference(spec, model)
+        for route in spec.route if lora is not None else [MERGE]:
+            line = dict(calls)
+            if route == MERGE and lora is not None:
+                line["merge"] = model
+                line["convert"] = StageCall(
+                    "convert",
+                    {"outtype": quant.REFERENCE},
+                    {"model": model},
+                    keys.versions("convert"),
+                )
+            else:
+                line["convert"] = base_f16
+            if route == ADAPTER:
+                _convertible(spec, lora)
+                line["convert_lora"] = StageCall(
+                    "convert_lora",
+                    {"outtype": quant.REFERENCE, "trust_remote_code": trust},
+                    {"base": resolve, "adapter": calls["train"]},
+                    _versions("transformers", "peft") | keys.versions("convert_lora"),
+                )
+            cells += _levels(spec, lora, route, line, references, levels, backend, base_f16)
+    return cells
+
+
+def _levels(
+    spec: Spec,
+    lora: LoraSpec | None,
+    route: str,
+    calls: dict[str, StageCall],
+    references: dict[str, StageCall],
+    levels: list[str],
+    backend: str,
+    base_f16: StageCall,
+) -> list[Cell]:
+    """One route's cells, F16 first: each level's GGUF and what the spec measures on it."""
+    f16 = calls["convert"]
+    model = calls.get("merge") or calls["resolve"]
+    cells = []
+    for level in levels:
+        cell_calls = dict(calls)
+        if level != quant.REFERENCE:
+            cell_calls["quantize"] = StageCall(
+                "quantize", {"level": level}, {"gguf": f16}, keys.versions("quantize")
+            )
+        cell_calls |= references
+        measured = _measurements(spec, cell_calls, model, f16, backend)
+        tuned_f16 = level == quant.REFERENCE and lora is not None and route == MERGE
+        if tuned_f16 and "drift" in spec.measure:
+            measured["drift_tuning"] = _tuning_drift(spec, f16, base_f16)
+        cells.append(Cell(lora, level, cell_calls | measured, backend, route))
+    return cells
+
+
+def _convertible(spec: Spec, lora: LoraSpec) -> None:
+    """What llama.cpp's LoRA converter and runtime cannot take, refused before anything runs:
+    an adapter on the embedding or the output head (tied to the embedding in small models,
+    and a full-rank delta llama.cpp's LoRA loader does not apply) or one that trains biases
+    (the converter stops at any tensor that is not lora_A or lora_B)."""
+    where = spec.where("lora", spec.lora.index(lora))
+    if bad := sorted(set(lora.target_modules) & set(NOT_CONVERTIBLE)):
+        raise InputError(
+            f"{where}.target_modules: LoRA {lora.name} trains {', '.join(bad)}, which "
+            "convert_lora_to_gguf.py cannot take for route adapter: drop them from "
+            "target_modules or use route: [merge]"
+        )
+    if lora.bias != "none":
+        raise InputError(
+            f"{where}.bias: LoRA {lora.name} trains biases ({lora.bias}), which "
+            "convert_lora_to_gguf.py cannot take for route adapter: set bias: none or use "
+            "route: [merge]"
+        )
+
+
+def unique_calls(cells: list[Cell]) -> dict[str, StageCall]:
+    """Every stage call the cells need, once by key, with the inputs no cell names as a role
+    (the untuned F16 and its logits that drift_tuning reads when control is off)."""
+    out: dict[str, StageCall] = {}
+    todo = [call for cell in cells for call in cell.calls.values()]
+    while todo:
+        call = todo.pop(0)
+        if call.key not in out:
+            out[call.key] = call
+            todo += call.inputs.values()
+    return out
+
+
+def _reference(spec: Spec, model: StageCall) -> StageCall | None:
+    """The PyTorch score of an HF model folder, on the items the served cells are scored on."""
+    if "evaluate" not in spec.measure:
+        return None
+    tasks = spec.evaluate.all_tasks
+    return StageCall(
+        "reference",
+        {
+            "evaluate": _evaluate_identity(spec),
+            "data": _data_identity(spec),
+            "system": spec.serve.system,
+            "trust_remote_code": spec.base.trust_remote_code,
+            "dtype": "bf16" if keys.gpu_visible() else "fp32",
+        },
+        {"model": model},
+        _versions("torch", "transformers", "lm-eval") | keys.versions("reference", tasks=tasks),
+    )
+
+
+def _tuning_drift(spec: Spec, f16: StageCall, base_f16: StageCall) -> StageCall:
+    """How far training moved the model on general text: the tuned F16 against the
+    untuned F16, as drift measures a level against its F16."""
+    drift = spec.drift.model_dump(mode="json")
+    untuned = StageCall(
+        "drift_base", {"drift": drift}, {"gguf": base_f16}, keys.versions("drift_base")
+    )
+    return StageCall(
+        "drift", {"drift": drift}, {"gguf": f16, "reference": untuned}, keys.versions("drift")
+    )
+
+
+def _measurements(
+    spec: Spec,
+    calls: dict[str, StageCall],
+    model: StageCall,
+    f16: StageCall,
+    backend: str,
+) -> dict[str, StageCall]:
+    """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served."""
+    gguf = calls.get("quantize") or f16
+    # the adapter route serves the base GGUF with the LoRA GGUF: both name what is measured
+    on = {"gguf": gguf, "model": model} | (
+        {"adapter": calls["convert_lora"]} if "convert_lora" in calls else {}
+    )
+    # keep decides what happens after measuring, not what is measured; the template is the
+    # model folder's (resolve's key holds the spec's text)
+    exclude = {"keep", "chat_template"}
+    served = {"serve": spec.serve.model_dump(mode="json", exclude=exclude), "backend": backend}
+    out: dict[str, StageCall] = {}
+    if "check" in spec.measure:
+        from harness.stages import check
+
+        out["check"] = StageCall(
+            "check",
+            {**served, "probe": check.CONVERSATION, "max_tokens": check.MAX_TOKENS},
+            on,
+            keys.versions("check", backend),
+        )
+    if "evaluate" in spec.measure:
+        scoring = {**served, "evaluate": _evaluate_identity(spec), "data": _data_identity(spec)}
+        tasks = spec.evaluate.all_tasks
+        out["evaluate"] = StageCall(
+            "evaluate",
+            scoring,
+            on,
+            _versions("lm-eval") | keys.versions("evaluate", backend, tasks),
+        )
+    if "bench" in spec.measure:
+        out["bench"] = StageCall(
+            "bench",
+            {**served, "bench": spec.bench.model_dump(mode="json"), "machine": host.machine()},
+            on,
+            keys.versions("bench", backend),
+        )
+    if "drift" in spec.measure and gguf is not f16:
+        drift = spec.drift.model_dump(mode="json")
+        lora = {"adapter": on["adapter"]} if "adapter" in on else {}
+        out["drift_base"] = StageCall(
+            "drift_base", {"drift": drift}, {"gguf": f16, **lora}, keys.versions("drift_base")
+        )
+        out["drift"] = StageCall(
+            "drift",
+            {"drift": drift},
+            {"gguf": gguf, "reference": out["drift_base"], **lora},
+            keys.versions("drift"),
+        )
+    return out
+
+
+def _evaluate_identity(spec: Spec) -> dict[str, Any]:
+    evaluate = spec.evaluate.model_dump(mode="json")
+    for task in spec.evaluate.all_tasks:
+        if not isinstance(task, str):
+            if not task.path.is_file():
+                raise ForgebenchError(f"evaluate.tasks: {task.name}: file not found: {task.path}")
+            evaluate.setdefault("task_sha256", {})[task.name] = sha256_file(task.path)
+    return evaluate
+
+
+def _data_identity(spec: Spec) -> dict[str, Any]:
+    data = spec.data.model_dump(mode="json")
+    if spec.data.train is not None:
+        if not spec.data.train.is_file():
+            raise ForgebenchError(f"data.train: file not found: {spec.data.train}")
+        data["train_sha256"] = sha256_file(spec.data.train)
+    return data

@@ -1,0 +1,94 @@
+"""Merge route against adapter route, cell by cell: the same adapter at the same level,
+shipped merged into the weights or as a LoRA GGUF beside the base GGUF.
+
+No other tool measures both on the same items (seed 004: users choose blind). Accuracy is
+compared on the items both cells were scored on: the adapter route's drop against the
+merge route with its 95% interval (`harness.judge.paired`, as `check` compares a candidate with
+its baseline); KLD is each route's own, to the F16 of its route.
+The rest are the cells' own figures from MLflow: decode tok/s, TTFT, memory, the bytes a
+user ships (base plus LoRA on the adapter route) and the seconds its files took to build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from harness.chain import ROUTE_BUILD
+from harness.judge import paired as paired_stats
+from harness.track.results import Invocation, Row, primary_task
+
+BUILD_STAGES = ROUTE_BUILD
+"""The stages whose files differ between the routes (training is the same for both). A
+base file the adapter route shares between adapters is counted in full for each."""
+COLUMNS = (
+    ("pair", "adapter, level"),
+    ("accuracy", "accuracy merge / adapter"),
+    ("paired", "paired: lost, gained, drop [95% interval]"),
+    ("kld", "KLD to own F16"),
+    ("decode", "decode tok/s"),
+    ("ttft", "TTFT p95 ms"),
+    ("memory", "memory MB"),
+    ("size", "files MB"),
+    ("build", "build s"),
+)
+
+
+@dataclass
+class Pair:
+    adapter: str
+    quant: str
+    merge: Row
+    adapter_row: Row
+    task: str | None
+    paired: paired_stats.Table | None
+    """Merge (reference) against adapter on the items both scored; None when either cell
+    has no per-item samples for the task."""
+
+
+def pairs(inv: Invocation, items: Callable[[Row], dict[str, dict[str, bool]]]) -> list[Pair]:
+    """Every adapter x level run on both routes, in the report's row order. `items` gives a
+    row's per-item correctness by task (from its samples artifacts)."""
+    task = primary_task(inv.rows)
+    by = {(r.adapter, r.route, r.quant): r for r in inv.rows}
+    out = []
+    for row in inv.rows:
+        other = by.get((row.adapter, "adapter", row.quant))
+        if row.route != "merge" or other is None:
+            continue
+        paired = None
+        if task and row.status == other.status == "done":
+            mine, theirs = items(row).get(task, {}), items(other).get(task, {})
+            if mine.keys() & theirs.keys():
+                paired = paired_stats.table(mine, theirs)
+        out.append(Pair(row.adapter, row.quant, row, other, task, paired))
+    return out
+
+
+def values(pair: Pair) -> dict[str, str]:
+    def both(key: str, fmt: str, row_value: Callable[[Row], float | None] | None = None) -> str:
+        got = [
+            row_value(r) if row_value else r.metrics.get(key)
+            for r in (pair.merge, pair.adapter_row)
+        ]
+        return " / ".join("-" if v is None else format(v, fmt) for v in got)
+
+    def build(row: Row) -> float | None:
+        times = [row.metrics.get(f"time_{stage}_s") for stage in BUILD_STAGES]
+        return sum(t for t in times if t is not None) if any(times) else None
+
+    paired = "-"
+    if t := pair.paired:
+        lower, upper = t.interval(0.975)  # each side at 97.5%: the two-sided 95% interval
+        paired = f"{t.n} items: {t.lost}, {t.gained}, {t.drop:+.2f} [{lower:+.2f}, {upper:+.2f}]"
+    return {
+        "pair": f"{pair.adapter} {pair.quant}",
+        "accuracy": both("", ".3f", lambda r: r.accuracy(pair.task)),
+        "paired": paired,
+        "kld": both("kld_mean", ".4f"),
+        "decode": both("decode_tps_p50", ".1f"),
+        "ttft": both("ttft_ms_p95", ".0f"),
+        "memory": both("memory_mb", ".0f"),
+        "size": both("gguf_mb", ".1f"),
+        "build": both("", ".1f", build),
+    }

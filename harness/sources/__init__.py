@@ -1,0 +1,6 @@
+"""Where a base model comes from: the kinds of base (`bases`), Ollama's models (`ollama`),
+the facts a GGUF holds (`gguf`) and the chat template a run uses (`templates`)."""
+
+from harness.sources.bases import BUNDLED, Bundled, bundled_gguf, identity, materialize
+
+__all__ = ["BUNDLED", "Bundled", "bundled_gguf", "identity", "materialize"]
