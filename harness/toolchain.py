@@ -19,8 +19,9 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from harness import env
 from harness.errors import ForgebenchError
-from harness.plan.store import file_sha256
+from harness.hashing import file_sha256
 
 PACKAGE = "llama-cpp-python"
 CONVERTER = "convert_hf_to_gguf.py"
@@ -47,18 +48,11 @@ def runtime_version() -> str:
         ) from None
 
 
-def cache_root() -> Path:
-    if "FORGEBENCH_CACHE" in os.environ:
-        return Path(os.environ["FORGEBENCH_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "forgebench"
-
-
 def source_dir() -> Path:
     """Where the llama.cpp tree is (or will be once `ensure_source` ran)."""
     if own := os.environ.get("FORGEBENCH_LLAMA_CPP"):
         return Path(own)
-    return cache_root() / "llama.cpp" / f"{PACKAGE}-{runtime_version()}"
+    return env.cache_root() / "llama.cpp" / f"{PACKAGE}-{runtime_version()}"
 
 
 def revision() -> str:

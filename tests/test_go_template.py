@@ -25,7 +25,7 @@ from ollama_double import render_prompt
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from harness.backends.ollama import go_template
-from harness.sources.templates import FAMILIES
+from harness.families import FAMILIES
 
 RENDERER = Path(__file__).parent / "go_template"
 GGUF = (

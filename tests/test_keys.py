@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import sources, spec, toolchain
+from harness import hashing, sources, spec, toolchain
 from harness.data import evals
 from harness.errors import ForgebenchError
 from harness.plan import cells as planning
@@ -299,21 +299,21 @@ def test_a_path_base_counts_by_its_files_content(tmp_path):
 
 def test_a_big_file_is_hashed_once_across_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("FORGEBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(store, "PERSIST_BYTES", 4)
+    monkeypatch.setattr(hashing, "PERSIST_BYTES", 4)
     model = tmp_path / "model.gguf"
     model.write_bytes(b"GGUF and some weights")
-    first = store.file_sha256(model)
-    assert store._persisted()[str(model)][-1] == first
-    monkeypatch.setattr(store, "_memo", {})  # a new process
+    first = hashing.file_sha256(model)
+    assert hashing._persisted()[str(model)][-1] == first
+    monkeypatch.setattr(hashing, "_memo", {})  # a new process
 
     def no_hashing(path):
         raise AssertionError("hashed again")
 
-    monkeypatch.setattr(store, "sha256_file", no_hashing)
-    assert store.file_sha256(model) == first
+    monkeypatch.setattr(hashing, "digest", no_hashing)
+    assert hashing.file_sha256(model) == first
     model.write_bytes(b"GGUF with other weights in it")  # changed: size and mtime move
     with pytest.raises(AssertionError, match="hashed again"):
-        store.file_sha256(model)
+        hashing.file_sha256(model)
 
 
 def test_keys_see_the_content_of_files_named_in_settings(tmp_path):

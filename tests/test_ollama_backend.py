@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from ollama_double import OllamaDouble, render_prompt
 
-from harness.backends import ServeConfig, ollama_answers, ollama_host
+from harness.backends import ServeConfig, ollama_answers
 from harness.backends.ollama import (
     OllamaBackend,
     chunk_from,
@@ -32,6 +32,7 @@ from harness.backends.ollama import (
     go_template,
     modelfile,
 )
+from harness.env import ollama_host
 from harness.errors import ForgebenchError
 
 GGUF = (

@@ -24,8 +24,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ollama_double import OllamaDouble
 
 from harness import sources
-from harness.backends import Chunk, ServeConfig, ollama_answers, ollama_host
+from harness.backends import Chunk, ServeConfig, ollama_answers
 from harness.backends.ollama import GGUF_TEMPLATE, GO_TEMPLATE, OllamaBackend
+from harness.env import ollama_host
 from harness.errors import ForgebenchError
 
 GGUF = sources.bundled_gguf("smollm2-135m")

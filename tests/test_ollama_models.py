@@ -147,7 +147,7 @@ def test_api_path_through_the_ollama_double(monkeypatch):
     import ollama
     from ollama_double import OllamaDouble
 
-    from harness.backends import ollama_host
+    from harness.env import ollama_host
 
     with OllamaDouble() as double:
         monkeypatch.setenv("OLLAMA_HOST", double.host)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from harness import pipeline, spec
 from harness.plan import cells as planning
-from harness.plan.store import Store, sha256_file
+from harness.plan.store import Store
 from harness.run import executor, outcomes
 
 pytestmark = pytest.mark.slow
@@ -184,7 +184,7 @@ def test_two_runs_on_one_store_do_each_stage_once(folder, tmp_path):
     for call in {c for cell in planning.plan(spec.load(spec_path)) for c in cell.calls.values()}:
         manifest = loaded.manifest(call)
         for name, digest in manifest["outputs"].items():
-            assert sha256_file(loaded.path(call) / name) == digest, (call.stage, name)
+            assert digest(loaded.path(call) / name) == digest, (call.stage, name)
     assert not list(store.glob("*/.tmp-*"))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("resume").experiment_id

@@ -13,9 +13,10 @@ from conftest import lora_gguf
 from ollama_double import OllamaDouble
 
 from harness import sources, spec
-from harness.backends import ServeConfig, ollama_answers, ollama_host
+from harness.backends import ServeConfig, ollama_answers
 from harness.backends.llamacpp import LlamaServer, request_body, server_command
 from harness.backends.ollama import OllamaBackend, modelfile
+from harness.env import ollama_host
 from harness.errors import ForgebenchError
 from harness.judge import best, evidence, verdict
 from harness.plan import cells as planning
@@ -384,7 +385,7 @@ def test_the_double_takes_one_lora_gguf_adapter_as_ollama_does(adapters):
 
 
 def _upload(client, path: Path) -> str:
-    from harness.plan.store import file_sha256
+    from harness.hashing import file_sha256
 
     client.create_blob(path)
     return file_sha256(path)

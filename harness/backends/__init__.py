@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from harness.env import ollama_host
 from harness.errors import ForgebenchError
 
 NAMESPACE = "forgebench"
@@ -150,21 +151,6 @@ class Backend(Protocol):
 
 
 BACKENDS = ("ollama", "llamacpp")
-
-
-def ollama_host(host: str | None = None) -> str:
-    """`host` (default: OLLAMA_HOST, else 127.0.0.1:11434) as the ollama client reads it,
-    with scheme and port filled in."""
-    import os
-
-    if host is None:
-        host = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434")
-    host = host.strip()
-    if "://" not in host:
-        host = f"http://{host}"
-    if host.count(":") < 2:
-        host = f"{host}:11434"
-    return host.rstrip("/")
 
 
 def ollama_answers(timeout: float = 0.5) -> bool:

@@ -23,28 +23,22 @@ from typing import Any, TypeVar
 import httpx
 import ollama
 
+from harness import families
 from harness.backends import (
     NAMESPACE,
     Chunk,
     Deployment,
     ServeConfig,
     ServerStopped,
-    ollama_host,
 )
+from harness.env import ollama_host
 from harness.errors import ForgebenchError
-from harness.plan.store import file_sha256
+from harness.hashing import file_sha256
 from harness.sources import gguf as gguf_meta
 
 KEEP_ALIVE = "10m"
 """How long Ollama keeps a deployed model loaded after each request."""
 
-# Turn formats as Ollama's own templates write them (template/chatml.gotmpl,
-# llama3-instruct.gotmpl, gemma3-instruct.gotmpl), with their stop strings; no BOS token,
-# since llama.cpp adds it when the GGUF asks for one.
-CHATML = (
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
-    "{{ end }}<|im_start|>assistant\n"
-)
 # The default system turn goes before a first message that is not a system one, as the
 # Jinja templates test messages[0]; not on `.System`, which an empty or later system
 # message would get wrong (Go's rendering of both is checked in tests/test_go_template.py).
@@ -52,24 +46,6 @@ CHATML_DEFAULT_SYSTEM = (
     "{{- $first := true }}{{- range .Messages }}{{- if $first }}"
     '{{- if eq .Role "system" }}{{ else }}<|im_start|>system\n%s<|im_end|>\n{{ end }}'
     "{{- end }}{{- $first = false }}{{- end }}"
-)
-LLAMA3 = (
-    "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
-    "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
-)
-# Gemma has no system turn: its template puts the system prompt at the top of the first
-# user turn, followed by a blank line.
-GEMMA = (
-    "{{- $system := .System }}{{- range .Messages }}"
-    '{{- if eq .Role "user" }}<start_of_turn>user\n'
-    "{{ if $system }}{{ $system }}\n\n{{ end }}"
-    '{{ $system = "" }}{{ .Content }}<end_of_turn>\n'
-    '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
-    "{{ end }}{{- end }}<start_of_turn>model\n"
-)
-FORMATS = (
-    ("<|start_header_id|>", LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
-    ("<start_of_turn>", GEMMA, ["<start_of_turn>", "<end_of_turn>"]),
 )
 # A ChatML template's system turn written out as a literal, used when the conversation
 # does not start with a system message (SmolLM2's "You are a helpful AI assistant named
@@ -91,10 +67,11 @@ def go_template(jinja_template: str) -> tuple[str, list[str]]:
     if "<|im_start|>" in jinja_template:
         default = DEFAULT_SYSTEM.search(jinja_template)
         prefix = CHATML_DEFAULT_SYSTEM % default.group(1).replace("\\n", "\n") if default else ""
-        return prefix + CHATML, ["<|im_start|>", "<|im_end|>"]
-    for marker, template, stops in FORMATS:
-        if marker in jinja_template:
-            return template, list(stops)
+        chatml = families.BY_NAME["chatml"]
+        return prefix + chatml.go, list(chatml.stops)
+    family = families.recognise(jinja_template)
+    if family is not None:
+        return family.go, list(family.stops)
     raise ValueError(
         "unrecognised chat template: not ChatML (<|im_start|>), Llama 3 (<|start_header_id|>) "
         "or Gemma (<start_of_turn>); give the model a known template (serve.chat_template) "

@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from harness import __version__
 from harness.errors import ForgebenchError, InputError
-from harness.judge.paired import DEFAULT_TOLERANCE
+from harness.spec.schema import DEFAULT_TOLERANCE
 
 app = typer.Typer(
     help=__doc__.splitlines()[0],

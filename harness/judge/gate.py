@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from harness.errors import InputError
 from harness.judge import paired
-from harness.judge.paired import DEFAULT_TOLERANCE
+from harness.spec.schema import DEFAULT_TOLERANCE
 from harness.track.tracking import RunView
 
 FIGURES = ("accuracy", "decode", "memory")

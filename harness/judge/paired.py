@@ -26,17 +26,12 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 __all__ = [
-    "DEFAULT_TOLERANCE",
     "Table",
     "accuracy_interval",
     "holm",
     "smallest_tolerance",
     "table",
 ]
-
-DEFAULT_TOLERANCE = 0.05
-"""The accuracy drop a task may lose when the spec does not say: five points, which a few
-hundred items can show at the disagreement rates quantized small models have."""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from harness import quant
 from harness.errors import ForgebenchError
 from harness.judge import paired, speed
-from harness.judge.blame import END_TO_END, Link, Scores, compare
+from harness.judge.blame import END_TO_END, Link, Rule, Scores, compare
 from harness.spec.schema import BudgetSpec
 
 __all__ = ["Figures", "Scores", "Verdict", "judge"]
@@ -155,6 +155,12 @@ class Judging:
     control: str = "base"
 
 
+def rule_for(budgets: BudgetSpec, task: str) -> Rule:
+    """What the task's links are judged by: its tolerance, the run's confidence and the gain
+    training must show."""
+    return Rule(budgets.tolerance_of(task), budgets.confidence, budgets.min_gain)
+
+
 def chain_links(fig: Figures, f16: Figures | None, ctx: Judging) -> list[Link]:
     """The links from the untuned base to this cell, and end to end, on every task."""
     references, control = ctx.references, ctx.control
@@ -170,7 +176,7 @@ def chain_links(fig: Figures, f16: Figures | None, ctx: Judging) -> list[Link]:
         pairs.append(("quantization", f16_scores, fig.scores()))
     links = []
     for task in ctx.tasks:
-        rule, guard = ctx.budgets.rule(task), task in ctx.guard
+        rule, guard = rule_for(ctx.budgets, task), task in ctx.guard
         links += [compare(step, task, ref, cand, rule, guard) for step, ref, cand in pairs]
         start = own_hf if tuned and not guard else base_hf
         links.append(compare(END_TO_END, task, start, fig.scores(), rule, guard))

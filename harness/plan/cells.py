@@ -27,8 +27,9 @@ from typing import Any
 from harness import backends, host, quant, sources
 from harness.chain import ADVISORY, BUILD, REFERENCES, SERVED, STAGES  # noqa: F401 (the plan's face)
 from harness.errors import ForgebenchError, InputError
+from harness.hashing import digest
 from harness.plan import keys
-from harness.plan.store import StageCall, sha256_file
+from harness.plan.store import StageCall
 from harness.sources import templates
 from harness.spec.schema import LoraSpec, Spec
 
@@ -315,7 +316,7 @@ def _evaluate_identity(spec: Spec) -> dict[str, Any]:
         if not isinstance(task, str):
             if not task.path.is_file():
                 raise ForgebenchError(f"evaluate.tasks: {task.name}: file not found: {task.path}")
-            evaluate.setdefault("task_sha256", {})[task.name] = sha256_file(task.path)
+            evaluate.setdefault("task_sha256", {})[task.name] = digest(task.path)
     return evaluate
 
 
@@ -324,5 +325,5 @@ def _data_identity(spec: Spec) -> dict[str, Any]:
     if spec.data.train is not None:
         if not spec.data.train.is_file():
             raise ForgebenchError(f"data.train: file not found: {spec.data.train}")
-        data["train_sha256"] = sha256_file(spec.data.train)
+        data["train_sha256"] = digest(spec.data.train)
     return data

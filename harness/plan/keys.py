@@ -25,8 +25,9 @@ from typing import Any
 import yaml
 
 from harness.chain import LLAMA_CPP, SERVED
+from harness.env import ollama_host
 from harness.errors import ForgebenchError
-from harness.plan.store import file_sha256
+from harness.hashing import file_sha256
 
 HARNESS = Path(__file__).resolve().parents[1]
 STAGES = HARNESS / "stages"
@@ -53,7 +54,12 @@ def stage_version(stage: str) -> dict[str, str]:
     return {f"forgebench.{stage}": found.group(1)}
 
 
-KEY_MACHINERY = {HARNESS / "errors.py", HARNESS / "plan" / "store.py", HARNESS / "plan" / "keys.py"}
+KEY_MACHINERY = {
+    HARNESS / "errors.py",
+    HARNESS / "hashing.py",
+    HARNESS / "plan" / "store.py",
+    HARNESS / "plan" / "keys.py",
+}
 """Modules a stage imports that decide how outputs are cached or failures worded, not what
 a stage produces: left out of its sources, so editing them asks for no VERSION bump."""
 
@@ -204,8 +210,6 @@ def served_identity(backend: str) -> dict[str, str]:
     sample or count differently). llama-server is the llama.cpp tools' identity."""
     if backend != "ollama":
         return {}
-    from harness.backends import ollama_host
-
     return {"ollama": _ollama_version(ollama_host())}
 
 

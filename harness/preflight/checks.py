@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness import data
+from harness import data, env
 from harness.data import evals, replay
 from harness.errors import ForgebenchError, InputError
 from harness.judge import sample_size
@@ -262,7 +262,7 @@ def _serving(spec: Spec) -> None:
     ):
         raise InputError(
             f"serve.backend: ollama, but no Ollama server answers at "
-            f"{backends.ollama_host()}; start `ollama serve` or use backend: auto"
+            f"{env.ollama_host()}; start `ollama serve` or use backend: auto"
         )
 
 
@@ -394,11 +394,10 @@ def _remote_ollama(backend: str) -> bool:
     """Serving memory is the Ollama host's, not ours, when that host is another machine."""
     from urllib.parse import urlsplit
 
-    from harness import backends
 
     if backend != "ollama":
         return False
-    host = urlsplit(backends.ollama_host()).hostname or ""
+    host = urlsplit(env.ollama_host()).hostname or ""
     return host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 

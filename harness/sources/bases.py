@@ -17,9 +17,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from harness import toolchain
+from harness import env
 from harness.errors import ForgebenchError, InputError
-from harness.plan.store import content_sha256
+from harness.hashing import content_sha256
 from harness.sources import gguf as gguf_meta
 
 
@@ -68,7 +68,7 @@ def bundled_gguf(name: str) -> Path:
         for i, package in enumerate(entry.parts)
     ]
     version = metadata.version(entry.package.replace("_", "-"))
-    joined = toolchain.cache_root() / "bundled" / f"{name}-{version}" / entry.filename
+    joined = env.cache_root() / "bundled" / f"{name}-{version}" / entry.filename
     if joined.is_file() and joined.stat().st_size == sum(p.stat().st_size for p in parts):
         return joined
     return _join(parts, joined, entry.sha256)

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from harness.env import ollama_host
 from harness.errors import ForgebenchError, InputError
 from harness.sources import gguf as gguf_meta
 
@@ -227,8 +228,6 @@ def models_dir() -> Path:
 def discover() -> Discovery:
     """The local Ollama models: from the server when one answers (it knows where its own
     store is), else from the store on disk."""
-    from harness.backends import ollama_host
-
     host = ollama_host()
     listed = _from_api(host)
     if listed is not None:

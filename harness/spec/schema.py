@@ -26,9 +26,11 @@ from pydantic import (
 from harness import quant
 from harness.chain import MEASUREMENTS, SERVED_MEASUREMENTS, TASKS
 from harness.errors import SpecError
-from harness.judge.blame import Rule
-from harness.judge.paired import DEFAULT_TOLERANCE
-from harness.sources.templates import FAMILIES
+from harness.families import FAMILIES
+
+DEFAULT_TOLERANCE = 0.05
+"""The accuracy drop a task may lose when the spec does not say: five points, which a few
+hundred items can show at the disagreement rates quantized small models have."""
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -339,10 +341,6 @@ class BudgetSpec(Strict):
         if any(not 0 < v < 1 for v in values):
             raise ValueError("a tolerance is a fraction of the items, above 0 and below 1")
         return tolerance
-
-    def rule(self, task: str) -> Rule:
-        """What the task's links are judged by."""
-        return Rule(self.tolerance_of(task), self.confidence, self.min_gain)
 
     def tolerance_of(self, task: str) -> float:
         if isinstance(self.tolerance, dict):
