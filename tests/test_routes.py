@@ -222,7 +222,7 @@ def test_a_levels_adapter_cells_share_one_server_that_answers_as_each_alone(
     from types import SimpleNamespace
 
     from harness.plan.store import Store
-    from harness.run.sharing import Sharing
+    from harness.run.deployment import Sharing
 
     store = Store(tmp_path / "store")
     cells = planning.plan(both)

@@ -55,7 +55,7 @@ class ServeConfig:
     adapters: tuple[Path, ...] = ()
     """LoRA GGUFs loaded into one llama-server but applied to no request that does not
     pick one (`Deployment.request_fields`): the adapter route's server shared by a base
-    level's cells (harness/run/sharing.py). Ollama takes one ADAPTER per model, not these."""
+    level's cells (harness/run/deployment.py). Ollama takes one ADAPTER per model, not these."""
 
 
 @dataclass

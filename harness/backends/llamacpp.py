@@ -120,7 +120,7 @@ def loras(config: ServeConfig) -> list[Path]:
 def lora_arguments(config: ServeConfig) -> list[str]:
     """--lora for each LoRA GGUF; a shared server's are loaded at scale 0, so that only
     the adapter a request picks applies to it, and it keeps no prompt cache across
-    requests, whose entries name no adapter (see harness/run/sharing.py)."""
+    requests, whose entries name no adapter (see harness/run/deployment.py)."""
     arguments = [part for path in loras(config) for part in ("--lora", str(path))]
     shared = ["--lora-init-without-apply", "--cache-ram", "0"]
     return arguments + (shared if config.adapters else [])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness import data, env
+from harness import data, env, services
 from harness.data import evals, replay
 from harness.errors import ForgebenchError, InputError
 from harness.judge import sample_size
@@ -235,11 +235,11 @@ def _tracking(spec: Spec) -> None:
     uri = tracking.tracking_uri(spec)
     if uri.startswith(("http://", "https://")):
         given = os.environ.get("MLFLOW_TRACKING_URI") and "MLFLOW_TRACKING_URI"
-        inputs.answers(
+        services.answers(
             f"{uri.rstrip('/')}/health",
             f"{given or spec.where('tracking', 'uri')}: MLflow tracking server",
             "start the server (`mlflow server`) or use a local store (sqlite:///mlflow.db)",
-            inputs.mlflow_tls(),
+            services.mlflow_tls(),
         )
     elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -258,7 +258,7 @@ def _serving(spec: Spec) -> None:
     if (
         spec.serves
         and spec.serve.backend == "ollama"
-        and not backends.ollama_answers(inputs.SERVICE_TIMEOUT_S)
+        and not backends.ollama_answers(services.SERVICE_TIMEOUT_S)
     ):
         raise InputError(
             f"serve.backend: ollama, but no Ollama server answers at "

@@ -1,7 +1,7 @@
 """What `validate` reads the way `run` reads it, beyond the spec's own schema: the serving
 options checked against what Ollama accepts, token counts against the model's context, the
-names each cell gets in Ollama, a GGUF read to its last tensor, and the services a run
-talks to asked once, with a short timeout (chat templates: `harness.sources.templates.require`).
+names each cell gets in Ollama and a GGUF read to its last tensor (chat templates:
+`harness.sources.templates.require`; the services a run talks to: `harness.services`).
 
 Each check raises InputError with the spec's file, line and field (`Spec.where`), so a
 setting that would fail minutes into a run (a string num_ctx fails only when real Ollama
@@ -15,16 +15,12 @@ import re
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from harness.errors import ForgebenchError, InputError
 
 if TYPE_CHECKING:
     from harness.sources.ollama import GgufInfo
     from harness.spec.schema import Spec
-
-SERVICE_TIMEOUT_S = 3.0
-"""How long a tracking server or Ollama host may take to answer before the command stops."""
 
 # Ollama's options (api/types.go, Options and Runner, v0.33): the type FromMap demands when
 # the model loads, and the range that means something. Ollama logs an unknown name and
@@ -171,42 +167,3 @@ def gguf(spec: Spec, field: tuple[str, ...], path: Path) -> GgufInfo:
     if not info.parameters:
         raise InputError(f"{where}: {path} holds no tensors (vocabulary only?); give a model")
     return info
-
-
-def answers(url: str, what: str, fix: str, verify: Any = True) -> None:
-    """Stop with one line when `url` does not answer an HTTP request in SERVICE_TIMEOUT_S: a
-    server that accepts and never replies would otherwise hold the run for minutes of
-    client retries. Any HTTP answer counts; what it says is the client's business."""
-    import httpx
-
-    parts = urlsplit(url)  # the address without any user:password@ it may carry
-    address = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    try:
-        httpx.get(url, timeout=SERVICE_TIMEOUT_S, verify=verify)
-    except httpx.TimeoutException:
-        raise InputError(
-            f"{what}: {address} did not answer within {SERVICE_TIMEOUT_S:g} s; {fix}"
-        ) from None
-    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-        reason = re.sub(r"^\[Errno -?\d+\]\s*", "", str(exc)) or type(exc).__name__
-        raise InputError(f"{what}: {address} does not answer ({reason}); {fix}") from None
-
-
-def mlflow_tls() -> Any:
-    """How the MLflow client verifies a tracking server's certificate, from its own settings
-    (MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH), for `answers`."""
-    import os
-    import ssl
-
-    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-        return False
-    cert = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
-    if not cert:
-        return True
-    try:
-        return ssl.create_default_context(cafile=cert)
-    except (OSError, ssl.SSLError) as exc:
-        raise InputError(
-            f"MLFLOW_TRACKING_SERVER_CERT_PATH: cannot read certificates from {cert} "
-            f"({getattr(exc, 'strerror', None) or exc}); point it at a PEM file"
-        ) from None

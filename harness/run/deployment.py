@@ -1,17 +1,157 @@
 """A served cell's lifecycle: its model deployed on the cell's backend the first time a
 served stage (check, evaluate, bench) has work to do, shared by all of them, and
 removed when the cell is done (unless serve.keep leaves it in Ollama). On the adapter
-route a level's cells may share one llama-server (harness/run/sharing.py), which the
-`Sharing` owns and stops, not the cell."""
+route a level's cells may share one llama-server, which `Sharing` owns and stops, not
+the cell.
+
+`Sharing`: one llama-server per base level for the adapter route's cells.
+
+The adapter route ships one base file per level and one small LoRA GGUF per adapter;
+deployed cell by cell, as the merge route is, a level with N adapters would still load its
+base N times. The serial executor instead gives the adapter cells of one base level one
+llama-server with all of their LoRA GGUFs loaded at scale 0 (`--lora` each,
+`--lora-init-without-apply`), and every request of a cell picks its own adapter at scale 1
+through the per-request `lora` field (`Deployment.request_fields`).
+
+llama.cpp never applies an adapter at scale 0 (`llama_context::set_adapters_lora` leaves
+it out), so a cell's answers are those of a server with its adapter alone: that is why the
+served stages' keys name only the cell's own LoRA GGUF, and why the cells can share. The
+bench still deploys each cell by itself: its memory and speed are those of the one
+adapter a user ships.
+
+No request on a shared server reuses a cached prompt (`cache_prompt: false`, and
+`--cache-ram 0`): llama-server matches its prompt cache by tokens alone, not by adapter,
+and the cells of a level ask the same items. With the cache on, the second adapter's
+F16 evaluation on experiments/quickstart-routes.yaml answered 11 of 100 arithmetic
+items unlike the same adapter served alone; with it off, none. (At quantized levels,
+4 requests in flight answer a few items differently from run to run on any server, as
+the batches they share vary; one at a time, shared and alone agree on every item.)
+A shared server that will not start leaves each of its cells to
+deploy alone; one that dies is started again for the next cell.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
 from harness import backends
+from harness.backends import Backend, Deployment
 from harness.errors import ForgebenchError
 from harness.plan.cells import Cell
 from harness.plan.store import Store
-from harness.run.sharing import Sharing
 from harness.spec.schema import Spec
+
+log = logging.getLogger(__name__)
+
+SHARED_NAME = "adapters"
+"""The shared server's model name: forgebench/<experiment>-adapters-<level>."""
+
+
+@dataclass
+class _Server:
+    backend: Backend
+    deployment: Deployment
+    loras: list[Path]
+    """Its --lora files in order: a request's `lora` id indexes this list."""
+
+
+class Sharing:
+    """The shared servers of a run: started by the first cell of a level that deploys,
+    stopped when the last of that level's cells is done (`done`) or the run ends."""
+
+    def __init__(self, spec: Spec, cells: list[Cell], store: Store) -> None:
+        self.spec, self.store = spec, store
+        groups: dict[str, list[Cell]] = {}
+        for cell in cells:
+            if cell.lora_gguf is not None and cell.backend == "llamacpp":
+                groups.setdefault(cell.gguf.key, []).append(cell)
+        self.groups = {key: group for key, group in groups.items() if len(group) > 1}
+        """The base level's key -> its adapter cells, where more than one shares it."""
+        self._left = {key: len(group) for key, group in self.groups.items()}
+        self._live: dict[str, _Server | None] = {}
+        """The level's server; None once it failed to start (its cells deploy alone)."""
+
+    def group(self, cell: Cell) -> list[Cell]:
+        """The cells that share `cell`'s server, itself included; [cell] if it serves alone."""
+        return self.groups.get(cell.gguf.key, [cell]) if cell.lora_gguf else [cell]
+
+    def batches(self, cells: list[Cell]) -> Iterator[list[Cell]]:
+        """`cells` in plan order, a shared level's cells together where its first comes:
+        a level's server is up only while its cells run."""
+        seen: set[str] = set()
+        for cell in cells:
+            if cell.name not in seen:
+                batch = self.group(cell)
+                seen.update(c.name for c in batch)
+                yield batch
+
+    def deploy(self, served: Served) -> tuple[Backend, Deployment] | None:
+        """The shared server's backend and a deployment that applies `served`'s adapter;
+        None when the cell serves alone (no group, or its server would not start)."""
+        key = served.cell.gguf.key
+        if key not in self.groups or served.adapter is None:
+            return None
+        server = self._live.get(key)
+        if server is not None and server.backend.stopped(server.deployment) is not None:
+            log.warning("the shared llama-server of %s stopped; starting it again", key[:12])
+            server.backend.close()
+            server = self._live[key] = self._start(key, served)
+        elif key not in self._live:
+            server = self._live[key] = self._start(key, served)
+        if server is None or served.adapter not in server.loras:
+            return None
+        shared = server.deployment
+        return server.backend, dataclasses.replace(
+            shared,
+            details={**shared.details, "adapters_loaded": len(server.loras)},
+            request_fields={
+                "lora": [{"id": server.loras.index(served.adapter), "scale": 1.0}],
+                "cache_prompt": False,  # see the module's docstring
+            },
+        )
+
+    def _start(self, key: str, served: Served) -> _Server | None:
+        loras = list(  # two LoRA configs alike but in name share one file
+            dict.fromkeys(
+                self.store.path(cell.lora_gguf) / "adapter.gguf"
+                for cell in self.groups[key]
+                if self.store.has(cell.lora_gguf)
+            )
+        )
+        name = backends.model_name(
+            self.spec.name, SHARED_NAME, served.cell.quant, self.spec.base.ollama
+        )
+        config = dataclasses.replace(
+            served.config, model_name=name, adapter=None, adapters=tuple(loras)
+        )
+        backend = backends.get("llamacpp")
+        try:
+            deployment = backend.deploy(served.gguf, config)
+        except ForgebenchError as exc:
+            backend.close()
+            log.warning("%s: %s; its %d cells deploy one by one", name, exc, len(loras))
+            return None
+        log.info("%s: %d adapters on one server", name, len(loras))
+        return _Server(backend, deployment, loras)
+
+    def done(self, cell: Cell) -> None:
+        """`cell` is finished; after the last cell of its level, its server stops."""
+        key = cell.gguf.key
+        if cell.lora_gguf is None or key not in self._left:
+            return
+        self._left[key] -= 1
+        if self._left[key] == 0 and (server := self._live.pop(key, None)):
+            server.backend.close()
+
+    def close(self) -> None:
+        for server in self._live.values():
+            if server is not None:
+                server.backend.close()
+        self._live.clear()
 
 
 class Served:

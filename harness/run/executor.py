@@ -25,9 +25,8 @@ from harness.errors import ForgebenchError, StageError
 from harness.plan import keys
 from harness.plan.cells import ADVISORY, BUILD, SERVED, Cell
 from harness.plan.store import StageCall, Store
-from harness.run.deployment import Served
+from harness.run.deployment import Served, Sharing
 from harness.run.outcomes import CellResult, Outcome, Reporter
-from harness.run.sharing import Sharing
 from harness.spec.schema import Spec
 
 
@@ -51,7 +50,7 @@ class Executor(Protocol):
 class Serial:
     """Every cell in this process, in plan order, one deployment at a time; except that
     the adapter route's cells of one base level run together, on one llama-server
-    (harness/run/sharing.py): their build stages first, so that it loads every LoRA GGUF."""
+    (harness/run/deployment.py): their build stages first, so that it loads every LoRA GGUF."""
 
     def __init__(self) -> None:
         self.executed: Counter = Counter()
@@ -255,13 +254,3 @@ def _cached_outcome(call: StageCall, store: Store) -> Outcome:
     metrics_file = folder / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return Outcome(call.key, True, store.manifest(call)["seconds"], metrics)
-
-
-def chosen(spec: Spec, kind: str | None = None, address: str | None = None) -> Executor:
-    """The command line's executor (`kind`, `address`), else the spec's `executor:`."""
-    kind = kind or spec.executor.kind
-    if kind == "serial":
-        return Serial()
-    from harness.run.ray import RayExecutor
-
-    return RayExecutor(address or spec.executor.address)

@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import requests
 from filelock import FileLock
 
-from harness import __version__, host
+from harness import __version__, host, services
 from harness.errors import InputError
-from harness.preflight import inputs
 from harness.sources import templates
 
 if TYPE_CHECKING:
@@ -513,7 +512,7 @@ def _answers(uri: str) -> bool:
     """Whether a tracking server answers at all, asked as `validate` asks it (the same
     timeout, and the certificate settings MLflow's client uses)."""
     try:
-        inputs.answers(f"{uri.rstrip('/')}/health", "MLflow", "", inputs.mlflow_tls())
+        services.answers(f"{uri.rstrip('/')}/health", "MLflow", "", services.mlflow_tls())
     except InputError:
         return False
     return True
