@@ -29,10 +29,10 @@ import pytest
 from typer.testing import CliRunner
 
 from harness import pipeline, spec
-from harness.cli.commands import app
+from harness.cli import app
 from harness.plan import cells as planning
 from harness.plan.store import Store
-from harness.preflight import checks as preflight
+from harness.preflight import resources
 from harness.run import outcomes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def room_on_disk(monkeypatch):
     """A terabyte free wherever the store lies. `validate` refuses a spec whose outputs
     would not fit on the disk (test_bad_inputs tests that line); tests of what a spec says
     must not turn on how full the machine running the suite is."""
-    monkeypatch.setattr(preflight, "free_disk", lambda folder: 2**40)
+    monkeypatch.setattr(resources, "free_disk", lambda folder: 2**40)
 
 
 def free_port() -> int:

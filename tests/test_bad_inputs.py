@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from harness.cli.commands import app
+from harness.cli import app
 
 CATALOG = sorted((Path(__file__).parent / "bad_specs").glob("*.yaml"))
 pytestmark = pytest.mark.usefixtures("room_on_disk")
@@ -133,10 +133,10 @@ def test_a_store_that_will_not_fit_on_the_disk_is_refused(command, tmp_path, mon
     """The disk is the one need the catalog cannot reach (the suite's machine has what it
     has), so the filesystem reports half a GiB free here, where the quickstart-sized spec's
     outputs take more."""
-    from harness.preflight import checks as preflight
+    from harness.preflight import resources
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(preflight, "free_disk", lambda folder: 2**29)
+    monkeypatch.setattr(resources, "free_disk", lambda folder: 2**29)
     spec, store = tmp_path / "good.yaml", tmp_path / "store"
     spec.write_text(GOOD)
     result = CliRunner().invoke(app, [command, str(spec), "--store", str(store)])

@@ -1,12 +1,12 @@
 """The Go templates forgebench writes for Ollama, rendered by Go's own text/template.
 
 The Ollama backend derives a Go template from each model's Jinja chat template
-(`harness.backends.ollama.go_template`) so that Ollama builds the prompt the model was trained
-on. The test double renders Go templates with its own small Python interpreter, so a test on
-the double alone would check that interpreter, not Go. Here tests/go_template (a renderer
-with Ollama's FuncMap and the values Ollama's template.Execute passes) renders the templates
-with Go itself: each must equal transformers' Jinja rendering byte for byte, and the double's
-rendering must equal Go's.
+(`harness.backends.ollama_modelfile.go_template`) so that Ollama builds the prompt the model
+was trained on. The test double renders Go templates with its own small Python interpreter,
+so a test on the double alone would check that interpreter, not Go. Here tests/go_template
+(a renderer with Ollama's FuncMap and the values Ollama's template.Execute passes) renders
+the templates with Go itself: each must equal transformers' Jinja rendering byte for byte,
+and the double's rendering must equal Go's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 from ollama_double import render_prompt
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from harness.backends.ollama import go_template
+from harness.backends.ollama_modelfile import go_template
 from harness.families import FAMILIES
 
 RENDERER = Path(__file__).parent / "go_template"

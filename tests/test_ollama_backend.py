@@ -25,13 +25,9 @@ from hypothesis import strategies as st
 from ollama_double import OllamaDouble, render_prompt
 
 from harness.backends import ServeConfig, ollama_answers
-from harness.backends.ollama import (
-    OllamaBackend,
-    chunk_from,
-    create_parameters,
-    go_template,
-    modelfile,
-)
+from harness.backends.ollama import OllamaBackend
+from harness.backends.ollama_modelfile import create_parameters, go_template, modelfile
+from harness.backends.ollama_stream import chunk_from
 from harness.env import ollama_host
 from harness.errors import ForgebenchError
 

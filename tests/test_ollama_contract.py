@@ -25,7 +25,8 @@ from ollama_double import OllamaDouble
 
 from harness import sources
 from harness.backends import Chunk, ServeConfig, ollama_answers
-from harness.backends.ollama import GGUF_TEMPLATE, GO_TEMPLATE, OllamaBackend
+from harness.backends.ollama import OllamaBackend
+from harness.backends.ollama_modelfile import GGUF_TEMPLATE, GO_TEMPLATE
 from harness.env import ollama_host
 from harness.errors import ForgebenchError
 

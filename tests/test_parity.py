@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from harness import backends
 from harness.backends.ollama import OllamaBackend
 from harness.sources import gguf as gguf_meta
+from harness.sources import parity
 from harness.stages import check
 
 GGUF = (
@@ -75,7 +76,7 @@ HEALTHY_META = gguf_meta.TokenizerMeta(
 HEALTHY_ENGINE = gguf_meta.EngineView(
     add_bos=False, add_eos=False, end_of_generation=frozenset({0, 2})
 )
-REFERENCE = check.Reference(
+REFERENCE = parity.Reference(
     eos_id=2,
     bos_id=1,
     adds_bos=False,
@@ -86,22 +87,22 @@ REFERENCE = check.Reference(
 
 
 def test_equal_renderings_pass_and_the_first_differing_byte_is_named():
-    assert check.first_difference("<|im_start|>user\nHi", "<|im_start|>user\nHi") is None
-    reason = check.first_difference("<|im_start|>user\nHi", "<|im_start|>user Hi")
+    assert parity.first_difference("<|im_start|>user\nHi", "<|im_start|>user\nHi") is None
+    reason = parity.first_difference("<|im_start|>user\nHi", "<|im_start|>user Hi")
     assert reason.startswith("template: ")
     assert "from byte 16 " in reason and "'\\nHi'" in reason and "' Hi'" in reason
     # a prompt that is a prefix of the other differs where the shorter ends
-    assert "from byte 2 " in check.first_difference("ab", "abc")
+    assert "from byte 2 " in parity.first_difference("ab", "abc")
 
 
 def test_the_bos_the_server_adds_is_written_back_before_comparing():
     adds = gguf_meta.EngineView(add_bos=True, add_eos=False, end_of_generation=frozenset())
-    assert check.as_tokenized("x", HEALTHY_META, adds) == "<|im_start|>x"
-    assert check.as_tokenized("x", HEALTHY_META, HEALTHY_ENGINE) == "x"
+    assert parity.as_tokenized("x", HEALTHY_META, adds) == "<|im_start|>x"
+    assert parity.as_tokenized("x", HEALTHY_META, HEALTHY_ENGINE) == "x"
 
 
 def test_a_gguf_that_agrees_with_its_tokenizer_has_no_findings():
-    assert check.lint(REFERENCE, HEALTHY_META, HEALTHY_ENGINE) == []
+    assert parity.lint(REFERENCE, HEALTHY_META, HEALTHY_ENGINE) == []
 
 
 @pytest.mark.parametrize(
@@ -122,7 +123,7 @@ def test_a_gguf_that_agrees_with_its_tokenizer_has_no_findings():
     ],
 )
 def test_each_disagreement_is_a_template_finding(meta, engine, expected):
-    found = check.lint(
+    found = parity.lint(
         REFERENCE,
         gguf_meta.TokenizerMeta(**{**HEALTHY_META.__dict__, **meta}),
         gguf_meta.EngineView(**{**HEALTHY_ENGINE.__dict__, **engine}),
@@ -140,7 +141,7 @@ def test_the_gguf_metadata_is_read_as_written():
 
 
 def test_the_tokenizer_reference_of_smollm2(tokenizer):
-    ref = check.reference(tokenizer, tokenizer.chat_template)
+    ref = parity.reference(tokenizer, tokenizer.chat_template)
     assert (ref.eos_id, ref.bos_id, ref.adds_bos, ref.turn_end_id) == (2, 1, False, 2)
 
 

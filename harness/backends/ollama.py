@@ -5,32 +5,31 @@ creates the model with a Go template derived from the model's own Jinja chat tem
 Ollama renders prompts as the model was trained to see them, plus its stop strings, system
 prompt and parameters (Ollama's option names); `/api/show` is then read back to confirm what
 the server kept. Ollama 0.30+ may serve the GGUF's own Jinja template instead (see
-`template_source`); the deployment records which one serves, and the check judges that one.
-Chat streams `/api/chat`; the last chunk carries Ollama's own token counts and timings
-(nanoseconds on the wire, seconds here), the model's thinking apart from its answer.
-`modelfile()` writes the same deployment as a Modelfile, for `ollama create -f` by hand.
+`ollama_modelfile.template_source`); the deployment records which one serves, and the check
+judges that one. Chat streams `/api/chat`; the last chunk carries Ollama's own token counts
+and timings (nanoseconds on the wire, seconds here, `ollama_stream`), the model's thinking
+apart from its answer. `ollama_modelfile.modelfile()` writes the same deployment as a
+Modelfile, for `ollama create -f` by hand.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import ollama
 
-from harness import families
-from harness.backends import (
-    NAMESPACE,
-    Chunk,
-    Deployment,
-    ServeConfig,
-    ServerStopped,
+from harness.backends.base import NAMESPACE, Chunk, Deployment, ServeConfig, ServerStopped
+from harness.backends.ollama_modelfile import (
+    create_parameters,
+    go_template,
+    modelfile,
+    template_source,
 )
+from harness.backends.ollama_stream import chunk_from, seconds
 from harness.env import ollama_host
 from harness.errors import ForgebenchError
 from harness.hashing import file_sha256
@@ -39,155 +38,7 @@ from harness.sources import gguf as gguf_meta
 KEEP_ALIVE = "10m"
 """How long Ollama keeps a deployed model loaded after each request."""
 
-# The default system turn goes before a first message that is not a system one, as the
-# Jinja templates test messages[0]; not on `.System`, which an empty or later system
-# message would get wrong (Go's rendering of both is checked in tests/test_go_template.py).
-CHATML_DEFAULT_SYSTEM = (
-    "{{- $first := true }}{{- range .Messages }}{{- if $first }}"
-    '{{- if eq .Role "system" }}{{ else }}<|im_start|>system\n%s<|im_end|>\n{{ end }}'
-    "{{- end }}{{- $first = false }}{{- end }}"
-)
-# A ChatML template's system turn written out as a literal, used when the conversation
-# does not start with a system message (SmolLM2's "You are a helpful AI assistant named
-# SmolLM", Qwen's "You are Qwen").
-DEFAULT_SYSTEM = re.compile(r"""['"]<\|im_start\|>system(?:\n|\\n)([^'"{}]*?)<\|im_end\|>""")
-
 T = TypeVar("T")
-
-
-def go_template(jinja_template: str) -> tuple[str, list[str]]:
-    """The Ollama (Go) template and stop strings equivalent to a model's Jinja chat template.
-
-    Recognises ChatML (SmolLM2, Qwen), Llama 3 and Gemma by their turn markers and raises
-    ValueError for anything else: a guessed template would serve a model that looks fine
-    and answers badly. The derived template renders the same prompt text as the Jinja one
-    for system/user/assistant conversations (Llama 3.1's date preamble aside), so the
-    prompt token count Ollama reports matches the tokenizer's.
-    """
-    if "<|im_start|>" in jinja_template:
-        default = DEFAULT_SYSTEM.search(jinja_template)
-        prefix = CHATML_DEFAULT_SYSTEM % default.group(1).replace("\\n", "\n") if default else ""
-        chatml = families.BY_NAME["chatml"]
-        return prefix + chatml.go, list(chatml.stops)
-    family = families.recognise(jinja_template)
-    if family is not None:
-        return family.go, list(family.stops)
-    raise ValueError(
-        "unrecognised chat template: not ChatML (<|im_start|>), Llama 3 (<|start_header_id|>) "
-        "or Gemma (<start_of_turn>); give the model a known template (serve.chat_template) "
-        "or use serve.backend: llamacpp, which runs the Jinja template itself"
-    )
-
-
-def modelfile(
-    gguf_path: Path,
-    template: str,
-    system: str | None,
-    parameters: dict[str, Any],
-    adapter: Path | None = None,
-) -> str:
-    """The deployment as a Modelfile, for `ollama create NAME -f Modelfile` by hand.
-
-    Quoting follows Ollama's parser (parser/parser.go): TEMPLATE and SYSTEM go in triple
-    quotes, string parameters (stop strings) in quotes, one PARAMETER line per list item.
-    The parser has no escapes, so a value holding three quotes cannot be written.
-    """
-    lines = [f"FROM {_quoted(str(Path(gguf_path).resolve()), bare_ok=True)}"]
-    if adapter is not None:
-        lines.append(f"ADAPTER {_quoted(str(Path(adapter).resolve()), bare_ok=True)}")
-    lines.append(f'TEMPLATE """{_checked(template)}"""')
-    if system:
-        lines.append(f'SYSTEM """{_checked(system)}"""')
-    for name, value in parameters.items():
-        for item in value if isinstance(value, list | tuple) else [value]:
-            lines.append(f"PARAMETER {name} {_parameter(item)}")
-    return "\n".join(lines) + "\n"
-
-
-def _checked(value: str) -> str:
-    """Ollama's parser ends a triple-quoted value at the first three quotes and knows no
-    escapes: a value holding three quotes, or ending in one (which would merge with the
-    closing three), cannot be written without changing what it says."""
-    if '"""' in value or value.endswith('"'):
-        raise ValueError(f"a Modelfile cannot hold {value[:40]!r}: it would end the quotes early")
-    return value
-
-
-def _quoted(value: str, bare_ok: bool = False) -> str:
-    if bare_ok and not re.search(r'[\s"]', value):
-        return value
-    return f'"{value}"' if '"' not in value else f'"""{_checked(value)}"""'
-
-
-def _parameter(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return _quoted(value) if isinstance(value, str) else str(value)
-
-
-def create_parameters(config: ServeConfig, stops: list[str]) -> dict[str, Any]:
-    """The model's parameters: the config's, with the template's and config's stop strings."""
-    given = config.parameters.get("stop") or []
-    given = [given] if isinstance(given, str) else list(given)
-    merged = list(dict.fromkeys([*stops, *config.stop, *given]))
-    return {**config.parameters, **({"stop": merged} if merged else {})}
-
-
-GO_TEMPLATE, GGUF_TEMPLATE = "go_template", "gguf_chat_template"
-"""Which template serves, in Ollama's own words (server/images.go selectedTemplateSource)."""
-
-
-def template_source(shown: str | None, go: str, jinja: str) -> str | None:
-    """Which template Ollama serves, from what /api/show calls the template: the Go
-    template it was given, or the GGUF's own (tokenizer.chat_template), which Ollama 0.30+
-    prefers when that one mentions tools or <think> and the Go template lacks those
-    abilities (server/images.go GetModel, shouldPreferChatTemplate: PreferChatTemplate);
-    then chat runs llama-server's Jinja path and /api/show returns the Jinja text
-    (server/routes.go selectedModelTemplate). That is accepted only when it is the
-    deployment's own Jinja template (`jinja`, which the Go one was derived from); None
-    for anything else."""
-    if shown == go:
-        return GO_TEMPLATE
-    if shown == jinja:
-        return GGUF_TEMPLATE
-    return None
-
-
-@dataclass
-class ThinkingChunk(Chunk):
-    """A Chunk with the model's thinking, which Ollama streams apart from the answer
-    (message.thinking: llama-server's reasoning_content), so it is never scored."""
-
-    thinking: str = ""
-
-
-def chunk_from(part: Any) -> ThinkingChunk:
-    """One streamed /api/chat object as a Chunk; the final one's durations, sent in
-    nanoseconds, become seconds.
-
-    `prompt_eval_count` is the whole prompt from Ollama 0.31 (cache_n + prompt_n of
-    llama-server's timings, llm/llama_server.go promptEvalCount) but only its part outside
-    the prompt cache in 0.30 (prompt_n), while `prompt_eval_duration` times that part in
-    both. Only on a cold cache (the first chat after `deploy`) do both versions give the
-    prompt's length and its prefill time; the check and bench read them there."""
-    text = (part.message.content or "") if part.message else ""
-    thinking = (part.message.thinking or "") if part.message else ""
-    if not part.done:
-        return ThinkingChunk(text, thinking=thinking)
-    return ThinkingChunk(
-        text,
-        thinking=thinking,
-        done=True,
-        done_reason=part.done_reason,
-        prompt_tokens=part.prompt_eval_count,
-        completion_tokens=part.eval_count or 0,
-        prompt_seconds=_seconds(part.prompt_eval_duration),
-        decode_seconds=_seconds(part.eval_duration),
-    )
-
-
-def _seconds(nanoseconds: int | None) -> float | None:
-    return nanoseconds / 1e9 if nanoseconds is not None else None
 
 
 class OllamaBackend:
@@ -322,7 +173,7 @@ class OllamaBackend:
         reply = self._call(
             f"load {name}", lambda: self._client.generate(name, "", keep_alive=KEEP_ALIVE)
         )
-        return _seconds(reply.load_duration) or time.perf_counter() - started
+        return seconds(reply.load_duration) or time.perf_counter() - started
 
     def chat(
         self,

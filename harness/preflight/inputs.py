@@ -14,13 +14,13 @@ import difflib
 import re
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from harness import backends
 from harness.errors import ForgebenchError, InputError
-
-if TYPE_CHECKING:
-    from harness.sources.ollama import GgufInfo
-    from harness.spec.schema import Spec
+from harness.sources import ollama as ollama_models
+from harness.sources.ollama import GgufInfo
+from harness.spec import Spec
 
 # Ollama's options (api/types.go, Options and Runner, v0.33): the type FromMap demands when
 # the model loads, and the range that means something. Ollama logs an unknown name and
@@ -122,8 +122,6 @@ def token_counts(spec: Spec, context: int | None, drift_text: Path) -> None:
 def model_names(spec: Spec) -> None:
     """Each cell's Ollama model name (forgebench/<model>) has parts Ollama accepts, whichever
     backend serves: `auto` picks Ollama wherever one runs."""
-    from harness import backends
-
     suffixes = {"merge": "", "adapter": "-lora"}
     adapters: list[str | None] = [
         lora.name + suffixes[route] for lora in spec.lora for route in spec.route
@@ -145,8 +143,6 @@ def model_names(spec: Spec) -> None:
 
 def gguf(spec: Spec, field: tuple[str, ...], path: Path) -> GgufInfo:
     """A GGUF read to its last tensor, as convert and llama.cpp will read it."""
-    from harness.sources import ollama as ollama_models
-
     where = spec.where(*field)
     with path.open("rb") as fh:
         if fh.read(4) != b"GGUF":
