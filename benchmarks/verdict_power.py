@@ -24,7 +24,7 @@ import random
 from collections import Counter
 
 from harness.judge.verdict import Figures, Scores, judge
-from harness.spec.schema import BudgetSpec
+from harness.spec import BudgetSpec
 
 TARGET, GUARD = "target", "guard"
 LEVELS = ("f16", "q4_k_m", "q2_k")

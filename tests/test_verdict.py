@@ -8,7 +8,7 @@ import pytest
 
 from harness.errors import ForgebenchError
 from harness.judge.verdict import Figures, Scores, judge, slow_reasons
-from harness.spec.schema import BudgetSpec
+from harness.spec import BudgetSpec
 
 N = 300
 

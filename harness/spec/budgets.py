@@ -1,0 +1,88 @@
+"""The spec's budgets: when a cell is slow or stupid, and the tolerance a task may lose.
+
+Apart from the other sections because the judge reads them (the verdict, the gate) and
+because the default tolerance is shared with those who report on a run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from harness.spec.sections import Strict
+
+DEFAULT_TOLERANCE = 0.05
+"""The accuracy drop a task may lose when the spec does not say: five points, which a few
+hundred items can show at the disagreement rates quantized small models have."""
+
+RENAMED_BUDGETS = {
+    "accuracy_drop_max": "a drop is judged against budgets.tolerance (per task) with an "
+    "interval, not a point estimate; write tolerance: <fraction>",
+    "significance": "bounds are stated by budgets.confidence (0.95 for significance 0.05)",
+}
+
+
+class BudgetSpec(Strict):
+    """When a cell is "slow" (misses a speed or memory budget) or "stupid" (loses accuracy
+    beyond a task's tolerance, shown at the stated confidence, or drifts from its F16)."""
+
+    decode_tps_min: float | None = Field(
+        None,
+        gt=0,
+        description="slow if the median decode tok/s of the bench's fixed-length requests is "
+        "surely below (its upper bound at the stated confidence is)",
+    )
+    decode_speedup_min: float | None = Field(
+        None,
+        gt=0,
+        description="slow if the median decode is surely below this many times the median of "
+        "the F16 of the same adapter and route, measured in the same run (means the same on "
+        "every CPU)",
+    )
+    ttft_ms_p95_max: float | None = Field(
+        None,
+        gt=0,
+        description="slow if the p95 time to first token of the bench's requests is surely "
+        "above (its lower bound at the stated confidence is); bounding a p95 at 95% takes 59 "
+        "requests",
+    )
+    memory_mb_max: float | None = Field(None, gt=0, description="slow if peak memory is above")
+    tolerance: float | dict[str, float] = Field(
+        DEFAULT_TOLERANCE,
+        description="the accuracy drop a task may lose, as a fraction: one for every task, "
+        "or per task name ({arithmetic: 0.1, default: 0.05})",
+    )
+    confidence: float = Field(
+        0.95,
+        ge=0.5,
+        lt=1,
+        description="of every one-sided bound: an ok link's drop is below its tolerance, a "
+        "stupid cell's beyond it, at this confidence (run-wide, by Holm, for stupid)",
+    )
+    min_gain: float = Field(
+        0.0, ge=0, lt=1, description="training must surely raise a target task by more"
+    )
+    kld_max: float | None = Field(None, gt=0, description="stupid if mean KLD from F16 is above")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for old, new in RENAMED_BUDGETS.items():
+                if old in raw:
+                    raise ValueError(f"budgets.{old} is gone: {new}")
+        return raw
+
+    @field_validator("tolerance")
+    @classmethod
+    def _fractions(cls, tolerance: float | dict[str, float]) -> float | dict[str, float]:
+        values = tolerance.values() if isinstance(tolerance, dict) else [tolerance]
+        if any(not 0 < v < 1 for v in values):
+            raise ValueError("a tolerance is a fraction of the items, above 0 and below 1")
+        return tolerance
+
+    def tolerance_of(self, task: str) -> float:
+        if isinstance(self.tolerance, dict):
+            return self.tolerance.get(task, self.tolerance.get("default", DEFAULT_TOLERANCE))
+        return self.tolerance

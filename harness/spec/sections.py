@@ -1,0 +1,286 @@
+"""The spec's sections: where the base comes from, the data, training, the adapters,
+serving, evaluation, benching, drift, tracking and the executor.
+
+They live apart from `Spec`, which puts them together, so each file stays one concern;
+`Strict` is here because every section and the spec itself build on it.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from harness.chain import TASKS
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseRef(Strict):
+    """Where the base model comes from; exactly one of the source keys."""
+
+    model: str | None = Field(None, description="a bundled model name, e.g. smollm2-135m")
+    hf: str | None = Field(None, description="a Hugging Face repo id, read from the local HF cache")
+    path: Path | None = Field(None, description="a local Hugging Face model folder")
+    gguf: Path | None = Field(None, description="a GGUF file, dequantized for training (lossy)")
+    ollama: str | None = Field(
+        None, description="an Ollama model, e.g. qwen2.5-coder:7b: trained on its verified HF base"
+    )
+    fallback: Literal["gguf"] | None = Field(
+        None, description="with ollama: no HF base reachable -> its GGUF, dequantized (lossy)"
+    )
+    revision: str | None = Field(None, description="HF revision (with hf: or ollama:)")
+    trust_remote_code: bool = False
+
+    @field_validator("hf")
+    @classmethod
+    def _repo_id(cls, repo: str | None) -> str | None:
+        """The hub's own rule, so a malformed id is this line and not its traceback."""
+        if repo is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(repo)
+            except HFValidationError as exc:
+                raise ValueError(
+                    f"{repo!r} is not a Hugging Face repo id, org/name ({exc})"
+                ) from None
+        return repo
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseRef:
+        sources = ("model", "hf", "path", "gguf", "ollama")
+        given = [k for k in sources if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of model, hf, path or gguf (or ollama)"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.fallback and not self.ollama:
+            raise ValueError("fallback: gguf applies to base: {ollama: ...} only")
+        if self.revision and not (self.hf or self.ollama):
+            raise ValueError("revision applies to base: {hf: ...} or {ollama: ...} only; drop it")
+        return self
+
+
+class DataSpec(Strict):
+    """Training data: the built-in seeded arithmetic task or a JSONL file of your own."""
+
+    task: Literal["arithmetic"] | None = None
+    train: Path | None = Field(
+        None, description="JSONL of chat ({messages}) or prompt/completion rows"
+    )
+    n_train: int = Field(400, gt=0)
+    n_eval: int = Field(100, gt=0)
+    seed: int = 1
+    system: str | None = Field(None, description="system prompt added to every training example")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.task is None) == (self.train is None):
+            raise ValueError("give exactly one of task or train")
+        if self.task == "arithmetic" and self.n_train + self.n_eval > ARITHMETIC_PROBLEMS:
+            raise ValueError(
+                f"n_train + n_eval is {self.n_train + self.n_eval}, and the arithmetic task "
+                f"has {ARITHMETIC_PROBLEMS} distinct problems (0..99 + or - 0..99); ask for fewer"
+            )
+        return self
+
+
+ARITHMETIC_PROBLEMS = 100 * 100 * 2
+"""Distinct problems `data.arithmetic` can draw; asking for more would never finish."""
+
+
+class TrainSpec(Strict):
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_seq_len: int = Field(256, gt=8)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(
+        0, ge=0, description="save LoRA weights + optimizer every N steps so a killed run resumes"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware has bf16 units, else fp32"
+    )
+
+
+class LoraSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    replay: Path | None = Field(
+        None,
+        description="JSONL of general prompts ({prompt} rows) mixed into this adapter's "
+        "training set with the untuned base model's own greedy answers (self-replay): the "
+        "adapter rehearses what the base already does, against forgetting",
+    )
+
+    def settings(self) -> dict[str, Any]:
+        """What the adapter depends on: everything but its display name (and no `replay`
+        key when there is none, so adapters trained before it existed keep their keys)."""
+        return self.model_dump(
+            mode="json", exclude={"name"} | ({"replay"} if self.replay is None else set())
+        )
+
+
+class ServeSpec(Strict):
+    """How every cell is served: Ollama when one answers (auto), else llama.cpp's server."""
+
+    backend: Literal["auto", "ollama", "llamacpp"] = "auto"
+    system: str | None = None
+    chat_template: str | None = Field(
+        None,
+        description="the chat template for training, serving and checking, in place of the "
+        "model's own (a base model has none): a family (chatml, gemma, llama3) or a Jinja file",
+    )
+    parameters: dict[str, bool | int | float | str | list[str]] = Field(
+        default_factory=lambda: {"temperature": 0, "num_ctx": 2048},
+        description="Ollama option names: temperature, num_ctx, top_k, top_p, seed, ...",
+    )
+    slots: int = Field(
+        1,
+        gt=0,
+        le=256,
+        description="parallel requests (llama-server -np; llama.cpp's most: 256); one, as "
+        "Ollama's default, keeps every answer reproducible",
+    )
+    keep: bool = Field(
+        False,
+        description="leave each cell's model in Ollama after measuring (`forgebench clean` "
+        "removes them); the llama.cpp backend cannot keep a model",
+    )
+
+    @field_validator("system")
+    @classmethod
+    def _fits_a_modelfile(cls, system: str | None) -> str | None:
+        """The Ollama backend writes the deployment as a Modelfile, whose parser ends a
+        triple-quoted SYSTEM at the first three quotes and knows no escapes."""
+        if system is not None and ('"""' in system or system.endswith('"')):
+            raise ValueError(
+                'a system prompt holding """ or ending in " cannot be written to an Ollama '
+                "Modelfile; use other quotes"
+            )
+        return system
+
+
+class EvalTaskSpec(Strict):
+    """A user's own question/answer JSONL ({"question", "answer"} rows) and how replies are
+    scored: `exact` (the stripped reply is the answer), `contains` (the answer occurs in the
+    reply), `last_number` (the reply's last number), `regex` (the pattern's first group)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    path: Path
+    scorer: Literal["exact", "contains", "last_number", "regex"] = "exact"
+    regex: str | None = Field(None, description="with scorer: regex, the pattern to extract")
+
+    @model_validator(mode="after")
+    def _regex_given(self) -> EvalTaskSpec:
+        if (self.scorer == "regex") != (self.regex is not None):
+            raise ValueError("give `regex:` exactly when scorer is regex")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _not_builtin(cls, name: str) -> str:
+        """Scores are logged by task name (`<name>_accuracy`), and the gate and the verdict
+        compare runs by it: a task of one's own must not pass for a built-in one."""
+        if name in typing.get_args(BuiltinTask):
+            raise ValueError(
+                f"{name!r} is a built-in task's name, and its scores would be logged as that "
+                f"task's ({name}_accuracy); name yours otherwise, or list {name} on its own"
+            )
+        return name
+
+
+BuiltinTask = Literal["arithmetic", "gsm8k", "capitals"]
+
+
+class EvaluateSpec(Strict):
+    tasks: list[BuiltinTask | EvalTaskSpec] = Field(default_factory=lambda: ["arithmetic"])
+    guard: list[BuiltinTask | EvalTaskSpec] = Field(
+        default_factory=list,
+        description="tasks the adapter must not hurt: significantly worse than the untuned "
+        "base is 'stupid (training: forgetting)'",
+    )
+    limit: int | None = Field(None, gt=0, description="items per task (all when unset)")
+    concurrency: int = Field(
+        1,
+        gt=0,
+        description="requests in flight; above 1 llama-server batches them, and batched "
+        "answers are not item by item reproducible",
+    )
+
+    @property
+    def all_tasks(self) -> list[str | EvalTaskSpec]:
+        """What is scored: the tasks, then the guard tasks."""
+        return [*self.tasks, *self.guard]
+
+    @model_validator(mode="after")
+    def _names_once(self) -> EvaluateSpec:
+        names = [t if isinstance(t, str) else t.name for t in self.all_tasks]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(
+                f"task named twice in tasks and guard: {', '.join(dupes)}; list it once"
+            )
+        return self
+
+
+class BenchSpec(Strict):
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(
+        2,
+        gt=0,
+        description="passes over the fixed prompt set (6 prompts): 12 requests bound the "
+        "median decode rate between their 3rd smallest and 3rd largest at 95%",
+    )
+    max_tokens: int = Field(64, gt=1)
+
+
+class DriftSpec(Strict):
+    ctx: int = Field(512, gt=16)
+    chunks: int = Field(6, gt=0)
+
+
+class TrackingSpec(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins")
+
+
+class Resources(Strict):
+    """What one task asks of a Ray node (Ray's own units: CPUs, GPUs, bytes of memory)."""
+
+    cpus: float = Field(1.0, ge=0)
+    gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0, description="reserved memory; none by default")
+
+
+class ExecutorSpec(Strict):
+    """Where the cells run: in this process (`serial`) or as tasks on a Ray cluster."""
+
+    kind: Literal["serial", "ray"] = "serial"
+    address: str | None = Field(
+        None, description="a Ray cluster (host:port or auto); a local one is started if unset"
+    )
+    resources: dict[Literal[(*TASKS, "serve")], Resources] = Field(
+        default_factory=dict,
+        description="per stage, and `serve` for a cell's served stages (default: 1 CPU each; "
+        "a cell that benches takes a whole node)",
+    )
