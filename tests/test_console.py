@@ -111,20 +111,19 @@ tracking: {uri: "sqlite:///%s"}
 def logged(tmp_path, capfd):
     """A spec's first invocation on a new sqlite store, outside any git checkout: one cell
     logged and judged, as `forgebench run` logs it; (uri, the cell's name, the console)."""
-    from harness import spec
+    from harness import spec, track
     from harness.plan import cells as planning
-    from harness.track import tracking
 
     path = tmp_path / "viewed.yaml"
     path.write_text(SPEC % (tmp_path / "mlflow.db"))
     loaded = spec.load(path)
     (cell,) = planning.plan(loaded)
     capfd.readouterr()
-    with tracking.Experiment(loaded, path) as experiment:
+    with track.Experiment(loaded, path) as experiment:
         experiment.log_cell(cell, result(cell.name), {})
         experiment.tag_verdicts({cell.name: Verdict(cell.name, "ok")}, "arithmetic")
     out, err = capfd.readouterr()
-    return tracking.tracking_uri(loaded), cell.name, out + err
+    return track.tracking_uri(loaded), cell.name, out + err
 
 
 def test_a_first_run_on_a_new_sqlite_store_prints_nothing_of_mlflows(tmp_path, capfd):
@@ -141,12 +140,13 @@ def test_the_experiment_opens_as_model_training_on_the_cells_with_their_verdict(
 
     from mlflow.tracking import MlflowClient
 
-    from harness.track import tracking
+    from harness import track
+    from harness.track.view import KIND_TAG
 
     uri, name, _ = logged(tmp_path, capfd)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("viewed")
-    assert experiment.tags[tracking.KIND_TAG] == "custom_model_development"
+    assert experiment.tags[KIND_TAG] == "custom_model_development"
     cells = client.search_runs([experiment.experiment_id], "tags.`forgebench.kind` = 'cell'")
     assert [run.info.run_name for run in cells] == [name] == ["a-q8_0"]
     view = json.loads(json.loads(experiment.tags["mlflow.sharedViewState.forgebench"])["state"])
@@ -156,7 +156,7 @@ def test_the_experiment_opens_as_model_training_on_the_cells_with_their_verdict(
         "metrics.`accuracy_capitals`",
     ]
     assert cells[0].data.tags["forgebench.verdict"] == "ok"
-    link = tracking.ui_command(uri, "viewed")
+    link = track.ui_command(uri, "viewed")
     assert link.startswith(f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/")
     assert f"/experiments/{experiment.experiment_id}/runs?viewStateShareKey=forgebench" in link
     assert "workflowType=machine_learning" in link

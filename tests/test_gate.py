@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from harness.cli.commands import app
+from harness import track
+from harness.cli import app
 from harness.errors import InputError
 from harness.judge import gate
 from harness.judge.best import choose
 from harness.stages.bench import percentile, summarise
-from harness.track import tracking
+from harness.track.reader import RunView, item_key
 from harness.track.results import Row
-from harness.track.tracking import RunView
 
 MACHINE = "ci-1: AMD EPYC, 2 cores, x86_64"
 TOL = gate.Tolerances()
@@ -149,8 +149,8 @@ def test_items_pair_by_content_not_by_position():
     rows = [{"doc_id": 0, "prompt": [{"role": "user", "content": "1+1"}], "target": "2"}]
     moved = [{**rows[0], "doc_id": 7}]
     other = [{"doc_id": 0, "prompt": [{"role": "user", "content": "2+2"}], "target": "4"}]
-    assert tracking.item_key(rows[0]) == tracking.item_key(moved[0])
-    assert tracking.item_key(rows[0]) != tracking.item_key(other[0])
+    assert item_key(rows[0]) == item_key(moved[0])
+    assert item_key(rows[0]) != item_key(other[0])
 
 
 @pytest.mark.parametrize(
@@ -294,9 +294,9 @@ def test_skip_takes_only_the_gate_s_figures():
 
 def test_check_command_takes_skip_repeated(monkeypatch):
     views = {"c": run(metrics={"memory_mb": 500.0}, machine="other"), "b": run("base")}
-    monkeypatch.setattr(tracking, "resolve_run", lambda uri, ref: ref)
-    monkeypatch.setattr(tracking, "run_view", lambda uri, run_id: views[run_id])
-    monkeypatch.setattr(tracking, "samples", lambda uri, run_id: SAME)
+    monkeypatch.setattr(track, "resolve_run", lambda uri, ref: ref)
+    monkeypatch.setattr(track, "run_view", lambda uri, run_id: views[run_id])
+    monkeypatch.setattr(track, "samples", lambda uri, run_id: SAME)
     command = ["check", "--candidate", "c", "--baseline", "b", "--tracking-uri", "sqlite://"]
     refused = CliRunner().invoke(app, command)
     assert refused.exit_code == 1 and "Cannot pass:" in refused.output

@@ -19,7 +19,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from harness import spec
-from harness.track import tracking
+from harness import track
 from harness.cli import app
 
 SPEC = '''\\
@@ -36,10 +36,10 @@ def test_defaults_point_into_the_session(tmp_path):
     path = tmp_path / "isolated.yaml"
     path.write_text(SPEC)
     loaded = spec.load(path)
-    assert tracking.tracking_uri(loaded) == tracking.DEFAULT_URI
+    assert track.tracking_uri(loaded) == track.DEFAULT_URI
     assert "FORGEBENCH_STORE" not in os.environ
     assert Path.cwd() != Path(os.environ["STARTED_IN"])
-    with tracking.Experiment(loaded, path):  # a parent run with the spec as its artifact
+    with track.Experiment(loaded, path):  # a parent run with the spec as its artifact
         pass
     planned = CliRunner().invoke(app, ["plan", str(path)])
     assert planned.exit_code == 0, planned.output

@@ -16,8 +16,8 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from typer.testing import CliRunner
 
 from harness import spec
-from harness.backends.ollama import go_template
-from harness.cli.commands import app
+from harness.backends.ollama_modelfile import go_template
+from harness.cli import app
 from harness.errors import InputError, StageError
 from harness.plan import cells as planning
 from harness.run import outcomes
@@ -311,7 +311,7 @@ def test_mlflow_records_which_template_served_and_where_it_came_from(tmp_path):
     from mlflow.artifacts import download_artifacts
     from mlflow.tracking import MlflowClient
 
-    from harness.track import tracking
+    from harness import track
 
     (tmp_path / "mine.jinja").write_text(templates.FAMILIES["chatml"])
     path = write_spec(tmp_path, "{model: smollm2-135m}", "mine.jinja")
@@ -321,7 +321,7 @@ def test_mlflow_records_which_template_served_and_where_it_came_from(tmp_path):
     served.parent.mkdir()
     served.write_text(templates.FAMILIES["chatml"])
     result = outcomes.CellResult(cell.name, cell.adapter, cell.quant, "done", {})
-    with tracking.Experiment(loaded, path) as experiment:
+    with track.Experiment(loaded, path) as experiment:
         run_id = experiment.log_cell(cell, result, {}, [], chat_template=served)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tags = MlflowClient(uri).get_run(run_id).data.tags

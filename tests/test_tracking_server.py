@@ -16,8 +16,8 @@ from conftest import TrackingServer, scratch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from harness.cli.commands import app
-from harness.track import tracking
+from harness.cli import app
+from harness.track import schema
 
 pytestmark = pytest.mark.slow
 
@@ -59,11 +59,11 @@ def test_a_run_logs_to_a_shared_server_and_reads_back_from_it(
 STOPPING_RUN = textwrap.dedent(
     """\
     import os, signal, socket, sys, time
-    from harness.track import tracking
+    from harness import track
     from harness.cli import app
 
     group, port = int(sys.argv[1]), int(sys.argv[2])
-    logged = tracking.Experiment._log_cell
+    logged = track.Experiment._log_cell
 
     def log_then_stop_the_server(self, *args):
         run_id = logged(self, *args)
@@ -73,7 +73,7 @@ STOPPING_RUN = textwrap.dedent(
                 time.sleep(0.1)
         return run_id
 
-    tracking.Experiment._log_cell = log_then_stop_the_server
+    track.Experiment._log_cell = log_then_stop_the_server
     app(sys.argv[3:], prog_name="forgebench")
     """
 )
@@ -131,6 +131,6 @@ def test_a_tracking_server_stopped_mid_run_is_one_line_and_a_rerun_logs_each_cel
     assert (first.info.status, second.info.status) == ("KILLED", "FINISHED")
     assert second.data.tags["forgebench.resumes"] == first.info.run_id
     parent = second.info.run_id
-    children = [r for r in everything if r.data.tags.get(tracking.PARENT) == parent]
+    children = [r for r in everything if r.data.tags.get(schema.PARENT) == parent]
     assert sorted(r.data.tags["forgebench.cell"] for r in children) == cells
     assert {r.info.status for r in children} == {"FINISHED"}

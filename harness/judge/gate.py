@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 
 from harness.errors import InputError
 from harness.judge import paired
-from harness.spec.schema import DEFAULT_TOLERANCE
-from harness.track.tracking import RunView
+from harness.judge.blame import drop_state
+from harness.spec import DEFAULT_TOLERANCE
+from harness.track import RunView, schema
 
 FIGURES = ("accuracy", "decode", "memory")
 """What the gate compares, by the names `forgebench check --skip` takes."""
 MEMORY = ("memory_mb", "ollama_ps_size_mb")
 """The memory figures, one per way of measuring (see harness/stages/bench.py)."""
-MACHINE = "forgebench.machine"
 
 
 @dataclass
@@ -105,7 +105,7 @@ def compare(
         result.rows.append(("accuracy", "", "", "skipped (--skip accuracy)"))
     else:
         _accuracy(result, cand_items, base_items, _Resolved(tol, candidate))
-    machines = candidate.tags.get(MACHINE), baseline.tags.get(MACHINE)
+    machines = candidate.tags.get(schema.MACHINE), baseline.tags.get(schema.MACHINE)
     same_machine = machines[0] is not None and machines[0] == machines[1]
     if not same_machine:
         result.rows.append(("machine", str(machines[0]), str(machines[1]), "not the same"))
@@ -119,7 +119,9 @@ def compare(
             result.rows.append((name, _show(cand), _show(base), f"skipped (--skip {figure})"))
             continue
         if None in machines:
-            apart = f"the machine it was measured on ({MACHINE}) is not recorded on both runs"
+            apart = (
+                f"the machine it was measured on ({schema.MACHINE}) is not recorded on both runs"
+            )
         elif not same_machine:
             apart = f"measured on different machines ({machines[0]} vs {machines[1]})"
         if apart:
@@ -146,16 +148,14 @@ class _Resolved:
 
     @property
     def confidence(self) -> float:
-        return self.given.confidence or float(
-            self.candidate.tags.get("forgebench.confidence", 0.95)
-        )
+        return self.given.confidence or float(self.candidate.tags.get(schema.CONFIDENCE, 0.95))
 
 
 def _candidate_state(result: GateResult, candidate: RunView, accept: frozenset[str]) -> None:
     """A candidate that did not finish, or whose own verdict is not "ok" (nor a label
     `--accept` names), is not a release, whatever its figures against the baseline."""
-    status = candidate.tags.get("forgebench.status")
-    verdict = candidate.tags.get("forgebench.verdict")
+    status = candidate.tags.get(schema.STATUS)
+    verdict = candidate.tags.get(schema.VERDICT)
     finished = status == "done"
     passing = verdict == "ok" or verdict in accept
     result.rows.append(("candidate status", str(status), "", "ok" if finished else "not done"))
@@ -167,7 +167,7 @@ def _candidate_state(result: GateResult, candidate: RunView, accept: frozenset[s
     if verdict is None:
         result.refusals.append("candidate has no verdict (forgebench.verdict): it was not judged")
     elif not passing:
-        why = candidate.tags.get("forgebench.verdict_reasons") or "no reasons recorded"
+        why = candidate.tags.get(schema.VERDICT_REASONS) or "no reasons recorded"
         result.refusals.append(
             f"candidate verdict is {verdict!r}, not 'ok': {why}; --accept '{verdict}' to "
             "release it anyway"
@@ -204,8 +204,9 @@ def _accuracy(
         t = paired.table(base_task, cand_task)
         lower, upper = t.interval(tol.confidence)
         tolerance = tol.tolerance(task)
-        held, regressed = upper < tolerance, lower > tolerance
-        outcome = "ok" if held else "regressed" if regressed else "not shown within tolerance"
+        state = drop_state(lower, upper, tolerance)
+        held = state == "held"
+        outcome = {"held": "ok", "lost": "regressed"}.get(state, "not shown within tolerance")
         interval = f"drop {t.drop:+.3f} [{lower:+.3f}, {upper:+.3f}] at {tol.confidence:.0%}"
         result.rows.append(
             (

@@ -13,10 +13,12 @@ import html
 import platform
 from pathlib import Path
 
+from harness import track
+from harness.chain import CONTROL
 from harness.judge.best import Choice, choose
 from harness.report import routes
 from harness.report.plots import blamed, chain, chain_name, chain_tasks, plots
-from harness.track.results import Invocation, Row, primary_task
+from harness.track import Invocation, Row, primary_task, schema
 
 COLUMNS = (
     ("cell", "cell"),
@@ -62,20 +64,20 @@ def cell_values(row: Row, task: str | None) -> dict[str, str]:
 
 
 def lineage(rows: list[Row]) -> list[tuple[str, str]]:
-    first = next((r for r in rows if r.adapter != "base"), rows[0] if rows else None)
+    first = next((r for r in rows if r.adapter != CONTROL), rows[0] if rows else None)
     if first is None:
         return []
     p, t = first.params, first.tags
     items = [
         ("base model", ", ".join(f"{k[5:]}={v}" for k, v in p.items() if k.startswith("base."))),
-        ("base lineage", t.get("forgebench.lineage.note", "")),
+        ("base lineage", t.get(f"{schema.LINEAGE}.note", "")),
         ("data", ", ".join(f"{k[5:]}={v}" for k, v in p.items() if k.startswith("data."))),
-        ("llama.cpp", t.get("forgebench.llama_cpp", "")),
-        ("backend", t.get("forgebench.backend", "")),
-        ("machine", t.get("forgebench.machine", platform.node())),
+        ("llama.cpp", t.get(schema.LLAMA_CPP, "")),
+        ("backend", t.get(schema.BACKEND, "")),
+        ("machine", t.get(schema.MACHINE, platform.node())),
     ]
     for row in rows:
-        if row.adapter != "base" and f"LoRA {row.adapter}" not in dict(items):
+        if row.adapter != CONTROL and f"LoRA {row.adapter}" not in dict(items):
             items.append(
                 (
                     f"LoRA {row.adapter}",
@@ -87,13 +89,13 @@ def lineage(rows: list[Row]) -> list[tuple[str, str]]:
                 )
             )
     for row in rows:
-        if sha := row.tags.get("forgebench.lineage.lora_gguf_sha256"):
+        if sha := row.tags.get(f"{schema.LINEAGE}.lora_gguf_sha256"):
             items.append((f"{row.cell} served", f"GGUF sha256 {served(row)}, LoRA GGUF {sha}"))
     return [(k, v) for k, v in items if v]
 
 
 def served(row: Row) -> str:
-    return row.tags.get("forgebench.lineage.gguf_sha256", "-")
+    return row.tags.get(f"{schema.LINEAGE}.gguf_sha256", "-")
 
 
 def decision(choice: Choice, rows: list[Row]) -> str:
@@ -265,14 +267,12 @@ figure {{ display: inline-block; margin: 1em; }} img {{ max-width: 640px; }}
 
 
 def write(inv: Invocation, out_dir: Path, by: str = "size") -> tuple[Path, Path]:
-    from harness.track import tracking
-
     out_dir.mkdir(parents=True, exist_ok=True)
     choices = choose(inv.rows, by)
     images = plots(inv.rows, primary_task(inv.rows))
     for name, png in images.items():
         (out_dir / name).write_bytes(png)
-    pairs = routes.pairs(inv, lambda row: tracking.samples(inv.tracking_uri, row.run_id))
+    pairs = routes.pairs(inv, lambda row: track.samples(inv.tracking_uri, row.run_id))
     md = out_dir / "report.md"
     md.write_text(markdown(inv, choices, list(images), pairs))
     index = out_dir / "index.html"

@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, field
 
 from harness import quant
+from harness.chain import CONTROL
 from harness.judge import paired
 from harness.judge.best import pareto_front
-from harness.plan.cells import CONTROL
-from harness.track.results import ORDER, Row
+from harness.track import ORDER, Row, schema
 
 STEPS = ("training", "export", "quantization")
 """The links of the chain, in order; each compares a point with the one before it."""
@@ -43,7 +43,7 @@ class Point:
 
 def steps_lost(row: Row) -> list[str]:
     """The chain steps the verdict blames, from the tag the verdict wrote."""
-    tag = row.tags.get("forgebench.steps_lost", "")
+    tag = row.tags.get(schema.STEPS_LOST, "")
     return [s.strip() for s in tag.split(",") if s.strip() in STEPS]
 
 
@@ -51,9 +51,7 @@ def chain_tasks(rows: list[Row], task: str | None) -> list[str]:
     """The primary task, then the guard tasks (which training must not hurt)."""
     if not task:
         return []
-    guards = next(
-        (r.tags["forgebench.guard_tasks"] for r in rows if "forgebench.guard_tasks" in r.tags), ""
-    )
+    guards = next((r.tags[schema.GUARD_TASKS] for r in rows if schema.GUARD_TASKS in r.tags), "")
     return [task, *(t.strip() for t in guards.split(",") if t.strip() and t.strip() != task)]
 
 
@@ -77,7 +75,7 @@ def chain(rows: list[Row], adapter: str, tasks: list[str]) -> list[Point]:
     base, tuned, f16 = shared("chain_hf_base"), shared("chain_hf_tuned"), shared("chain_f16")
     if all(v is None for v in (*base.values(), *tuned.values(), *f16.values())):
         return []
-    f16_row = next((r for r in mine if r.quant == quant.REFERENCE), None)
+    f16_row = next((r for r in mine if r.quant == quant.F16), None)
     for t in tasks:
         if f16[t] is None and f16_row is not None:
             f16[t] = f16_row.accuracy(t)
@@ -97,7 +95,7 @@ def chain(rows: list[Row], adapter: str, tasks: list[str]) -> list[Point]:
     points += [
         Point(r.quant, "quantization", {t: r.accuracy(t) for t in tasks}, r)
         for r in mine
-        if r.quant != quant.REFERENCE
+        if r.quant != quant.F16
     ]
     logged = {
         t: [r.metrics[f"link_e2e_{t}_items"] for r in mine if f"link_e2e_{t}_items" in r.metrics]

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from harness.chain import ROUTE_BUILD
+from harness.chain import ADAPTER, MERGE, ROUTE_BUILD
 from harness.judge import paired as paired_stats
-from harness.track.results import Invocation, Row, primary_task
+from harness.track import Invocation, Row, primary_task
 
 BUILD_STAGES = ROUTE_BUILD
 """The stages whose files differ between the routes (training is the same for both). A
@@ -53,8 +53,8 @@ def pairs(inv: Invocation, items: Callable[[Row], dict[str, dict[str, bool]]]) -
     by = {(r.adapter, r.route, r.quant): r for r in inv.rows}
     out = []
     for row in inv.rows:
-        other = by.get((row.adapter, "adapter", row.quant))
-        if row.route != "merge" or other is None:
+        other = by.get((row.adapter, ADAPTER, row.quant))
+        if row.route != MERGE or other is None:
             continue
         paired = None
         if task and row.status == other.status == "done":

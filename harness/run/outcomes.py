@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from harness.chain import MERGE
+
 if TYPE_CHECKING:
     from harness.plan.cells import Cell
 
@@ -60,7 +62,7 @@ class CellResult:
     run_id: str | None = None
     deployed: str | None = None
     """The Ollama model left in place (serve.keep), for `ollama run`."""
-    route: str = "merge"
+    route: str = MERGE
     """How the adapter ships: merged into the weights, or a LoRA GGUF beside the base."""
 
 
@@ -77,7 +79,7 @@ class RunSummary:
     """cell name -> harness.judge.verdict.Verdict"""
     verdict_error: str | None = None
     tracking_lost: str | None = None
-    """Why the run stopped logging to MLflow part way (harness.track.tracking.Experiment.lost)."""
+    """Why the run stopped logging to MLflow part way (harness.track.writer.Experiment.lost)."""
 
     @property
     def failed(self) -> list[CellResult]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from harness import quant
+from harness.track import reader, schema
 
 ORDER = {level: i for i, level in enumerate(quant.LEVELS)}
 
@@ -59,30 +60,28 @@ class Invocation:
 def primary_task(rows: list[Row]) -> str | None:
     """The first evaluated task (the spec's first), which decisions are made on."""
     for row in rows:
-        if task := row.tags.get("forgebench.primary_task"):
+        if task := row.tags.get(schema.PRIMARY_TASK):
             return task
     return None
 
 
 def load(uri: str, experiment: str, run_id: str | None = None) -> Invocation:
     """The latest invocation of `experiment` (or the one named), with all its cells."""
-    from harness.track import tracking
-
-    parent, children = tracking.invocation(uri, experiment, run_id)
+    parent, children = reader.invocation(uri, experiment, run_id)
     rows = [
         Row(
-            cell=run.tags.get("forgebench.cell", run.name),
-            adapter=run.tags.get("forgebench.adapter", ""),
-            quant=run.tags.get("forgebench.quant", ""),
-            status=run.tags.get("forgebench.status", ""),
-            verdict=run.tags.get("forgebench.verdict", ""),
-            reasons=run.tags.get("forgebench.verdict_reasons", ""),
+            cell=run.tags.get(schema.CELL, run.name),
+            adapter=run.tags.get(schema.ADAPTER, ""),
+            quant=run.tags.get(schema.QUANT, ""),
+            status=run.tags.get(schema.STATUS, ""),
+            verdict=run.tags.get(schema.VERDICT, ""),
+            reasons=run.tags.get(schema.VERDICT_REASONS, ""),
             metrics=run.metrics,
             params=run.params,
             tags=run.tags,
             run_id=run.run_id,
             loss=run.loss,
-            route=run.tags.get("forgebench.route", "merge"),
+            route=run.tags.get(schema.ROUTE, "merge"),
         )
         for run in children
     ]
