@@ -1,3 +1,3 @@
-from harness.cli.commands import app
+from harness.cli import app
 
 app(prog_name="forgebench")

@@ -14,7 +14,7 @@ from conftest import scratch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from harness.cli.commands import app
+from harness.cli import app
 from harness.data import evals
 
 pytestmark = pytest.mark.slow

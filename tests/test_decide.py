@@ -14,7 +14,7 @@ from PIL import Image
 from test_report import render
 from typer.testing import CliRunner
 
-from harness.cli.commands import app
+from harness.cli import app
 from harness.judge.best import choose
 from harness.track import results
 

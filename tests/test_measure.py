@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from harness import spec
-from harness.cli.commands import app
+from harness.cli import app
 from harness.judge import paired
 from harness.judge.evidence import paired_items
 from harness.plan import cells as planning

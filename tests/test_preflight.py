@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from harness.backends import model_name
-from harness.cli.commands import app
+from harness.cli import app
 from harness.sources import ollama as ollama_models
 
 ROOT = Path(__file__).resolve().parents[1]

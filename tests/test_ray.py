@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from harness import pipeline, spec
-from harness.cli.commands import app
+from harness.cli import app
 from harness.plan import cells as planning
 from harness.plan.store import Store
 from harness.run import outcomes

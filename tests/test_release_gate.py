@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from harness import data
-from harness.cli.commands import app
+from harness.cli import app
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,10 @@ from ollama_double import OllamaDouble
 
 from harness import sources, spec
 from harness.backends import ServeConfig, ollama_answers
-from harness.backends.llamacpp import LlamaServer, request_body, server_command
-from harness.backends.ollama import OllamaBackend, modelfile
+from harness.backends.llamacpp import LlamaServer, server_command
+from harness.backends.llamacpp_requests import request_body
+from harness.backends.ollama import OllamaBackend
+from harness.backends.ollama_modelfile import modelfile
 from harness.env import ollama_host
 from harness.errors import ForgebenchError
 from harness.judge import best, evidence, verdict
