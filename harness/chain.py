@@ -13,6 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+CONTROL = "base"
+"""The adapter name of the control cells, which run the untuned base through the chain."""
+MERGE, ADAPTER = "merge", "adapter"
+"""The routes: the adapter merged in PyTorch, then converted and quantized; or the base
+converted and quantized once per level, served with the adapter as a LoRA GGUF."""
+
 
 @dataclass(frozen=True)
 class Role:

@@ -10,13 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness import toolchain
+from harness import toolchain, track
+from harness.judge import evidence
 from harness.plan.cells import Cell, plan
 from harness.plan.store import Store
 from harness.run.executor import Executor, Serial
 from harness.run.outcomes import CellResult, Reporter, RunSummary
 from harness.sources import templates
-from harness.spec.schema import Spec
+from harness.spec import Spec
 
 
 def run(
@@ -27,15 +28,12 @@ def run(
     fail_fast: bool = False,
     executor: Executor | None = None,
 ) -> RunSummary:
-    from harness.judge import evidence
-    from harness.track import tracking
-
     executor = executor or Serial()
     cells = plan(spec)
     executor.prepare(spec, cells)
     by_name = {cell.name: cell for cell in cells}
     results: list[CellResult] = []
-    with tracking.Experiment(spec, spec_path, reporter.notice) as experiment:
+    with track.Experiment(spec, spec_path, reporter.notice) as experiment:
         work = executor.run(spec, cells, store, reporter)
         try:
             for result in work:

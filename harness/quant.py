@@ -28,7 +28,7 @@ LEVELS: dict[str, LlamaFileType] = {
     "q2_k": LlamaFileType.MOSTLY_Q2_K,
 }
 
-REFERENCE = "f16"
+F16 = "f16"
 """The level every other level of the same model is compared against."""
 
 
@@ -46,7 +46,7 @@ def suggestion(name: str) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
-def check(name: str) -> str:
+def canonical(name: str) -> str:
     """Return the canonical level name, or raise ValueError with a did-you-mean."""
     level = normalize(name)
     if level not in LEVELS:

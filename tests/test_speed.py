@@ -22,9 +22,9 @@ def test_the_bounds_are_the_order_statistics_the_binomial_allows():
 
 def test_a_budget_is_missed_met_or_unjudged_by_the_bounds():
     m = speed.median([float(r) for r in range(90, 102)], 0.95)  # 90..101: bounds 92, 99
-    assert speed.judge(m, 100, "decode p50", "tok/s")[0] == "missed"
-    assert speed.judge(m, 92, "decode p50", "tok/s")[0] == "met"
-    state, said = speed.judge(m, 95, "decode p50", "tok/s")
+    assert speed.against(m, 100, "decode p50", "tok/s")[0] == "missed"
+    assert speed.against(m, 92, "decode p50", "tok/s")[0] == "met"
+    state, said = speed.against(m, 95, "decode p50", "tok/s")
     assert state == "unjudged" and "straddles the budget 95" in said
 
 
@@ -41,11 +41,11 @@ def test_a_tail_quantile_is_bounded_only_from_enough_requests():
 
 def test_a_maximum_is_missed_only_when_the_lower_bound_is_above_it():
     p95 = speed.quantile([float(t) for t in range(1, 61)], 0.95, 0.95)
-    assert speed.judge(p95, 50, "TTFT", "ms", at_most=True)[0] == "missed"
-    assert speed.judge(p95, 60, "TTFT", "ms", at_most=True)[0] == "met"
-    assert speed.judge(p95, 58, "TTFT", "ms", at_most=True)[0] == "unjudged"
+    assert speed.against(p95, 50, "TTFT", "ms", at_most=True)[0] == "missed"
+    assert speed.against(p95, 60, "TTFT", "ms", at_most=True)[0] == "met"
+    assert speed.against(p95, 58, "TTFT", "ms", at_most=True)[0] == "unjudged"
     # twelve fast requests cannot show a p95 under budget, but twelve slow ones do miss it
     slow = speed.quantile([900.0 + t for t in range(12)], 0.95, 0.95)
-    assert speed.judge(slow, 800, "TTFT", "ms", at_most=True)[0] == "missed"
+    assert speed.against(slow, 800, "TTFT", "ms", at_most=True)[0] == "missed"
     fast = speed.quantile([100.0 + t for t in range(12)], 0.95, 0.95)
-    assert speed.judge(fast, 800, "TTFT", "ms", at_most=True)[0] == "unjudged"
+    assert speed.against(fast, 800, "TTFT", "ms", at_most=True)[0] == "unjudged"

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.track.results import ORDER, Row, primary_task
+from harness.chain import CONTROL
+from harness.track import ORDER, Row, primary_task
 
 
 @dataclass
@@ -74,7 +75,7 @@ def choose(rows: list[Row], by: str = "size", route: str | None = None) -> list[
     base has no route to choose)."""
     task = primary_task(rows)
     if route is not None:
-        rows = [r for r in rows if r.route == route or r.adapter == "base"]
+        rows = [r for r in rows if r.route == route or r.adapter == CONTROL]
     choices = []
     for adapter in dict.fromkeys(r.adapter for r in rows):
         mine = [r for r in rows if r.adapter == adapter]

@@ -54,6 +54,17 @@ class Rule:
     min_gain: float = 0.0
 
 
+def drop_state(lower: float, upper: float, tolerance: float) -> str:
+    """The one rule for a drop's interval against a tolerance: "held" when its upper bound
+    is below the tolerance, "lost" when its lower bound is above it, else "unjudged". The
+    chain's links and the release gate both decide with it."""
+    if upper < tolerance:
+        return "held"
+    if lower > tolerance:
+        return "lost"
+    return "unjudged"
+
+
 @dataclass
 class Link:
     step: str
@@ -142,11 +153,10 @@ def compare(
         return _gained(link, t, head)
     interval = f"{t.drop:+.2f} [{link.lower:+.2f}, {link.upper:+.2f}]"
     tol = rule.tolerance
-    if link.upper < tol:
-        link.state = "held"
+    link.state = drop_state(link.lower, link.upper, tol)
+    if link.state == "held":
         link.why = f"{head}: {step} drop {interval}, within tolerance {tol:g}"
-    elif link.lower > tol:
-        link.state = "lost"
+    elif link.state == "lost":
         link.why = f"{head}: {step} drop {interval}, beyond tolerance {tol:g}"
     else:
         link.why = f"{head}: {step} drop {interval} straddles tolerance {tol:g}; " + _more(

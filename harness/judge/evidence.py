@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from harness.errors import ForgebenchError
+from harness.judge import verdict
 from harness.judge.blame import Scores
-from harness.spec.schema import Spec
-
-if TYPE_CHECKING:
-    from harness.plan.cells import Cell
-    from harness.plan.store import Store
-    from harness.run.outcomes import CellResult
+from harness.plan.cells import Cell
+from harness.plan.store import Store
+from harness.run.outcomes import CellResult
+from harness.spec import Spec
 
 
 def task_names(spec: Spec) -> list[str]:
@@ -45,8 +44,6 @@ def verdicts(
     spec: Spec, cells: list[Cell], results: list[CellResult], store: Store
 ) -> tuple[dict[str, Any], str | None]:
     """Judge every cell; a spec that cannot be judged (no F16 cell) says why instead."""
-    from harness.judge import verdict
-
     tasks = task_names(spec) if "evaluate" in spec.measure else []
     figures, references = [], {}
     for cell, result in zip(cells, results, strict=True):
@@ -64,8 +61,6 @@ def verdicts(
 
 
 def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], evaluated: bool):
-    from harness.judge import verdict
-
     def metric(stage: str, name: str) -> float | None:
         outcome = result.stages.get(stage)
         return None if outcome is None or outcome.error else outcome.metrics.get(name)

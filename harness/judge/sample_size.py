@@ -18,7 +18,7 @@ from harness import data
 from harness.data import evals
 from harness.errors import InputError
 from harness.judge import paired, speed
-from harness.spec.schema import Spec
+from harness.spec import Spec
 from harness.stages import bench
 
 TYPICAL_DISAGREEMENT = 0.10
@@ -75,7 +75,7 @@ def plan(spec: Spec) -> list[TaskItems]:
     return out
 
 
-def check(spec: Spec) -> None:
+def require_decidable(spec: Spec) -> None:
     """Refuse a task whose items can never show its tolerance, and a speed budget whose
     figure the bench's requests can never bound."""
     _requests(spec)

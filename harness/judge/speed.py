@@ -95,7 +95,7 @@ def _ranks(n: int, q: float, confidence: float) -> tuple[int, int]:
     return k, j
 
 
-def judge(
+def against(
     figure: Quantile, budget: float, name: str, unit: str, at_most: bool = False
 ) -> tuple[str, str]:
     """("missed" | "met" | "unjudged", what to say): a minimum the figure must reach, or

@@ -30,10 +30,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from harness import quant
+from harness.chain import CONTROL, MERGE
 from harness.errors import ForgebenchError
 from harness.judge import paired, speed
 from harness.judge.blame import END_TO_END, Link, Rule, Scores, compare
-from harness.spec.schema import BudgetSpec
+from harness.spec import BudgetSpec
 
 __all__ = ["Figures", "Scores", "Verdict", "judge"]
 
@@ -46,7 +47,7 @@ class Figures:
     adapter: str
     quant: str
     status: str = "done"
-    route: str = "merge"
+    route: str = MERGE
     """A level is judged against the F16 of its own route."""
     error: str | None = None
     broken: str | None = None
@@ -97,7 +98,7 @@ def slow_reasons(
             unmeasured.append(f"TTFT p95 not measured (budget {budget:g} ms)")
         else:
             p95 = speed.quantile(fig.ttft_ms, 0.95, budgets.confidence)
-            state, said = speed.judge(p95, budget, "TTFT", "ms", at_most=True)
+            state, said = speed.against(p95, budget, "TTFT", "ms", at_most=True)
             {"missed": missed, "unjudged": unmeasured}.get(state, []).append(said)
     if (budget := budgets.memory_mb_max) is not None:  # a peak, measured once: no interval
         if fig.memory_mb is None:
@@ -117,13 +118,13 @@ def _decode(fig: Figures, budgets: BudgetSpec, f16: Figures | None) -> tuple[lis
     if budgets.decode_speedup_min is not None:
         base = f16.decode_rates if f16 is not None else []
         if not base:
-            return [], [f"decode of {quant.REFERENCE} not measured (decode_speedup_min)"]
+            return [], [f"decode of {quant.F16} not measured (decode_speedup_min)"]
         reference = speed.median(base, budgets.confidence).value
         budget = budgets.decode_speedup_min * reference
         wanted.append(
             (
                 budget,
-                f"decode p50 ({budgets.decode_speedup_min:g}x {quant.REFERENCE}'s {reference:.0f})",
+                f"decode p50 ({budgets.decode_speedup_min:g}x {quant.F16}'s {reference:.0f})",
                 "tok/s",
             )
         )
@@ -133,7 +134,7 @@ def _decode(fig: Figures, budgets: BudgetSpec, f16: Figures | None) -> tuple[lis
         ]
     missed, undecided = [], []
     for budget, name, unit in wanted:
-        state, said = speed.judge(
+        state, said = speed.against(
             speed.median(fig.decode_rates, budgets.confidence), budget, name, unit
         )
         if state == "missed":
@@ -152,7 +153,7 @@ class Judging:
     tasks: list[str]
     guard: set[str]
     budgets: BudgetSpec
-    control: str = "base"
+    control: str = CONTROL
 
 
 def rule_for(budgets: BudgetSpec, task: str) -> Rule:
@@ -166,13 +167,13 @@ def chain_links(fig: Figures, f16: Figures | None, ctx: Judging) -> list[Link]:
     references, control = ctx.references, ctx.control
     own_hf = references.get(fig.adapter) or Scores("tuned HF", error="not scored")
     base_hf = references.get(control) or Scores("untuned HF", error="not scored")
-    f16_scores = f16.scores() if f16 is not None else Scores(quant.REFERENCE, error="no cell")
+    f16_scores = f16.scores() if f16 is not None else Scores(quant.F16, error="no cell")
     tuned = fig.adapter != control
     pairs = []
     if tuned:
         pairs.append(("training", base_hf, own_hf))
     pairs.append(("export", own_hf, f16_scores))
-    if fig.quant != quant.REFERENCE:
+    if fig.quant != quant.F16:
         pairs.append(("quantization", f16_scores, fig.scores()))
     links = []
     for task in ctx.tasks:
@@ -189,25 +190,25 @@ def judge(
     references: dict[str, Scores] | None = None,
     tasks: list[str] | None = None,
     guard: list[str] = (),
-    control: str = "base",
+    control: str = CONTROL,
 ) -> dict[str, Verdict]:
     """One verdict per cell. `references` maps an adapter (and `control`) to its HF scores;
     `tasks` lists every scored task, `guard` those an adapter must not hurt. Raises when
     an adapter has no F16 cell to judge its levels against."""
     by_key = {(c.adapter, c.route, c.quant): c for c in cells}
     missing = sorted(
-        {c.adapter for c in cells if (c.adapter, c.route, quant.REFERENCE) not in by_key}
+        {c.adapter for c in cells if (c.adapter, c.route, quant.F16) not in by_key}
     )
     if missing:
         raise ForgebenchError(
-            f"no {quant.REFERENCE} cell for {', '.join(missing)}: accuracy is judged against the "
-            f"same adapter at {quant.REFERENCE}; add {quant.REFERENCE} to the spec's quant list"
+            f"no {quant.F16} cell for {', '.join(missing)}: accuracy is judged against the "
+            f"same adapter at {quant.F16}; add {quant.F16} to the spec's quant list"
         )
     links, f16s = {}, {}
     for fig in cells:
         scored = tasks if tasks is not None else sorted(fig.accuracy)
         ctx = Judging(references or {}, scored, set(guard), budgets, control)
-        f16 = f16s[fig.cell] = by_key.get((fig.adapter, fig.route, quant.REFERENCE))
+        f16 = f16s[fig.cell] = by_key.get((fig.adapter, fig.route, quant.F16))
         links[fig.cell] = chain_links(fig, f16, ctx) if scored and fig.status == "done" else []
     beyond = _beyond(links, 1 - budgets.confidence)
     return {
@@ -253,13 +254,13 @@ def _judge_cell(
             verdict.speed |= {f"{name}_{k}": v for k, v in bounds.items() if v is not None}
     slow, unmeasured = slow_reasons(fig, budgets, f16)
     stupid, steps = _stupid(links, beyond)
-    if budgets.kld_max is not None and fig.quant != quant.REFERENCE:
+    if budgets.kld_max is not None and fig.quant != quant.F16:
         if fig.kld_mean is None:
             unmeasured.append(
-                f"KLD from {quant.REFERENCE} not measured (budget {budgets.kld_max:g})"
+                f"KLD from {quant.F16} not measured (budget {budgets.kld_max:g})"
             )
         elif fig.kld_mean > budgets.kld_max:
-            stupid.append(f"KLD {fig.kld_mean:.3g} > {budgets.kld_max:g} from {quant.REFERENCE}")
+            stupid.append(f"KLD {fig.kld_mean:.3g} > {budgets.kld_max:g} from {quant.F16}")
             steps += [] if "quantization" in steps else ["quantization"]
     unjudged = unmeasured + [link.why for link in links if link.state != "held"]
     if fig.evaluated and not links:

@@ -25,19 +25,15 @@ from importlib import metadata
 from typing import Any
 
 from harness import backends, host, quant, sources
-from harness.chain import ADVISORY, BUILD, REFERENCES, SERVED, STAGES  # noqa: F401 (the plan's face)
+from harness.chain import ADAPTER, ADVISORY, BUILD, CONTROL, MERGE, REFERENCES, SERVED, STAGES  # noqa: F401 (the plan's face)
 from harness.errors import ForgebenchError, InputError
 from harness.hashing import digest
 from harness.plan import keys
 from harness.plan.store import StageCall
 from harness.sources import templates
-from harness.spec.schema import LoraSpec, Spec
+from harness.spec import LoraSpec, Spec
+from harness.stages import check
 
-CONTROL = "base"
-"""The adapter name of the control cells, which run the untuned base."""
-MERGE, ADAPTER = "merge", "adapter"
-"""The routes: the adapter merged in PyTorch, then converted and quantized; or the base
-converted and quantized once per level, served with the adapter as a LoRA GGUF."""
 NOT_CONVERTIBLE = ("embed_tokens", "lm_head")
 
 
@@ -97,10 +93,10 @@ def plan(spec: Spec) -> list[Cell]:
     data = _data_identity(spec)
     backend = backends.resolve_name(spec.serve.backend) if spec.serves else ""
     adapters: list[LoraSpec | None] = ([None] if spec.control else []) + list(spec.lora)
-    levels = sorted(spec.quant, key=lambda level: level != quant.REFERENCE)
+    levels = sorted(spec.quant, key=lambda level: level != quant.F16)
     trust = spec.base.trust_remote_code
     base_f16 = StageCall(
-        "convert", {"outtype": quant.REFERENCE}, {"model": resolve}, keys.versions("convert")
+        "convert", {"outtype": quant.F16}, {"model": resolve}, keys.versions("convert")
     )
     base_reference = _reference(spec, resolve)
     cells = []
@@ -141,7 +137,7 @@ def plan(spec: Spec) -> list[Cell]:
                 line["merge"] = model
                 line["convert"] = StageCall(
                     "convert",
-                    {"outtype": quant.REFERENCE},
+                    {"outtype": quant.F16},
                     {"model": model},
                     keys.versions("convert"),
                 )
@@ -151,7 +147,7 @@ def plan(spec: Spec) -> list[Cell]:
                 _convertible(spec, lora)
                 line["convert_lora"] = StageCall(
                     "convert_lora",
-                    {"outtype": quant.REFERENCE, "trust_remote_code": trust},
+                    {"outtype": quant.F16, "trust_remote_code": trust},
                     {"base": resolve, "adapter": calls["train"]},
                     _versions("transformers", "peft") | keys.versions("convert_lora"),
                 )
@@ -175,13 +171,13 @@ def _levels(
     cells = []
     for level in levels:
         cell_calls = dict(calls)
-        if level != quant.REFERENCE:
+        if level != quant.F16:
             cell_calls["quantize"] = StageCall(
                 "quantize", {"level": level}, {"gguf": f16}, keys.versions("quantize")
             )
         cell_calls |= references
         measured = _measurements(spec, cell_calls, model, f16, backend)
-        tuned_f16 = level == quant.REFERENCE and lora is not None and route == MERGE
+        tuned_f16 = level == quant.F16 and lora is not None and route == MERGE
         if tuned_f16 and "drift" in spec.measure:
             measured["drift_tuning"] = _tuning_drift(spec, f16, base_f16)
         cells.append(Cell(lora, level, cell_calls | measured, backend, route))
@@ -271,8 +267,6 @@ def _measurements(
     served = {"serve": spec.serve.model_dump(mode="json", exclude=exclude), "backend": backend}
     out: dict[str, StageCall] = {}
     if "check" in spec.measure:
-        from harness.stages import check
-
         out["check"] = StageCall(
             "check",
             {**served, "probe": check.CONVERSATION, "max_tokens": check.MAX_TOKENS},

@@ -24,10 +24,13 @@ from typing import Any
 
 import yaml
 
+from harness import toolchain
 from harness.chain import LLAMA_CPP, SERVED
+from harness.data import evals
 from harness.env import ollama_host
 from harness.errors import ForgebenchError
 from harness.hashing import file_sha256
+from harness.stages import bench, drift
 
 HARNESS = Path(__file__).resolve().parents[1]
 STAGES = HARNESS / "stages"
@@ -118,16 +121,10 @@ def stage_record() -> dict[str, dict[str, Any]]:
 def evals_identity(stage: str, tasks: Sequence[Any] = ()) -> dict[str, Any]:
     """sha256 of each evals/ file the stage reads, by its name inside evals/ (not where
     the checkout is). `tasks` are evaluate.tasks entries (names, or user tasks)."""
-    from harness.data import evals
-
     files: list[Path] = []
     if stage == "bench":
-        from harness.stages import bench
-
         files.append(bench.PROMPTS)
     elif stage in ("drift", "drift_base"):
-        from harness.stages import drift
-
         files.append(drift.TEXT)
     for task in tasks:
         if isinstance(task, str):
@@ -231,8 +228,6 @@ def _ollama_version(host: str) -> str:
 
 def llama_cpp_identity(stage: str, backend: str = "") -> dict[str, str]:
     """The llama.cpp revision, and with FORGEBENCH_LLAMA_CPP_BIN the tools this stage runs."""
-    from harness import toolchain
-
     if stage not in LLAMA_CPP:
         return {}
     served = ("llama-server",) if backend == "llamacpp" and stage in SERVED else ()
@@ -293,8 +288,6 @@ def differs_here(call: Any) -> str | None:
     worker on another node checks this before building, so a key never names an output
     that other versions made."""
     from importlib import metadata
-
-    from harness.data import evals
 
     backend = call.settings.get("backend", "")
     here: dict[str, Any] = stage_version(call.stage) | llama_cpp_identity(call.stage, backend)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from harness.run.executor import Executor, Serial
 from harness.run.ray import RayExecutor
-from harness.spec.schema import Spec
+from harness.spec import Spec
 
 __all__ = ["Executor", "RayExecutor", "Serial", "chosen"]
 

@@ -43,7 +43,7 @@ from harness.backends import Backend, Deployment
 from harness.errors import ForgebenchError
 from harness.plan.cells import Cell
 from harness.plan.store import Store
-from harness.spec.schema import Spec
+from harness.spec import Spec
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from harness.plan.cells import ADVISORY, BUILD, SERVED, Cell
 from harness.plan.store import StageCall, Store
 from harness.run.deployment import Served, Sharing
 from harness.run.outcomes import CellResult, Outcome, Reporter
-from harness.spec.schema import Spec
+from harness.spec import Spec
 
 
 class Executor(Protocol):

@@ -36,7 +36,7 @@ from harness.plan.store import StageCall, Store
 from harness.run.deployment import Served
 from harness.run.executor import execute, run_cell
 from harness.run.outcomes import CellResult, Outcome, Quiet, Reporter
-from harness.spec.schema import Resources, Spec
+from harness.spec import Resources, Spec
 
 log = logging.getLogger(__name__)
 RETRIES = 3

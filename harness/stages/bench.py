@@ -14,7 +14,7 @@ Prefill is read from the first request after the deploy alone (a warm-up request
 unless `warmup` is 0), whose prompt nothing has cached yet: later prompts share the
 chat template's opening with the one before, which the servers' prompt cache skips, and
 Ollama counts those skipped tokens in `prompt_eval_count` from 0.31 on but not in 0.30,
-while its `prompt_eval_duration` leaves them out in both (harness/backends/ollama.py
+while its `prompt_eval_duration` leaves them out in both (harness/backends/ollama_stream.py
 `chunk_from`); only a cold prompt gives one figure on every server.
 
 Every percentile is by nearest rank (the ceil(q/100 * n)-th smallest sample, so
@@ -47,6 +47,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from harness import toolchain
 from harness.backends import Backend, Deployment
 from harness.data.evals import EVALS
 
@@ -145,8 +146,6 @@ def summarise(
 
 def llama_bench(gguf: Path, threads: int | None = None) -> dict[str, float]:
     """llama.cpp's own engine figures (prompt processing and generation tokens/s)."""
-    from harness import toolchain
-
     command = [
         str(toolchain.tool("llama-bench")),
         "-m",

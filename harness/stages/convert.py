@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness import toolchain
 from harness.errors import StageError
 from harness.stages import Progress
 
@@ -19,8 +20,6 @@ VERSION = 1  # bump when this stage's outputs change: tests/test_keys.py checks 
 
 
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: Progress) -> dict:
-    from harness import toolchain
-
     progress(f"converting to {settings['outtype'].upper()} GGUF", None)
     gguf = out / "model.gguf"
     log = out / "convert.log"

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness import toolchain
 from harness.errors import StageError
 from harness.stages import Progress
 
@@ -23,8 +24,6 @@ FILE = "adapter.gguf"
 
 
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: Progress) -> dict:
-    from harness import toolchain
-
     progress(f"converting the adapter to a {settings['outtype'].upper()} LoRA GGUF", None)
     gguf = out / FILE
     log = out / "convert.log"

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from harness import toolchain
 from harness.data.evals import EVALS
 from harness.errors import StageError
 from harness.stages import Progress
@@ -34,8 +35,6 @@ def perplexity(
 ) -> str:
     """llama-perplexity on `model`; on the adapter route (an `adapter` input) with its LoRA
     GGUF applied, so that a level is compared with the F16 of its own route."""
-    from harness import toolchain
-
     command = [
         str(toolchain.tool("llama-perplexity")),
         "-m",
