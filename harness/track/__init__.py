@@ -3,10 +3,10 @@ them back as plain data (`reader`, and `results` as rows of cells), `registry` m
 chosen cell after its run, `store` reaches the tracking store, `view` is how MLflow's UI
 shows the cells, and `schema` names the tags every run carries."""
 
+from harness.track.connect import DEFAULT_URI, tracking_uri
 from harness.track.reader import RunView, resolve_run, run_view, samples
 from harness.track.registry import register, set_alias, tag
 from harness.track.results import ORDER, Invocation, Row, primary_task
-from harness.track.store import DEFAULT_URI, tracking_uri
 from harness.track.view import ui_command
 from harness.track.writer import Experiment
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ForgebenchError
-from harness.track import schema, store
+from harness.track import connect, schema
 
 
 @dataclasses.dataclass
@@ -48,7 +48,7 @@ def invocation(
     uri: str, experiment: str, run_id: str | None = None
 ) -> tuple[RunView, list[RunView]]:
     """A forgebench invocation (latest unless named) and its cell runs."""
-    client = store.reader(uri)
+    client = connect.reader(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ForgebenchError(f"no MLflow experiment {experiment!r} at {uri}; run the spec first")
@@ -69,13 +69,13 @@ def invocation(
 
 
 def run_view(uri: str, run_id: str) -> RunView:
-    client = store.reader(uri)
+    client = connect.reader(uri)
     return _view(client, client.get_run(run_id))
 
 
 def resolve_run(uri: str, ref: str) -> str:
     """A run id from a run id or a registered model alias (`models:/NAME@ALIAS` or `NAME@ALIAS`)."""
-    client = store.reader(uri)
+    client = connect.reader(uri)
     if "@" in ref:
         name, alias = ref.removeprefix("models:/").split("@", 1)
         try:
@@ -93,7 +93,7 @@ def samples(uri: str, run_id: str) -> dict[str, dict[str, bool]]:
     named by its content (`item_key`), so two runs pair only the items they share."""
     from mlflow.artifacts import download_artifacts
 
-    client = store.reader(uri)
+    client = connect.reader(uri)
     out: dict[str, dict[str, bool]] = {}
     for artifact in client.list_artifacts(run_id, "samples"):
         name = Path(artifact.path).name

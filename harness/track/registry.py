@@ -9,11 +9,11 @@ import contextlib
 from pathlib import Path
 
 from harness.errors import ForgebenchError
-from harness.track import schema, store
+from harness.track import connect, schema
 
 
 def tag(uri: str, run_id: str, key: str, value: str) -> None:
-    store.client(uri).set_tag(run_id, key, value)
+    connect.client(uri).set_tag(run_id, key, value)
 
 
 def register(
@@ -21,7 +21,7 @@ def register(
 ) -> str:
     """Register a cell's GGUF (logged to its run; on the adapter route with its LoRA GGUF
     beside it) as a model version and point `alias` at it."""
-    client = store.client(uri)
+    client = connect.client(uri)
     if not any(a.path == "gguf" for a in client.list_artifacts(run_id)):
         client.log_artifact(run_id, str(gguf), "gguf")
         if lora is not None:
@@ -36,7 +36,7 @@ def register(
 
 def set_alias(uri: str, name: str, alias: str, run_id: str, gguf: Path | None) -> str:
     """Move `alias` to the version registered from `run_id`, registering it first if needed."""
-    client = store.client(uri)
+    client = connect.client(uri)
     for version in client.search_model_versions(f"name = '{name}'"):
         if version.run_id == run_id:
             client.set_registered_model_alias(name, alias, version.version)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.spec import Spec
-from harness.track import schema, store
+from harness.track import connect, schema
 
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 """MLflow's tag for what an experiment is: model training ("Machine learning" in the UI), not
@@ -26,7 +26,7 @@ def ui_command(uri: str, experiment: str | None = None) -> str:
     before the experiment's kind tag."""
     server = uri.startswith(("http://", "https://"))
     command = f"open {uri}" if server else f"mlflow ui --backend-store-uri {uri}"
-    found = store.client(uri).get_experiment_by_name(experiment) if experiment else None
+    found = connect.client(uri).get_experiment_by_name(experiment) if experiment else None
     if found is None:
         return command
     where = uri.rstrip("/") if server else "http://127.0.0.1:5000"

@@ -28,7 +28,7 @@ from harness.plan.cells import Cell
 from harness.run.outcomes import CellResult, RunSummary
 from harness.sources import templates
 from harness.spec import Spec
-from harness.track import schema, store, view
+from harness.track import connect, schema, view
 from harness.track.figures import flatten, result_curve, stage_metrics
 
 T = TypeVar("T")
@@ -53,15 +53,15 @@ class Experiment:
         self, spec: Spec, spec_path: Path, notice: Callable[[str], None] = lambda message: None
     ):
         self.spec, self.spec_path, self.notice = spec, spec_path, notice
-        self.uri = store.tracking_uri(spec)
+        self.uri = connect.tracking_uri(spec)
         self.lost: str | None = None
         """Why logging stopped mid-run (the tracking server stopped answering), in one line;
         the run goes on, its results in the store, and a rerun logs every cell."""
         # an explicit client, never mlflow.set_tracking_uri: that also sets the
         # MLFLOW_TRACKING_URI environment variable, so the next spec run in the same
         # process (or any child process) would log to this spec's store
-        with store.first_use_lock(self.uri):  # the first client creates a sqlite store's tables
-            self.client = store.client(self.uri)
+        with connect.first_use_lock(self.uri):  # the first client creates a sqlite store's tables
+            self.client = connect.client(self.uri)
             existing = self.client.get_experiment_by_name(spec.name)
             self.experiment_id = (
                 existing.experiment_id if existing else self.client.create_experiment(spec.name)
@@ -154,7 +154,7 @@ class Experiment:
         try:
             return work()
         except Exception as error:  # MLflow's own errors, or the HTTP client's under them
-            if not store.tracking_failure(error):
+            if not connect.tracking_failure(error):
                 raise
             self.lost = self._why_lost(error)
             self.notice(self.lost)
@@ -163,7 +163,7 @@ class Experiment:
     def _why_lost(self, error: BaseException) -> str:
         text = str(error).strip()
         first = text.splitlines()[0][:300] if text else type(error).__name__
-        if self.uri.startswith(("http://", "https://")) and not store.answers(self.uri):
+        if self.uri.startswith(("http://", "https://")) and not connect.answers(self.uri):
             what = f"the tracking server at {self.uri} stopped answering"
         else:
             what = f"logging to {self.uri} failed ({first})"
