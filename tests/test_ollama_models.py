@@ -19,8 +19,9 @@ from huggingface_hub import constants
 from typer.testing import CliRunner
 
 from harness import sources
-from harness.cli.commands import app
+from harness.cli import app
 from harness.errors import ForgebenchError, InputError
+from harness.sources import hub, model_map, resolve
 from harness.sources import ollama as ollama_models
 
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -163,7 +164,7 @@ def test_api_path_through_the_ollama_double(monkeypatch):
         assert model.gguf.is_file()  # /api/show's Modelfile: FROM <blob>
         info = ollama_models.model_info(model)
         assert (info.architecture, info.block_count, info.embedding_length) == ("llama", 30, 576)
-        resolved = ollama_models.resolve_base({"ollama": "smollm2:135m", "fallback": "gguf"})
+        resolved = resolve.resolve_base({"ollama": "smollm2:135m", "fallback": "gguf"})
         assert resolved.lineage["ollama_digest"] == listed["smollm2:135m"]
         result = CliRunner().invoke(app, ["models"])
         url = ollama_host()
@@ -185,7 +186,7 @@ def test_one_model_the_server_cannot_show_costs_only_that_model(monkeypatch):
         client.create(model="smollm2:135m", files={"model.gguf": digest}, template="{{ .Prompt }}")
         double.unreachable["gpt-oss:120b-cloud"] = "dial tcp: lookup ollama.com: no such host"
         result = CliRunner().invoke(app, ["models"])
-        resolved = ollama_models.resolve_base({"ollama": "smollm2:135m", "fallback": "gguf"})
+        resolved = resolve.resolve_base({"ollama": "smollm2:135m", "fallback": "gguf"})
         with pytest.raises(InputError, match=r"gpt-oss:120b-cloud: /api/show failed \(500\)"):
             ollama_models.find_model("gpt-oss:120b-cloud")
     assert result.exit_code == 0, result.output
@@ -216,29 +217,29 @@ def test_unknown_model_names_the_store():
     ],
 )
 def test_mapping_table(name, repo):
-    table = ollama_models.load_map(ollama_models.load_config())
-    assert ollama_models.lookup(name, table) == repo
+    table = model_map.load_map(model_map.load_config())
+    assert model_map.lookup(name, table) == repo
 
 
 def test_user_config_extends_the_table(isolated):
     isolated.write_text("model_map:\n  qwen2.5-coder: {7b-base: Qwen/Qwen2.5-Coder-7B}\n")
-    table = ollama_models.load_map(ollama_models.load_config())
-    assert ollama_models.lookup("qwen2.5-coder:7b-base-q4_0", table) == "Qwen/Qwen2.5-Coder-7B"
-    assert ollama_models.lookup("qwen2.5-coder:7b", table) == "Qwen/Qwen2.5-Coder-7B-Instruct"
+    table = model_map.load_map(model_map.load_config())
+    assert model_map.lookup("qwen2.5-coder:7b-base-q4_0", table) == "Qwen/Qwen2.5-Coder-7B"
+    assert model_map.lookup("qwen2.5-coder:7b", table) == "Qwen/Qwen2.5-Coder-7B-Instruct"
     isolated.write_text("model_map:\n  hf.co/bartowski/SmolLM2-135M-Instruct-GGUF: {latest: a/b}\n")
-    table = ollama_models.load_map(ollama_models.load_config())
-    assert ollama_models.lookup("hf.co/bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M", table) == "a/b"
+    table = model_map.load_map(model_map.load_config())
+    assert model_map.lookup("hf.co/bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M", table) == "a/b"
 
 
 def test_bad_user_config_is_one_line(isolated):
     isolated.write_text("model_dir: [/models]\n")
     with pytest.raises(InputError, match=r"config.yaml: model_dir: Extra inputs are not permitted"):
-        ollama_models.load_config()
+        model_map.load_config()
 
 
 def test_cached_base_is_verified_and_used():
     cache_repo(REPO, {"config.json": json.dumps(SMOLLM2_135M).encode(), "model.safetensors": b"w"})
-    resolved = ollama_models.resolve_base({"ollama": "smollm2:135m"})
+    resolved = resolve.resolve_base({"ollama": "smollm2:135m"})
     assert resolved.base == {"hf": REPO, "revision": None}
     assert resolved.lineage["mapping_verified"] is True and resolved.warning is None
     key = sources.identity({"ollama": "smollm2:135m"})
@@ -248,7 +249,7 @@ def test_cached_base_is_verified_and_used():
 
 def test_half_downloaded_cache_is_not_cached():
     cache_repo(REPO, {"config.json": json.dumps(SMOLLM2_135M).encode()})  # no weights yet
-    assert ollama_models.cached_snapshot(REPO) is None
+    assert hub.cached_snapshot(REPO) is None
 
 
 def test_local_model_dir_comes_first(isolated, tmp_path):
@@ -256,7 +257,7 @@ def test_local_model_dir_comes_first(isolated, tmp_path):
         tmp_path / "models" / "HuggingFaceTB", "SmolLM2-135M-Instruct", SMOLLM2_135M
     )
     isolated.write_text(f"model_dirs: [{tmp_path / 'models'}]\n")
-    resolved = ollama_models.resolve_base({"ollama": "smollm2:135m"})
+    resolved = resolve.resolve_base({"ollama": "smollm2:135m"})
     assert resolved.base == {"path": str(folder)}
 
 
@@ -279,7 +280,7 @@ def test_wrong_mapping_is_caught(isolated, tmp_path):
         f"model_dirs: [{tmp_path / 'models'}]\nmodel_map:\n  smollm2: {{135m: {wrong}}}\n"
     )
     with pytest.raises(ForgebenchError) as caught:
-        ollama_models.resolve_base({"ollama": "smollm2:135m"})
+        resolve.resolve_base({"ollama": "smollm2:135m"})
     message = str(caught.value)
     assert f"smollm2:135m does not match its mapped base {wrong}" in message
     assert "layer count 30 in the GGUF, 32 in config.json" in message
@@ -296,7 +297,7 @@ def test_wrong_architecture_is_caught(isolated, tmp_path):
     with pytest.raises(
         ForgebenchError, match=r"architecture llama in the GGUF, qwen2 \(GGUF qwen2\)"
     ):
-        ollama_models.resolve_base({"ollama": "smollm2:135m"})
+        resolve.resolve_base({"ollama": "smollm2:135m"})
 
 
 def test_offline_uncached_base_is_one_clear_line(tmp_path):
@@ -311,11 +312,11 @@ def test_offline_uncached_base_is_one_clear_line(tmp_path):
     assert line.startswith(f"error: Ollama model smollm2:135m: {REPO} is not in the Hugging Face")
     assert "downloads are off (HF_HUB_OFFLINE=1)" in line
     assert "fallback: gguf" in line
-    assert ollama_models.download_size(REPO) is None
+    assert hub.download_size(REPO) is None
 
 
 def test_fallback_trains_on_the_gguf_and_says_it_is_lossy():
-    resolved = ollama_models.resolve_base({"ollama": "smollm2:135m", "fallback": "gguf"})
+    resolved = resolve.resolve_base({"ollama": "smollm2:135m", "fallback": "gguf"})
     assert resolved.base == {"gguf": str(resolved.model.gguf)}
     assert "lossy" in resolved.warning
     assert resolved.lineage["mapping_verified"] is False

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from harness.backends import model_name
 from harness.cli import app
-from harness.sources import ollama as ollama_models
+from harness.sources import hub
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = """\
@@ -34,8 +34,8 @@ def uncached_online(monkeypatch, tmp_path):
     """An HF base that is not cached, with the hub reachable and listing SIZE bytes."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(ollama_models, "cached_snapshot", lambda repo, revision=None: None)
-    monkeypatch.setattr(ollama_models, "download_size", lambda repo, revision=None: SIZE)
+    monkeypatch.setattr(hub, "cached_snapshot", lambda repo, revision=None: None)
+    monkeypatch.setattr(hub, "download_size", lambda repo, revision=None: SIZE)
     spec = tmp_path / "fetch.yaml"
     spec.write_text(SPEC)
     return spec
@@ -72,7 +72,7 @@ def test_an_unattended_run_does_not_download_without_yes(uncached_online, tmp_pa
 
 def test_a_cached_base_needs_no_confirmation(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(ollama_models, "cached_snapshot", lambda repo, revision=None: tmp_path)
+    monkeypatch.setattr(hub, "cached_snapshot", lambda repo, revision=None: tmp_path)
     from harness import preflight, spec
 
     path = tmp_path / "fetch.yaml"

@@ -11,7 +11,7 @@ import typer
 from harness import toolchain
 from harness.backends.ollama import OllamaBackend
 from harness.cli.app import app, console, friendly
-from harness.sources import ollama as ollama_models
+from harness.sources import listing
 
 
 @app.command()
@@ -51,6 +51,6 @@ def models(
     ] = False,
 ) -> None:
     """List local Ollama models: GGUF, architecture, size, quant, context, mapped HF base."""
-    lines = ollama_models.hf_cache_lines() if hf else ollama_models.model_lines()
+    lines = listing.hf_cache_lines() if hf else listing.model_lines()
     for line in lines:
         console.print(line, markup=False, highlight=False, soft_wrap=True)

@@ -16,8 +16,7 @@ from harness.errors import ForgebenchError, InputError
 from harness.judge import sample_size
 from harness.preflight import inputs
 from harness.preflight.resources import Shape
-from harness.sources import ollama as ollama_models
-from harness.sources import templates
+from harness.sources import hub, listing, resolve, templates
 from harness.spec import Spec
 
 # Linear layers LoRA can target, by architecture (GGUF names and HF model_type).
@@ -110,7 +109,7 @@ def _base(spec: Spec) -> Shape | None:
         except ForgebenchError as exc:
             raise InputError(f"{spec.where('base', 'path')}: {exc}") from None
     if base.hf:
-        snapshot = ollama_models.cached_snapshot(base.hf, base.revision)
+        snapshot = hub.cached_snapshot(base.hf, base.revision)
         try:
             return Shape.of_folder(snapshot) if snapshot else None
         except ForgebenchError as exc:
@@ -175,7 +174,7 @@ class Download:
     size: int
 
     def describe(self) -> str:
-        return f"{ollama_models.human_size(self.size)} from the Hugging Face hub ({self.repo})"
+        return f"{listing.human_size(self.size)} from the Hugging Face hub ({self.repo})"
 
 
 def download(spec: Spec) -> Download | None:
@@ -184,11 +183,11 @@ def download(spec: Spec) -> Download | None:
 
     base = spec.base.model_dump(mode="json")
     if base.get("ollama"):
-        base = ollama_models.resolve_base(base).base
+        base = resolve.resolve_base(base).base
     if not base.get("hf"):
         return None
     repo, revision = base["hf"], base.get("revision")
-    if ollama_models.cached_snapshot(repo, revision) is not None:
+    if hub.cached_snapshot(repo, revision) is not None:
         return None
     if is_offline_mode():
         raise InputError(
@@ -196,7 +195,7 @@ def download(spec: Spec) -> Download | None:
             f"(HF_HUB_OFFLINE=1): fetch it once (`hf download {repo}`) or point "
             "base: {path: ...} at a local copy"
         )
-    size = ollama_models.download_size(repo, revision)
+    size = hub.download_size(repo, revision)
     if size is None:
         raise InputError(
             f"base: {repo} is not in the local Hugging Face cache and the hub cannot be "

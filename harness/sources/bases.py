@@ -4,7 +4,7 @@ Training needs full-precision weights (seed 000): a quantized GGUF can be
 dequantized for training, but what quantization threw away does not come
 back, so the lineage of such a base says it is lossy. An Ollama model
 (`ollama:`) resolves to its GGUF blob and then to the HF base it was made
-from, checked against that GGUF (harness.sources.ollama).
+from, checked against that GGUF (harness.sources.resolve).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from harness import env
 from harness.errors import ForgebenchError, InputError
 from harness.hashing import content_sha256
 from harness.sources import gguf as gguf_meta
+from harness.sources.resolve import resolve_base
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,7 @@ def identity(base: dict[str, Any]) -> dict[str, Any]:
     own blob, which that digest names already.
     """
     if base.get("ollama"):
-        from harness.sources import ollama as ollama_models
-
-        resolved = ollama_models.resolve_base(base)
+        resolved = resolve_base(base)
         own_blob = "gguf" in resolved.base
         return {
             "ollama_digest": resolved.model.digest,
@@ -140,9 +139,7 @@ def identity(base: dict[str, Any]) -> dict[str, Any]:
 def materialize(base: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write the base as an HF model folder into `out`; return its lineage."""
     if base.get("ollama"):
-        from harness.sources import ollama as ollama_models
-
-        resolved = ollama_models.resolve_base(base)
+        resolved = resolve_base(base)
         return materialize(resolved.base, out) | resolved.lineage
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 

@@ -21,14 +21,15 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from harness.errors import ForgebenchError, InputError, StageError
 from harness.families import FAMILIES
 from harness.sources import gguf as gguf_meta
-
-if TYPE_CHECKING:
-    from harness.spec.schema import Spec
+from harness.sources import hub
+from harness.sources.bases import bundled_gguf
+from harness.sources.resolve import resolve_base
+from harness.spec import Spec
 
 FILE = "chat_template.jinja"
 """Where the resolve stage writes the text that serves, beside the model folder."""
@@ -180,22 +181,16 @@ def _tokenizer_at(base: dict[str, Any]) -> Path | None:
     """The base's tokenizer before resolve: its GGUF or its HF folder; None when it is not
     at hand (an HF repo not downloaded, an Ollama model that does not resolve)."""
     if base.get("ollama"):
-        from harness.sources import ollama as ollama_models
-
         try:
-            resolved = ollama_models.resolve_base(base)
+            resolved = resolve_base(base)
         except ForgebenchError:
             return None  # the plan says why, in its own words
         return _tokenizer_at(resolved.base)
     if base.get("model"):
-        from harness import sources
-
-        return sources.bundled_gguf(base["model"])
+        return bundled_gguf(base["model"])
     if base.get("gguf") or base.get("path"):
         return Path(base.get("gguf") or base["path"])
-    from harness.sources import ollama as ollama_models
-
-    return ollama_models.cached_snapshot(base["hf"], base.get("revision"))
+    return hub.cached_snapshot(base["hf"], base.get("revision"))
 
 
 def own(base: dict[str, Any]) -> bool | None:
