@@ -92,7 +92,10 @@ class Parity:
 
 
 @dataclass
-class Verdict:
+class Exchange:
+    """One chat with the deployed model and what it showed: whether the setup is sound, and
+    why not."""
+
     ok: bool
     reasons: list[str]
     response: str
@@ -132,7 +135,7 @@ def export_parity(
     return Parity(not reasons, reasons, served is not None, expected, served)
 
 
-def judge(
+def chat_faults(
     response: str,
     done_reason: str | None,
     server_tokens: int | None,
@@ -166,7 +169,7 @@ def run_check(
     gguf: Path,
     served_template: str,
     system: str | None = None,
-) -> Verdict:
+) -> Exchange:
     """Chat first, while the prompt cache is cold (see the module docstring), then render."""
     messages = ([{"role": "system", "content": system}] if system else []) + CONVERSATION
     thinks = "thinking" in deployment.details.get("capabilities", [])
@@ -189,9 +192,11 @@ def run_check(
                 "export parity unmeasured: the server showed neither its prompt nor its "
                 "prompt token count"
             )
-    behaviour = judge(text, done_reason, server_tokens, template_tokens, parity.by_text, max_tokens)
+    behaviour = chat_faults(
+        text, done_reason, server_tokens, template_tokens, parity.by_text, max_tokens
+    )
     reasons = [*parity.reasons, *behaviour]
-    return Verdict(
+    return Exchange(
         not reasons, reasons, text, done_reason, server_tokens, template_tokens, parity, thinking
     )
 
