@@ -16,7 +16,7 @@ from harness.errors import ForgebenchError, InputError
 from harness.judge import sample_size
 from harness.preflight import inputs
 from harness.preflight.resources import Shape
-from harness.sources import hub, listing, resolve, templates
+from harness.sources import hub, kinds, listing, templates
 from harness.spec import Spec
 
 # Linear layers LoRA can target, by architecture (GGUF names and HF model_type).
@@ -182,11 +182,10 @@ def download(spec: Spec) -> Download | None:
     from huggingface_hub import is_offline_mode
 
     base = spec.base.model_dump(mode="json")
-    if base.get("ollama"):
-        base = resolve.resolve_base(base).base
-    if not base.get("hf"):
+    found = kinds.kind(base).hub_repo(base)
+    if found is None:
         return None
-    repo, revision = base["hf"], base.get("revision")
+    repo, revision = found
     if hub.cached_snapshot(repo, revision) is not None:
         return None
     if is_offline_mode():

@@ -23,12 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ForgebenchError, InputError, StageError
+from harness.errors import InputError, StageError
 from harness.families import FAMILIES
 from harness.sources import gguf as gguf_meta
-from harness.sources import hub
-from harness.sources.bases import bundled_gguf
-from harness.sources.resolve import resolve_base
+from harness.sources import kinds
 from harness.spec import Spec
 
 FILE = "chat_template.jinja"
@@ -110,12 +108,12 @@ def require(spec: Spec) -> None:
         where = spec.where("serve", "chat_template")
         _renders(template, bool(spec.serve.system or spec.data.system), where)
         vocab = vocabulary(base)
-        wrong = vocab is not None and misfit(template, vocab, _name(base))
+        wrong = vocab is not None and misfit(template, vocab, kinds.name(base))
         if wrong:
             raise InputError(f"{where}: {wrong}")
         return
     if own(base) is False:
-        raise InputError(missing(_name(base), spec.where("base")))
+        raise InputError(missing(kinds.name(base), spec.where("base")))
 
 
 MARKER = re.compile(r"<\|[^|<>\s]+\|>|<(?:start|end)_of_[a-z_]+>")
@@ -177,25 +175,9 @@ def _renders(template: Template, system: bool, where: str) -> None:
         )
 
 
-def _tokenizer_at(base: dict[str, Any]) -> Path | None:
-    """The base's tokenizer before resolve: its GGUF or its HF folder; None when it is not
-    at hand (an HF repo not downloaded, an Ollama model that does not resolve)."""
-    if base.get("ollama"):
-        try:
-            resolved = resolve_base(base)
-        except ForgebenchError:
-            return None  # the plan says why, in its own words
-        return _tokenizer_at(resolved.base)
-    if base.get("model"):
-        return bundled_gguf(base["model"])
-    if base.get("gguf") or base.get("path"):
-        return Path(base.get("gguf") or base["path"])
-    return hub.cached_snapshot(base["hf"], base.get("revision"))
-
-
 def own(base: dict[str, Any]) -> bool | None:
     """Whether the base's files carry a chat template; None when they cannot be read yet."""
-    at = _tokenizer_at(base)
+    at = kinds.kind(base).tokenizer_at(base)
     if at is None:
         return None
     if at.is_dir():
@@ -211,7 +193,7 @@ def vocabulary(base: dict[str, Any]) -> set[str] | None:
     a folder's tokenizer.json (model vocabulary and added tokens) and tokenizer_config.json's
     added_tokens_decoder. None when they cannot be read yet (no tokenizer.json: a slow
     tokenizer's SentencePiece model); the resolve stage then checks the loaded tokenizer."""
-    at = _tokenizer_at(base)
+    at = kinds.kind(base).tokenizer_at(base)
     if at is None:
         return None
     try:
@@ -245,10 +227,6 @@ def _folder_has_template(folder: Path) -> bool:
         return False
 
 
-def _name(base: dict[str, Any]) -> str:
-    return next(str(base[k]) for k in ("model", "hf", "path", "gguf", "ollama") if base.get(k))
-
-
 def apply(folder: Path, text: str | None, base: dict[str, Any]) -> str:
     """Make `text` the chat template of the tokenizer in `folder` (the resolved `base`) and
     return the template that now serves; StageError when there is none at all.
@@ -262,10 +240,10 @@ def apply(folder: Path, text: str | None, base: dict[str, Any]) -> str:
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if text is None:
         if not tokenizer.chat_template:
-            raise StageError(missing(_name(base)))
+            raise StageError(missing(kinds.name(base)))
         return tokenizer.chat_template
     named = next((f"family {f}" for f, known in FAMILIES.items() if known == text), "the template")
-    wrong = misfit(Template(text, named), set(tokenizer.get_vocab()), _name(base))
+    wrong = misfit(Template(text, named), set(tokenizer.get_vocab()), kinds.name(base))
     if wrong:  # a base validate could not read (an HF repo not downloaded then)
         raise StageError(f"serve.chat_template: {wrong}")
     tokenizer.chat_template = text
