@@ -120,7 +120,7 @@ def test_disk_counts_only_what_the_store_lacks(tmp_path):
 
     quickstart = spec.load(ROOT / "experiments" / "quickstart.yaml")
     store = Store(tmp_path / "store")
-    shape, cells = preflight.check(quickstart), planning.plan(quickstart)
+    shape, cells = preflight.examine(quickstart), planning.plan(quickstart)
     disk = {n.what: n.bytes for n in preflight.needs(quickstart, shape, cells, store)}
     fresh = disk["disk for the store"]
     for call in planning.unique_calls(cells).values():  # all built but the quantizations

@@ -39,7 +39,7 @@ class Prepared:
 def prepared(path: Path, store: Path) -> Prepared:
     """Load, check and plan a spec (one line, exit 2, on anything wrong with it)."""
     loaded = spec_module.load(path)
-    shape = preflight.check(loaded)
+    shape = preflight.examine(loaded)
     cells = planning.plan(loaded)
     the_store = Store(store)
     return Prepared(loaded, cells, the_store, preflight.needs(loaded, shape, cells, the_store))

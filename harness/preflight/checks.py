@@ -30,7 +30,7 @@ TARGET_MODULES = {
 }
 
 
-def check(spec: Spec) -> Shape | None:
+def examine(spec: Spec) -> Shape | None:
     """Raise InputError on the first problem found; return the base's shape, as far as it
     could be read, for `needs`. The services come first: asking them takes a few seconds at
     most, and reading a GGUF can take longer."""
