@@ -15,7 +15,6 @@ from harness.judge import gate
 from harness.judge.best import choose
 from harness.stages.bench import percentile, summarise
 from harness.track.reader import RunView, item_key
-from harness.track.results import Row
 
 MACHINE = "ci-1: AMD EPYC, 2 cores, x86_64"
 TOL = gate.Tolerances()
@@ -38,7 +37,7 @@ def run(
     return RunView(
         run_id=f"id-{name}",
         name=name,
-        status="FINISHED",
+        run_status="FINISHED",
         params={},
         metrics={"decode_tps_p50": 100.0, "memory_mb": 500.0} if metrics is None else metrics,
         tags={k: v for k, v in base.items() if v is not None},
@@ -312,19 +311,17 @@ def test_check_command_takes_skip_repeated(monkeypatch):
 # -- best -----------------------------------------------------------------------------------
 
 
-def row(quant: str, verdict: str, size: float, status: str = "done", reasons: str = "") -> Row:
-    return Row(
-        cell=f"main-{quant}",
-        adapter="main",
-        quant=quant,
-        status=status,
-        verdict=verdict,
-        reasons=reasons,
-        metrics={"gguf_mb": size, "decode_tps_p50": 1000 / size},
-        params={},
-        tags={},
-        run_id=f"id-{quant}",
-    )
+def row(quant: str, verdict: str, size: float, status: str = "done", reasons: str = "") -> RunView:
+    tags = {
+        "forgebench.cell": f"main-{quant}",
+        "forgebench.adapter": "main",
+        "forgebench.quant": quant,
+        "forgebench.status": status,
+        "forgebench.verdict": verdict,
+        "forgebench.verdict_reasons": reasons,
+    }
+    metrics = {"gguf_mb": size, "decode_tps_p50": 1000 / size}
+    return RunView(f"id-{quant}", f"main-{quant}", "FINISHED", {}, metrics, tags)
 
 
 def test_best_never_picks_a_cell_not_judged_ok():

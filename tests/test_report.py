@@ -17,26 +17,29 @@ from PIL import Image
 
 from harness import report
 from harness.report import plots as report_plots
-from harness.track.results import Invocation, Row
+from harness.track import Invocation, RunView
 
 LEVELS = ("f16", "q8_0", "q4_k_m", "q2_k")
 
 
-def cell(adapter: str, level: str, accuracy: dict[str, float], **extra) -> Row:
+def cell(adapter: str, level: str, accuracy: dict[str, float], **extra) -> RunView:
     """One cell's run: `extra` holds metrics, and `verdict`, `steps` and `reasons` tags."""
     verdict, steps = extra.pop("verdict", "ok"), extra.pop("steps", "")
     reasons = extra.pop("reasons", "")
     tags = {
+        "forgebench.cell": f"{adapter}-{level}",
+        "forgebench.adapter": adapter,
+        "forgebench.quant": level,
+        "forgebench.status": "done",
         "forgebench.primary_task": "arithmetic",
         "forgebench.guard_tasks": "general",
         "forgebench.verdict": verdict,
+        "forgebench.verdict_reasons": reasons,
         "forgebench.steps_lost": steps,
     }
     metrics = {f"accuracy_{t}": a for t, a in accuracy.items()}
     metrics |= {"gguf_mb": 270.0 / (1 + LEVELS.index(level)), "decode_tps_p50": 40.0, **extra}
-    return Row(
-        f"{adapter}-{level}", adapter, level, "done", verdict, reasons, metrics, {}, tags, "r" * 32
-    )
+    return RunView("r" * 32, f"{adapter}-{level}", "FINISHED", {}, metrics, tags)
 
 
 def chain_metrics(base: dict[str, float], tuned: dict[str, float] | None, f16: dict[str, float]):
@@ -45,7 +48,7 @@ def chain_metrics(base: dict[str, float], tuned: dict[str, float] | None, f16: d
     return out | {f"chain_f16_{t}": a for t, a in f16.items()}
 
 
-def rows() -> list[Row]:
+def rows() -> list[RunView]:
     """`main` loses arithmetic at q2_k; `forgetful` loses the guard task in training; the
     control `base` has no tuned model; `main-q4_k_m` dips significantly, but by less than the
     spec allows, so its verdict says ok."""

@@ -25,7 +25,7 @@ from harness.plan import cells as planning
 from harness.report import routes
 from harness.run.outcomes import CellResult, Outcome
 from harness.stages import check
-from harness.track.results import Invocation, Row
+from harness.track import Invocation, RunView
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF = sources.bundled_gguf("smollm2-135m")
@@ -133,11 +133,19 @@ def test_an_adapter_that_changes_nothing_is_broken_adapter_not_applied(both):
     assert judged[cell.name].verdict == "broken (adapter not applied)"
 
 
-def row(cell: str, route: str, level: str, mb: float, verdict_: str = "ok", **metrics) -> Row:
+def row(cell: str, route: str, level: str, mb: float, verdict_: str = "ok", **metrics) -> RunView:
     adapter = cell.split("-")[0]
-    tags = {"forgebench.primary_task": "arithmetic"}
+    tags = {
+        "forgebench.cell": cell,
+        "forgebench.adapter": adapter,
+        "forgebench.quant": level,
+        "forgebench.route": route,
+        "forgebench.status": "done",
+        "forgebench.verdict": verdict_,
+        "forgebench.primary_task": "arithmetic",
+    }
     values = {"gguf_mb": mb, "accuracy_arithmetic": 0.8, **metrics}
-    return Row(cell, adapter, level, "done", verdict_, "", values, {}, tags, cell, route=route)
+    return RunView(cell, cell, "FINISHED", {}, values, tags)
 
 
 def test_best_names_the_route_and_route_restricts_it():

@@ -16,18 +16,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from harness.chain import CONTROL
-from harness.track import ORDER, Row, primary_task
+from harness.track import ORDER, RunView, primary_task
 
 
 @dataclass
 class Choice:
     adapter: str
-    row: Row | None
+    row: RunView | None
     why: str
-    front: list[Row] = field(default_factory=list)
+    front: list[RunView] = field(default_factory=list)
 
 
-def dominates(a: Row, b: Row, task: str | None) -> bool:
+def dominates(a: RunView, b: RunView, task: str | None) -> bool:
     """a is at least as accurate, as fast and as small as b, and better in one."""
     pairs = [
         (a.accuracy(task), b.accuracy(task)),
@@ -39,16 +39,16 @@ def dominates(a: Row, b: Row, task: str | None) -> bool:
     return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
 
 
-def pareto_front(rows: list[Row], task: str | None) -> list[Row]:
+def pareto_front(rows: list[RunView], task: str | None) -> list[RunView]:
     done = [r for r in rows if r.status == "done"]
     return [r for r in done if not any(dominates(o, r, task) for o in done if o is not r)]
 
 
-def is_ok(row: Row) -> bool:
+def is_ok(row: RunView) -> bool:
     return row.status == "done" and row.verdict == "ok"
 
 
-def walked(rows: list[Row]) -> tuple[list[Row], list[Row]]:
+def walked(rows: list[RunView]) -> tuple[list[RunView], list[RunView]]:
     """Per route, the levels from the largest down to the first whose accuracy was not
     shown within tolerance: (the cells walked, the cells the walks stopped at)."""
     out, stops = [], []
@@ -62,7 +62,7 @@ def walked(rows: list[Row]) -> tuple[list[Row], list[Row]]:
     return out, stops
 
 
-def rejection(row: Row) -> str:
+def rejection(row: RunView) -> str:
     """`main-q2_k: stupid (quantization): accuracy 0.41 < 0.60`; a cell that did not finish
     says its status too."""
     verdict = row.verdict or "no verdict"
@@ -70,7 +70,7 @@ def rejection(row: Row) -> str:
     return f"{row.cell}: {verdict}{status}: {row.reasons or 'no reasons recorded'}"
 
 
-def choose(rows: list[Row], by: str = "size", route: str | None = None) -> list[Choice]:
+def choose(rows: list[RunView], by: str = "size", route: str | None = None) -> list[Choice]:
     """One choice per adapter; with `route`, among that route's cells only (the untuned
     base has no route to choose)."""
     task = primary_task(rows)

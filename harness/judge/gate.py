@@ -68,9 +68,9 @@ class GateResult:
         lines = [
             f"## forgebench check: {head}",
             "",
-            f"candidate `{candidate.tags.get('forgebench.cell', candidate.name)}` "
+            f"candidate `{candidate.cell}` "
             f"(run `{candidate.run_id}`) vs baseline "
-            f"`{baseline.tags.get('forgebench.cell', baseline.name)}` (run `{baseline.run_id}`)",
+            f"`{baseline.cell}` (run `{baseline.run_id}`)",
             "",
             "| check | candidate | baseline | outcome |",
             "|---|---|---|---|",

@@ -18,7 +18,7 @@ from harness.chain import CONTROL
 from harness.judge.best import Choice, choose
 from harness.report import routes
 from harness.report.plots import blamed, chain, chain_name, chain_tasks, plots
-from harness.track import Invocation, Row, primary_task, schema
+from harness.track import Invocation, RunView, primary_task, schema
 
 COLUMNS = (
     ("cell", "cell"),
@@ -35,7 +35,7 @@ COLUMNS = (
 )
 
 
-def cell_values(row: Row, task: str | None) -> dict[str, str]:
+def cell_values(row: RunView, task: str | None) -> dict[str, str]:
     m = row.metrics
     acc = row.accuracy(task)
     lo, hi = m.get(f"accuracy_{task}_ci_low"), m.get(f"accuracy_{task}_ci_high")
@@ -63,7 +63,7 @@ def cell_values(row: Row, task: str | None) -> dict[str, str]:
     }
 
 
-def lineage(rows: list[Row]) -> list[tuple[str, str]]:
+def lineage(rows: list[RunView]) -> list[tuple[str, str]]:
     first = next((r for r in rows if r.adapter != CONTROL), rows[0] if rows else None)
     if first is None:
         return []
@@ -94,11 +94,11 @@ def lineage(rows: list[Row]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in items if v]
 
 
-def served(row: Row) -> str:
+def served(row: RunView) -> str:
     return row.tags.get(f"{schema.LINEAGE}.gguf_sha256", "-")
 
 
-def decision(choice: Choice, rows: list[Row]) -> str:
+def decision(choice: Choice, rows: list[RunView]) -> str:
     """One line: the level to ship and why, or each level's verdict when none ships."""
     if choice.row is not None:
         return f"ship {choice.why}"
@@ -107,7 +107,7 @@ def decision(choice: Choice, rows: list[Row]) -> str:
     return f"ship nothing: no level was shown ok ({verdicts})"
 
 
-def slow_or_stupid(rows: list[Row]) -> list[str]:
+def slow_or_stupid(rows: list[RunView]) -> list[str]:
     return [
         f"{r.cell}: {r.verdict} ({r.reasons})"
         for r in rows
@@ -115,7 +115,7 @@ def slow_or_stupid(rows: list[Row]) -> list[str]:
     ]
 
 
-def quality_chain(rows: list[Row]) -> list[tuple[str, list[str]]]:
+def quality_chain(rows: list[RunView]) -> list[tuple[str, list[str]]]:
     """Per adapter whose cells logged the chain: its chart's file name and one line per task,
     the blamed step marked on the task the chart marks."""
     tasks = chain_tasks(rows, primary_task(rows))

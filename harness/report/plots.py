@@ -17,7 +17,7 @@ from harness import quant
 from harness.chain import CONTROL
 from harness.judge import paired
 from harness.judge.best import pareto_front
-from harness.track import ORDER, Row, schema
+from harness.track import ORDER, RunView, schema
 
 STEPS = ("training", "export", "quantization")
 """The links of the chain, in order; each compares a point with the one before it."""
@@ -31,7 +31,7 @@ class Point:
     step: str | None
     """The link from its reference to this point (None for the first point)."""
     accuracy: dict[str, float | None]
-    row: Row | None = None
+    row: RunView | None = None
     """The cell whose link metrics describe the step (the cell itself for a quant level)."""
     lost: bool = False
     """The verdict (`forgebench.steps_lost`) blames this point's step."""
@@ -41,13 +41,13 @@ class Point:
     """task -> (drop, its lower and upper bounds) for the step, where the cell logged them."""
 
 
-def steps_lost(row: Row) -> list[str]:
+def steps_lost(row: RunView) -> list[str]:
     """The chain steps the verdict blames, from the tag the verdict wrote."""
     tag = row.tags.get(schema.STEPS_LOST, "")
     return [s.strip() for s in tag.split(",") if s.strip() in STEPS]
 
 
-def chain_tasks(rows: list[Row], task: str | None) -> list[str]:
+def chain_tasks(rows: list[RunView], task: str | None) -> list[str]:
     """The primary task, then the guard tasks (which training must not hurt)."""
     if not task:
         return []
@@ -55,7 +55,7 @@ def chain_tasks(rows: list[Row], task: str | None) -> list[str]:
     return [task, *(t.strip() for t in guards.split(",") if t.strip() and t.strip() != task)]
 
 
-def chain(rows: list[Row], adapter: str, tasks: list[str]) -> list[Point]:
+def chain(rows: list[RunView], adapter: str, tasks: list[str]) -> list[Point]:
     """The adapter's chain, or [] when its cells logged no chain figures.
 
     The PyTorch points come from whichever cell logged them (all cells of an
@@ -81,7 +81,7 @@ def chain(rows: list[Row], adapter: str, tasks: list[str]) -> list[Point]:
             f16[t] = f16_row.accuracy(t)
     blamed = {s for r in mine for s in steps_lost(r)}
 
-    def logged(step: str) -> Row | None:
+    def logged(step: str) -> RunView | None:
         """A cell that logged the step's link (every cell of the adapter shares it)."""
         keys = {f"link_{step}_{t}_drop" for t in tasks}
         return next((r for r in mine if keys & r.metrics.keys()), None)
@@ -202,7 +202,7 @@ def chain_name(adapter: str) -> str:
     return "chain_" + re.sub(r"[^A-Za-z0-9_.-]", "_", adapter) + ".png"
 
 
-def plots(rows: list[Row], task: str | None) -> dict[str, bytes]:
+def plots(rows: list[RunView], task: str | None) -> dict[str, bytes]:
     """Each plot as PNG bytes, keyed by file name; a plot with no data is left out."""
     import matplotlib
 

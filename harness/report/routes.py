@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from harness.chain import ADAPTER, MERGE, ROUTE_BUILD
 from harness.judge import paired as paired_stats
-from harness.track import Invocation, Row, primary_task
+from harness.track import Invocation, RunView, primary_task
 
 BUILD_STAGES = ROUTE_BUILD
 """The stages whose files differ between the routes (training is the same for both). A
@@ -38,15 +38,15 @@ COLUMNS = (
 class Pair:
     adapter: str
     quant: str
-    merge: Row
-    adapter_row: Row
+    merge: RunView
+    adapter_row: RunView
     task: str | None
     paired: paired_stats.Table | None
     """Merge (reference) against adapter on the items both scored; None when either cell
     has no per-item samples for the task."""
 
 
-def pairs(inv: Invocation, items: Callable[[Row], dict[str, dict[str, bool]]]) -> list[Pair]:
+def pairs(inv: Invocation, items: Callable[[RunView], dict[str, dict[str, bool]]]) -> list[Pair]:
     """Every adapter x level run on both routes, in the report's row order. `items` gives a
     row's per-item correctness by task (from its samples artifacts)."""
     task = primary_task(inv.rows)
@@ -66,14 +66,14 @@ def pairs(inv: Invocation, items: Callable[[Row], dict[str, dict[str, bool]]]) -
 
 
 def values(pair: Pair) -> dict[str, str]:
-    def both(key: str, fmt: str, row_value: Callable[[Row], float | None] | None = None) -> str:
+    def both(key: str, fmt: str, row_value: Callable[[RunView], float | None] | None = None) -> str:
         got = [
             row_value(r) if row_value else r.metrics.get(key)
             for r in (pair.merge, pair.adapter_row)
         ]
         return " / ".join("-" if v is None else format(v, fmt) for v in got)
 
-    def build(row: Row) -> float | None:
+    def build(row: RunView) -> float | None:
         times = [row.metrics.get(f"time_{stage}_s") for stage in BUILD_STAGES]
         return sum(t for t in times if t is not None) if any(times) else None
 

@@ -1,12 +1,12 @@
-"""Runs in MLflow: the writer logs each invocation and its cells (`writer`), readers take
-them back as plain data (`reader`, and `results` as rows of cells), `registry` marks a
-chosen cell after its run, `store` reaches the tracking store, `view` is how MLflow's UI
-shows the cells, and `schema` names the tags every run carries."""
+"""Runs in MLflow: the writer logs each invocation and its cells (`writer`); readers take
+them back as plain data (`reader`: one `RunView` a run; `results`: an invocation's cells);
+`registry` marks a chosen cell after its run; `connect` reaches the tracking store; `view`
+is how MLflow's UI shows the cells; `schema` names the tags every run carries."""
 
 from harness.track.connect import DEFAULT_URI, tracking_uri
-from harness.track.reader import RunView, resolve_run, run_view, samples
+from harness.track.reader import RunView, primary_task, resolve_run, run_view, samples
 from harness.track.registry import register, set_alias, tag
-from harness.track.results import ORDER, Invocation, Row, primary_task
+from harness.track.results import ORDER, Invocation
 from harness.track.view import ui_command
 from harness.track.writer import Experiment
 
@@ -15,7 +15,6 @@ __all__ = [
     "ORDER",
     "Experiment",
     "Invocation",
-    "Row",
     "RunView",
     "primary_task",
     "register",

@@ -11,21 +11,79 @@ import json
 from pathlib import Path
 from typing import Any
 
+from harness.chain import ADAPTER, MERGE
 from harness.errors import ForgebenchError
 from harness.track import connect, schema
 
 
 @dataclasses.dataclass
 class RunView:
-    """A run as plain data, so readers of results need not import mlflow."""
+    """A run as plain data, so readers of results need not import mlflow; for a cell's
+    run, what forgebench tagged it with (cell, adapter, level, route, status, verdict)."""
 
     run_id: str
     name: str
-    status: str
+    run_status: str
+    """MLflow's: RUNNING, FINISHED, FAILED or KILLED."""
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
-    loss: list[tuple[int, float]]
+    loss: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+
+    @property
+    def cell(self) -> str:
+        return self.tags.get(schema.CELL, self.name)
+
+    @property
+    def adapter(self) -> str:
+        return self.tags.get(schema.ADAPTER, "")
+
+    @property
+    def quant(self) -> str:
+        return self.tags.get(schema.QUANT, "")
+
+    @property
+    def route(self) -> str:
+        return self.tags.get(schema.ROUTE, MERGE)
+
+    @property
+    def status(self) -> str:
+        """What the cell came to: "done", "failed" or "broken" (not MLflow's run status)."""
+        return self.tags.get(schema.STATUS, "")
+
+    @property
+    def verdict(self) -> str:
+        return self.tags.get(schema.VERDICT, "")
+
+    @property
+    def reasons(self) -> str:
+        return self.tags.get(schema.VERDICT_REASONS, "")
+
+    @property
+    def line(self) -> str:
+        """The adapter as its route ships it (`r8-qv`, `r8-qv-lora`): what plots and the
+        quality chain group a level's cells by."""
+        return f"{self.adapter}-lora" if self.route == ADAPTER else self.adapter
+
+    @property
+    def size_mb(self) -> float | None:
+        return self.metrics.get("gguf_mb")
+
+    @property
+    def decode_tps(self) -> float | None:
+        return self.metrics.get("decode_tps_p50")
+
+    def accuracy(self, task: str | None = None) -> float | None:
+        task = task or primary_task([self])
+        return self.metrics.get(f"accuracy_{task}") if task else None
+
+
+def primary_task(rows: list[RunView]) -> str | None:
+    """The first evaluated task (the spec's first), which decisions are made on."""
+    for row in rows:
+        if task := row.tags.get(schema.PRIMARY_TASK):
+            return task
+    return None
 
 
 def _view(client: Any, run: Any, with_loss: bool = True) -> RunView:
