@@ -13,7 +13,7 @@ the run that built each file). Per route:
 - one server for all N: the base at Q4_K_M with all N LoRA GGUFs loaded (`--lora` each,
   `--lora-init-without-apply`), its load time and memory, against N servers of the
   merged Q4_K_M models (the serial executor serves a level's adapter cells this way:
-  harness/run/sharing.py);
+  harness/run/deployment.py);
 - request order on that server, at the evaluation's concurrency: requests per second
   when every request in flight picks the same adapter (the chain's order) against
   interleaved adapters, which llama-server does not batch together.
