@@ -76,7 +76,7 @@ HEALTHY_META = gguf_meta.TokenizerMeta(
 HEALTHY_ENGINE = gguf_meta.EngineView(
     add_bos=False, add_eos=False, end_of_generation=frozenset({0, 2})
 )
-REFERENCE = parity.Reference(
+REFERENCE = parity.TrainedTokenizer(
     eos_id=2,
     bos_id=1,
     adds_bos=False,
@@ -141,7 +141,7 @@ def test_the_gguf_metadata_is_read_as_written():
 
 
 def test_the_tokenizer_reference_of_smollm2(tokenizer):
-    ref = parity.reference(tokenizer, tokenizer.chat_template)
+    ref = parity.trained_tokenizer(tokenizer, tokenizer.chat_template)
     assert (ref.eos_id, ref.bos_id, ref.adds_bos, ref.turn_end_id) == (2, 1, False, 2)
 
 

@@ -1,7 +1,7 @@
 """Export parity: where the prompt a server renders, or the tokenizer a GGUF carries,
 parts from the HF tokenizer the model was trained with.
 
-The HF tokenizer's side (`reference`: its EOS, BOS, add-BOS and the token that ends a
+The HF tokenizer's side (`trained_tokenizer`: its EOS, BOS, add-BOS and the token that ends a
 turn), the server's rendering as llama.cpp tokenizes it (`as_tokenized`), the first byte
 where the two renderings differ (`first_difference`) and the GGUF's tokenizer metadata
 linted against the tokenizer (`lint`). Apart from the check stage, which runs a deployment
@@ -21,7 +21,7 @@ TURN_PROBE = "forgebench-turn-probe"
 
 
 @dataclass(frozen=True)
-class Reference:
+class TrainedTokenizer:
     """What the HF tokenizer says; the GGUF and the server must agree with it."""
 
     eos_id: int | None
@@ -47,7 +47,7 @@ def expected_prompt(tokenizer, messages: list[dict[str, str]], template: str | N
     )
 
 
-def reference(tokenizer, template: str | None) -> Reference:
+def trained_tokenizer(tokenizer, template: str | None) -> TrainedTokenizer:
     import jinja2
 
     special = set(tokenizer.all_special_ids)
@@ -64,7 +64,7 @@ def reference(tokenizer, template: str | None) -> Reference:
     bos = tokenizer.bos_token_id
     encoded = tokenizer("a")["input_ids"]
     ids = {i for i in (tokenizer.eos_token_id, bos, turn_end) if i is not None}
-    return Reference(
+    return TrainedTokenizer(
         eos_id=tokenizer.eos_token_id,
         bos_id=bos,
         adds_bos=bos is not None and encoded[:1] == [bos],
@@ -105,7 +105,9 @@ def first_difference(expected: str, served: str) -> str | None:
     )
 
 
-def lint(ref: Reference, meta: gguf_meta.TokenizerMeta, engine: gguf_meta.EngineView) -> list[str]:
+def lint(
+    ref: TrainedTokenizer, meta: gguf_meta.TokenizerMeta, engine: gguf_meta.EngineView
+) -> list[str]:
     """Where the GGUF's tokenizer disagrees with the HF tokenizer; empty when it agrees."""
     found = []
 

@@ -49,8 +49,8 @@ from harness.sources.parity import (
     expected_prompt,
     first_difference,
     lint,
-    reference,
     reference_template,
+    trained_tokenizer,
 )
 
 VERSION = 4  # bump when this stage's outputs change: tests/test_keys.py checks it
@@ -123,7 +123,7 @@ def export_parity(
     """The server's rendering against the tokenizer's, and the GGUF's metadata linted."""
     template = reference_template(tokenizer, served_template)
     expected = expected_prompt(tokenizer, messages, template)
-    ref = reference(tokenizer, template)
+    ref = trained_tokenizer(tokenizer, template)
     meta = gguf_meta.read(gguf)
     engine = gguf_meta.engine_view(gguf, set(ref.tokens))
     reasons = lint(ref, meta, engine)
