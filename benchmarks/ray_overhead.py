@@ -34,7 +34,7 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from harness import host, pipeline, spec
+from harness import chain, host, pipeline, spec
 from harness.plan import cells as planning
 from harness.plan.store import Store
 from harness.run import outcomes
@@ -90,8 +90,8 @@ def critical_path(cells: list[planning.Cell], store: Store) -> tuple[float, floa
 
     ends: dict[str, float] = {}  # a served call's key -> when its cell's task ends
     for cell in cells:
-        served = [c for r, c in cell.calls.items() if r in planning.SERVED]
-        starts = [done(c) for r, c in cell.calls.items() if r not in planning.SERVED]
+        served = [c for r, c in cell.calls.items() if r in chain.SERVED]
+        starts = [done(c) for r, c in cell.calls.items() if r not in chain.SERVED]
         starts += [ends[dep.key] for c in served for dep in c.inputs.values() if dep.key in ends]
         end = max(starts) + sum(seconds.get(c.key, 0.0) for c in served)
         ends |= {c.key: end for c in served}

@@ -12,7 +12,7 @@ import pytest
 from conftest import lora_gguf
 from ollama_double import OllamaDouble
 
-from harness import sources, spec
+from harness import chain, sources, spec
 from harness.backends import ServeConfig, ollama_answers
 from harness.backends.llamacpp import LlamaServer, server_command
 from harness.backends.llamacpp_requests import request_body
@@ -237,14 +237,14 @@ def test_a_levels_adapter_cells_share_one_server_that_answers_as_each_alone(
     store = Store(tmp_path / "store")
     cells = planning.plan(both)
     sharing = Sharing(both, cells, store)
-    level = [c for c in cells if c.route == planning.ADAPTER and c.quant == "q4_k_m"]
+    level = [c for c in cells if c.route == chain.ADAPTER and c.quant == "q4_k_m"]
     names = ["r16-qkvo-lora-q4_k_m", "r16-qkvo-replay-lora-q4_k_m"]
     assert [c.name for c in sharing.group(level[0])] == names
     batches = [[c.name for c in batch] for batch in sharing.batches(cells)]
     assert names in batches
     ran = [name for batch in batches for name in batch]
     assert sorted(ran) == sorted(c.name for c in cells), "each cell once"
-    merged = next(c for c in cells if c.route == planning.MERGE)
+    merged = next(c for c in cells if c.route == chain.MERGE)
     assert sharing.group(merged) == [merged], "a merged cell serves alone"
     served = {}
     for cell, lora in zip(level, ("random", "zeroed"), strict=True):

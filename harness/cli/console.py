@@ -16,7 +16,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from harness.plan.cells import STAGES, Cell
+from harness.chain import STAGES
+from harness.plan.cells import Cell
 from harness.run.outcomes import CellResult, Outcome, RunSummary
 
 

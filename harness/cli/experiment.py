@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from harness import pipeline, preflight, toolchain, track
+from harness import chain, pipeline, preflight, toolchain, track
 from harness import run as run_package
 from harness import spec as spec_module
 from harness.cli.app import DEFAULT_STORE, SpecArg, StoreOpt, app, console, friendly, state
@@ -186,7 +186,7 @@ def run(
         console.print(times_table(summary))
     # by stage, not role: reference_base and drift_tuning run the reference and drift stages
     present = {call.stage for call in planning.unique_calls(cells).values()}
-    stages = [stage for stage in planning.STAGES if stage in present]
+    stages = [stage for stage in chain.STAGES if stage in present]
     work = ", ".join(f"{s} {summary.executed.get(s, 0)}" for s in stages)
     console.print(f"work done: {work}", soft_wrap=True)
     if summary.tracking_lost:

@@ -25,7 +25,7 @@ from importlib import metadata
 from typing import Any
 
 from harness import backends, host, quant, sources
-from harness.chain import ADAPTER, ADVISORY, BUILD, CONTROL, MERGE, REFERENCES, SERVED, STAGES  # noqa: F401 (the plan's face)
+from harness.chain import ADAPTER, CONTROL, MERGE
 from harness.errors import ForgebenchError, InputError
 from harness.hashing import digest
 from harness.plan import keys

@@ -21,9 +21,10 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any, Protocol
 
+from harness.chain import ADVISORY, BUILD, SERVED
 from harness.errors import ForgebenchError, StageError
 from harness.plan import keys
-from harness.plan.cells import ADVISORY, BUILD, SERVED, Cell
+from harness.plan.cells import Cell
 from harness.plan.store import StageCall, Store
 from harness.run.deployment import Served, Sharing
 from harness.run.outcomes import CellResult, Outcome, Reporter

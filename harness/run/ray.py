@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from harness import host
+from harness.chain import SERVED
 from harness.errors import InputError
-from harness.plan.cells import SERVED, Cell
+from harness.plan.cells import Cell
 from harness.plan.store import StageCall, Store
 from harness.run.deployment import Served
 from harness.run.executor import execute, run_cell
