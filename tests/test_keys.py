@@ -22,7 +22,7 @@ from harness.stages import bench, drift
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "tests" / "stage_versions.json"
-REFRESH = ".tox/forgebench/bin/python -m harness.plan.keys > tests/stage_versions.json"
+REFRESH = ".tox/forgebench/bin/python scripts/stage_record.py > tests/stage_versions.json"
 
 
 # --- forgebench's own logic: VERSION per stage, checked against the record ----------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -52,7 +51,7 @@ def stage_version(stage: str) -> dict[str, str]:
     if found is None:
         raise ForgebenchError(
             f"harness/stages/{stage}.py has no `VERSION = N` line: add `VERSION = 1` near its "
-            "top and record it (python -m harness.plan.keys > tests/stage_versions.json)"
+            "top and record it (python scripts/stage_record.py > tests/stage_versions.json)"
         )
     return {f"forgebench.{stage}": found.group(1)}
 
@@ -101,7 +100,7 @@ def _harness_imports(path: Path) -> list[Path]:
 
 def stage_record() -> dict[str, dict[str, Any]]:
     """What tests/stage_versions.json holds: per stage, its VERSION and the sha256 of each
-    source it depends on (`python -m harness.plan.keys > tests/stage_versions.json`)."""
+    source it depends on (`python scripts/stage_record.py > tests/stage_versions.json`)."""
     root = HARNESS.parent
     record = {}
     for stage in stage_names():
@@ -318,7 +317,3 @@ def differs_here(call: Any) -> str | None:
                 "install the driver's versions on every node"
             )
     return None
-
-
-if __name__ == "__main__":
-    print(json.dumps(stage_record(), indent=2, sort_keys=True))
