@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from harness.chain import CONTROL
 from harness.errors import ForgebenchError
 from harness.judge import verdict
 from harness.judge.blame import Scores
@@ -51,8 +52,10 @@ def verdicts(
         if "reference" in cell.calls and cell.adapter not in references:
             label = "tuned HF" if cell.lora else "untuned HF"
             references[cell.adapter] = _scores(label, cell, result, "reference", store, tasks)
-        if "reference_base" in cell.calls and "base" not in references:
-            references["base"] = _scores("untuned HF", cell, result, "reference_base", store, tasks)
+        if "reference_base" in cell.calls and CONTROL not in references:
+            references[CONTROL] = _scores(
+                "untuned HF", cell, result, "reference_base", store, tasks
+            )
     try:
         judged = verdict.judge(figures, spec.budgets, references, tasks, guard_names(spec))
     except ForgebenchError as exc:

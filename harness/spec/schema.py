@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from harness import quant
-from harness.chain import MEASUREMENTS, SERVED_MEASUREMENTS
+from harness.chain import CONTROL, MEASUREMENTS, SERVED_MEASUREMENTS
 from harness.spec.budgets import BudgetSpec
 from harness.spec.lines import dotted, line_of
 from harness.spec.sections import (
@@ -123,8 +123,8 @@ class Spec(Strict):
     @classmethod
     def _unique_names(cls, loras: list[LoraSpec]) -> list[LoraSpec]:
         names = [lo.name for lo in loras]
-        if "base" in names:
-            raise ValueError("'base' names the untuned control cells; pick another LoRA name")
+        if CONTROL in names:
+            raise ValueError(f"'{CONTROL}' names the untuned control cells; pick another LoRA name")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"LoRA name used twice: {', '.join(dupes)}; names must be unique")
