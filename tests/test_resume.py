@@ -20,7 +20,7 @@ from conftest import scratch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from harness import pipeline, spec
+from harness import hashing, pipeline, spec
 from harness.plan import cells as planning
 from harness.plan.store import Store
 from harness.run import executor, outcomes
@@ -183,8 +183,8 @@ def test_two_runs_on_one_store_do_each_stage_once(folder, tmp_path):
     loaded = Store(store)
     for call in {c for cell in planning.plan(spec.load(spec_path)) for c in cell.calls.values()}:
         manifest = loaded.manifest(call)
-        for name, digest in manifest["outputs"].items():
-            assert digest(loaded.path(call) / name) == digest, (call.stage, name)
+        for name, sha in manifest["outputs"].items():
+            assert hashing.digest(loaded.path(call) / name) == sha, (call.stage, name)
     assert not list(store.glob("*/.tmp-*"))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("resume").experiment_id
