@@ -301,3 +301,69 @@ def lora_gguf(path: Path, base: Path, rank: int = 4, scale: float = 0.05, seed: 
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+TINY_LAYERS, TINY_HIDDEN, TINY_FFN = 2, 256, 512
+"""The tiny model's shape: SmolLM2's architecture (Llama, tied embeddings, grouped KV heads)
+at widths that are multiples of 256, so q4_k_m and q2_k quantize every tensor (llama-quantize
+falls back to another type for a row length the k-quants cannot take)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """An HF folder a spec can name as `base: {path: ...}`: a two-layer LlamaForCausalLM with
+    SmolLM2-135M's tokenizer and chat template (read from the bundled GGUF), weights from a
+    fixed seed, then trained for a few seconds on chat-formatted sums so that its answers end
+    with <|im_end|> by themselves (the served check and lm-eval's generations stop there).
+    For tests of mechanics (keys, resume, executors, tracking, serving), which need the real
+    chain (peft, the converter, the quantizer, the servers) but not a model that can add."""
+    import random
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from harness import sources
+
+    folder = tmp_path_factory.mktemp("tiny-base")
+    gguf = sources.bundled_gguf("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=TINY_FFN,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    rng = random.Random(0)
+    texts = []
+    for _ in range(256):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        chat = [
+            {"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "content": str(a + b)},
+        ]
+        texts.append(tokenizer.apply_chat_template(chat, tokenize=False))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(60):
+        batch = tokenizer(texts[(step * 16) % 256 :][:16], return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
