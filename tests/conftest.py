@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import contextlib
+import random
 import shutil
 import signal
 import socket
@@ -28,7 +29,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from harness import pipeline, spec
+from harness import pipeline, sources, spec
 from harness.cli import app
 from harness.plan import cells as planning
 from harness.plan.store import Store
@@ -250,8 +251,6 @@ def smollm2_gguf_with_template(path: Path, template: str | None) -> Path:
     tensors as they are (as gguf-py's gguf_new_metadata rewrites a GGUF's metadata)."""
     import gguf
 
-    from harness import sources
-
     reader = gguf.GGUFReader(sources.bundled_gguf("smollm2-135m"))
     writer = gguf.GGUFWriter(path, "llama")
     for name, field in reader.fields.items():
@@ -317,12 +316,8 @@ def tiny_base(tmp_path_factory) -> Path:
     with <|im_end|> by themselves (the served check and lm-eval's generations stop there).
     For tests of mechanics (keys, resume, executors, tracking, serving), which need the real
     chain (peft, the converter, the quantizer, the servers) but not a model that can add."""
-    import random
-
-    import torch
+    import torch  # heavy: loaded by the tests that ask for the tiny model only
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from harness import sources
 
     folder = tmp_path_factory.mktemp("tiny-base")
     gguf = sources.bundled_gguf("smollm2-135m")
