@@ -2,8 +2,10 @@
 runs no tasks; each node has one CPU), with a real `mlflow server` as the tracking store:
 the same outputs as a serial run of the same spec, every cell logged once under one
 parent run that finishes, a node lost mid-training retried to the same outputs, and a
-request no node can fit refused before anything is submitted. The spec trains for six
-steps on the bundled model, so the cost is the chain's, not the training's.
+request no node can fit refused before anything is submitted. None of it needs a model
+that can add, so it runs on the suite's tiny model (conftest's `tiny_base`: SmolLM2's
+architecture and tokenizer at two layers) through the real chain, six training steps,
+conversion, quantization, llama-server and lm-eval; the cost is Ray's, not the model's.
 
 What is true across executors is decided by thread count, not by executor. Ray runs a
 task with as many threads as it has CPUs (one here); float sums in another order give
@@ -45,7 +47,7 @@ pytestmark = pytest.mark.slow
 
 SPEC = """\
 name: {name}
-base: {{model: smollm2-135m}}
+base: {{path: "{base}"}}
 data: {{task: arithmetic, n_train: 48, n_eval: 16, seed: 5}}
 train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 96, seed: 0}}
 lora:
@@ -65,8 +67,9 @@ TIMED = re.compile(r"(seconds|per_s)$")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Iterator[Path]:
+def folder(tmp_path_factory, tiny_base) -> Iterator[Path]:
     with scratch(tmp_path_factory, "ray") as path:
+        (path / "base").symlink_to(tiny_base, target_is_directory=True)
         yield path
 
 
@@ -108,7 +111,7 @@ def cluster(folder) -> Iterator:
 
 def write(folder: Path, name: str, uri: str, measure: str = "check, evaluate") -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(SPEC.format(name=name, uri=uri, measure=measure))
+    path.write_text(SPEC.format(name=name, uri=uri, measure=measure, base=folder / "base"))
     return path
 
 
