@@ -1,6 +1,11 @@
 """kill -9 at several points of a real run, then run again: finished stages are reused,
 the interrupted one restarts cleanly, nothing partial is taken as output, and MLflow
-closes the dead run as KILLED."""
+closes the dead run as KILLED. The points: training, conversion, quantization, the PyTorch
+reference, and each served stage (check, evaluate, bench), where only the run's own
+process is killed, as `kill -9 PID` does, and the llama-server it started must not outlive
+it. None of it needs a model that can add, so it runs on the suite's tiny model (conftest's
+`tiny_base`) through the real chain: peft, the converter, the quantizer, llama-server and
+lm-eval."""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from conftest import scratch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from harness import hashing, pipeline, spec
+from harness import chain, hashing, pipeline, spec
 from harness.plan import cells as planning
 from harness.plan.store import Store
 from harness.run import executor, outcomes
@@ -29,24 +34,37 @@ pytestmark = pytest.mark.slow
 
 SPEC = """\
 name: resume
-base: {{model: smollm2-135m}}
+base: {{path: "{base}"}}
 data: {{task: arithmetic, n_train: 96, seed: 5}}
 train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0, checkpoint_every: 4}}
 lora:
   - {{name: a, r: {r}, alpha: 16, target_modules: [q_proj, v_proj]}}
-quant: [f16, q8_0, q4_k_m]
+quant: [{quant}]
 control: false
 measure: [{measure}]
 serve: {{backend: llamacpp, slots: 2}}
-evaluate: {{tasks: [arithmetic], limit: 40, concurrency: 2}}
+evaluate: {{tasks: [arithmetic], limit: {limit}, concurrency: 2}}
+bench: {{repeats: 5, max_tokens: 16}}
 budgets: {{tolerance: 0.2}}  # 40 items cannot show less than 0.063
 tracking: {{uri: "sqlite:///{db}"}}
 """
 
 
-def write(folder: Path, name: str, r: int, measure: str = "") -> Path:
+LEVELS = "f16, q8_0, q4_k_m"
+
+
+def base_of(folder: Path) -> Path:
+    """Where the module's folder links the tiny base the specs name."""
+    return folder / "base"
+
+
+def write(
+    folder: Path, name: str, r: int, measure: str = "", quant: str = LEVELS, limit: int = 40
+) -> Path:
     path = folder / name
-    path.write_text(SPEC.format(r=r, db=folder / "mlflow.db", measure=measure))
+    db = folder / "mlflow.db"
+    text = SPEC.format(r=r, db=db, measure=measure, quant=quant, limit=limit, base=base_of(folder))
+    path.write_text(text)
     return path
 
 
@@ -78,11 +96,10 @@ def building(store: Path, stage: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, e2e):
-    # reuse the e2e store's resolved base: the same bundled model, already dequantized
+def folder(tmp_path_factory, tiny_base):
     with scratch(tmp_path_factory, "resume") as out:
         (out / "store").mkdir()
-        (out / "store" / "resolve").symlink_to(e2e.store.root / "resolve")
+        base_of(out).symlink_to(tiny_base, target_is_directory=True)
         yield out
 
 
@@ -97,17 +114,27 @@ def servers_of(store: Path) -> list[psutil.Process]:
 
 
 @pytest.mark.parametrize(
-    ("stage", "r", "measure"),
-    [("train", 4, ""), ("convert", 6, ""), ("quantize", 10, ""), ("evaluate", 4, "evaluate")],
+    ("stage", "r", "measure", "quant", "limit"),
+    [
+        ("train", 4, "", LEVELS, 40),
+        ("convert", 6, "", LEVELS, 40),
+        ("quantize", 10, "", LEVELS, 40),
+        ("evaluate", 4, "evaluate", LEVELS, 40),
+        # the r=4 adapter again, one level each: nothing to train, only the killed stage
+        # and what follows it. 32 items, so the PyTorch reference is a new key.
+        ("reference", 4, "evaluate", "q4_k_m", 32),
+        ("check", 4, "check", "q4_k_m", 40),
+        ("bench", 4, "bench", "q4_k_m", 40),
+    ],
 )
-def test_kill_and_rerun(folder, stage, r, measure):
+def test_kill_and_rerun(folder, stage, r, measure, quant, limit):
     store = folder / "store"
-    spec_path = write(folder, f"{stage}.yaml", r, measure)
+    spec_path = write(folder, f"{stage}.yaml", r, measure, quant, limit)
     servers: list[psutil.Process] = []
     if stage == "train":
         scratch = store / "scratch" / "train"
         kill_when(spec_path, store, lambda: any(scratch.glob("*/checkpoint-*/trainer_state.json")))
-    elif stage == "evaluate":  # killed while a model is served and scored
+    elif stage in chain.SERVED:  # killed while a model is served and measured
 
         def scoring() -> bool:
             servers[:] = servers_of(store)
@@ -124,7 +151,7 @@ def test_kill_and_rerun(folder, stage, r, measure):
     assert not Store(store).has(cells[-1].calls[stage]), "a killed stage left an output"
 
     summary = pipeline.run(spec.load(spec_path), spec_path, Store(store), outcomes.Quiet())
-    assert [c.status for c in summary.cells] == ["done"] * 3
+    assert [c.status for c in summary.cells] == ["done"] * len(cells)
     assert summary.executed.get(stage, 0) >= 1
     assert not list(store.glob(f"{stage}/.tmp-*")), "the killed build's folder was left behind"
     for cell in summary.cells:  # every output is whole: its files match the manifest
@@ -143,7 +170,6 @@ def test_resumed_training_matches_an_uninterrupted_one(folder, tmp_path):
     resumed = folder / "store"
     straight = tmp_path / "store"
     straight.mkdir()
-    (straight / "resolve").symlink_to((resumed / "resolve").resolve())
     spec_path = write(folder, "train.yaml", 4)
     loaded = spec.load(spec_path)
     train = planning.plan(loaded)[0].calls["train"]
@@ -161,11 +187,12 @@ def test_two_runs_on_one_store_do_each_stage_once(folder, tmp_path):
     """Started together on one store and one fresh MLflow database: both finish, every
     stage is built once between them (the second waits on the key's lock, then reuses),
     and every output matches its manifest."""
-    (tmp_path / "store").mkdir()
     store = tmp_path / "store"
-    (store / "resolve").symlink_to((folder / "store" / "resolve").resolve())
+    store.mkdir()
     spec_path = tmp_path / "twice.yaml"
-    spec_path.write_text(SPEC.format(r=12, db=tmp_path / "mlflow.db", measure=""))
+    db = tmp_path / "mlflow.db"
+    text = SPEC.format(r=12, db=db, measure="", quant=LEVELS, limit=40, base=base_of(folder))
+    spec_path.write_text(text)
     command = [sys.executable, "-m", "harness", "run", str(spec_path), "--store", str(store)]
     runs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
