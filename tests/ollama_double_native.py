@@ -32,6 +32,8 @@ CONTEXT_OVERFLOW = (
     "request ({n} tokens) exceeds the available context size ({ctx} tokens), try increasing it"
 )
 """llama-server's error (tools/server/server-context.cpp) for a prompt that fills the slot."""
+
+
 class Thought(str):
     """Generated text that is thinking (llama-server's reasoning_content), not the answer."""
 
@@ -122,26 +124,35 @@ def human_number(n: int) -> str:
     return str(n)
 
 
-@functools.cache
 def gguf_kind(path: Path) -> str:
     """general.type of a GGUF ("model", "adapter"), as ggml's KV().Kind() reads it."""
-    field = gguf.GGUFReader(path).fields.get("general.type")
-    return field.contents() if field is not None else "model"
+    return _metadata(path)[0].get("general.type", "model")
 
 
 def describe(path: Path) -> tuple[dict, dict]:
     """`details` and `model_info` as Ollama reads them from a GGUF (arrays over 5 emptied)."""
-    reader = gguf.GGUFReader(path)
-    info: dict[str, Any] = {}
-    for key, item in reader.fields.items():
-        if not key.startswith("GGUF.") and key not in ("general.name", "tokenizer.chat_template"):
-            big = item.types[0] == gguf.GGUFValueType.ARRAY and len(item.data) > 5
-            info[key] = [] if big else item.contents()
-    count = info["general.parameter_count"] = sum(int(t.n_elements) for t in reader.tensors)
+    fields, count = _metadata(path)
+    info = {k: v for k, v in fields.items() if k not in ("general.name", "tokenizer.chat_template")}
+    info["general.parameter_count"] = count
     family = info.get("general.architecture", "")
     details = {"parent_model": "", "format": "gguf", "family": family, "families": [family]}
     quant = FILE_TYPES.get(info.get("general.file_type", -1), "unknown")
     return details | {"parameter_size": human_number(count), "quantization_level": quant}, info
+
+
+@functools.cache
+def _metadata(path: Path) -> tuple[dict[str, Any], int]:
+    """A GGUF's fields (arrays over 5 emptied) and parameter count, parsed once per path:
+    the double's blobs are named by their sha256, so a path's content never changes, and
+    GGUFReader takes seconds on a large vocabulary (12 s on Gemma's), on every create,
+    show, list and ps."""
+    reader = gguf.GGUFReader(path)
+    fields: dict[str, Any] = {}
+    for key, item in reader.fields.items():
+        if not key.startswith("GGUF."):
+            big = item.types[0] == gguf.GGUFValueType.ARRAY and len(item.data) > 5
+            fields[key] = [] if big else item.contents()
+    return fields, sum(int(t.n_elements) for t in reader.tensors)
 
 
 def kv_cache_bytes(info: dict, num_ctx: int) -> int:
@@ -151,7 +162,6 @@ def kv_cache_bytes(info: dict, num_ctx: int) -> int:
     kv_heads = info.get(f"{arch}.attention.head_count_kv", heads)
     width = info[f"{arch}.embedding_length"] // heads * kv_heads
     return 2 * 2 * info[f"{arch}.block_count"] * num_ctx * width
-
 
 
 # --- which template serves: server/images.go ----------------------------------------------
