@@ -1,7 +1,8 @@
 """kill -9 at several points of a real run, then run again: finished stages are reused,
 the interrupted one restarts cleanly, nothing partial is taken as output, and MLflow
-closes the dead run as KILLED. The points: training, conversion, quantization, the PyTorch
-reference, and each served stage (check, evaluate, bench), where only the run's own
+closes the dead run as KILLED. The points: training, merging, conversion (of a merged
+model, and of a LoRA on the adapter route), quantization, the PyTorch reference, the drift
+(llama-perplexity), and each served stage (check, evaluate, bench), where only the run's own
 process is killed, as `kill -9 PID` does, and the llama-server it started must not outlive
 it. None of it needs a model that can add, so it runs on the suite's tiny model (conftest's
 `tiny_base`) through the real chain: peft, the converter, the quantizer, llama-server and
@@ -40,11 +41,13 @@ train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0, checkp
 lora:
   - {{name: a, r: {r}, alpha: 16, target_modules: [q_proj, v_proj]}}
 quant: [{quant}]
+route: [{route}]
 control: false
 measure: [{measure}]
 serve: {{backend: llamacpp, slots: 2}}
 evaluate: {{tasks: [arithmetic], limit: {limit}, concurrency: 2}}
 bench: {{repeats: 5, max_tokens: 16}}
+drift: {{ctx: 128, chunks: 2}}
 budgets: {{tolerance: 0.2}}  # 40 items cannot show less than 0.063
 tracking: {{uri: "sqlite:///{db}"}}
 """
@@ -59,11 +62,19 @@ def base_of(folder: Path) -> Path:
 
 
 def write(
-    folder: Path, name: str, r: int, measure: str = "", quant: str = LEVELS, limit: int = 40
+    folder: Path,
+    name: str,
+    r: int,
+    measure: str = "",
+    quant: str = LEVELS,
+    limit: int = 40,
+    route: str = "merge",
 ) -> Path:
     path = folder / name
     db = folder / "mlflow.db"
-    text = SPEC.format(r=r, db=db, measure=measure, quant=quant, limit=limit, base=base_of(folder))
+    text = SPEC.format(
+        r=r, db=db, measure=measure, quant=quant, limit=limit, base=base_of(folder), route=route
+    )
     path.write_text(text)
     return path
 
@@ -117,19 +128,23 @@ def servers_of(store: Path) -> list[psutil.Process]:
     ("stage", "r", "measure", "quant", "limit"),
     [
         ("train", 4, "", LEVELS, 40),
+        ("merge", 8, "", LEVELS, 40),
         ("convert", 6, "", LEVELS, 40),
         ("quantize", 10, "", LEVELS, 40),
         ("evaluate", 4, "evaluate", LEVELS, 40),
         # the r=4 adapter again, one level each: nothing to train, only the killed stage
         # and what follows it. 32 items, so the PyTorch reference is a new key.
         ("reference", 4, "evaluate", "q4_k_m", 32),
+        ("convert_lora", 4, "", "q4_k_m", 40),  # the adapter route: the base converted anew
+        ("drift", 4, "drift", "q4_k_m", 40),
         ("check", 4, "check", "q4_k_m", 40),
         ("bench", 4, "bench", "q4_k_m", 40),
     ],
 )
 def test_kill_and_rerun(folder, stage, r, measure, quant, limit):
     store = folder / "store"
-    spec_path = write(folder, f"{stage}.yaml", r, measure, quant, limit)
+    route = chain.ADAPTER if stage == "convert_lora" else chain.MERGE
+    spec_path = write(folder, f"{stage}.yaml", r, measure, quant, limit, route)
     servers: list[psutil.Process] = []
     if stage == "train":
         scratch = store / "scratch" / "train"
@@ -191,7 +206,9 @@ def test_two_runs_on_one_store_do_each_stage_once(folder, tmp_path):
     store.mkdir()
     spec_path = tmp_path / "twice.yaml"
     db = tmp_path / "mlflow.db"
-    text = SPEC.format(r=12, db=db, measure="", quant=LEVELS, limit=40, base=base_of(folder))
+    text = SPEC.format(
+        r=12, db=db, measure="", quant=LEVELS, limit=40, base=base_of(folder), route=chain.MERGE
+    )
     spec_path.write_text(text)
     command = [sys.executable, "-m", "harness", "run", str(spec_path), "--store", str(store)]
     runs = [
