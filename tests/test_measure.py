@@ -12,7 +12,7 @@ from conftest import MEASURE_SPEC
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from harness import spec
+from harness import chain, spec
 from harness.cli import app
 from harness.judge import paired
 from harness.judge.evidence import paired_items
@@ -215,3 +215,80 @@ def test_ollama_stopping_mid_run_costs_only_the_cells_that_needed_it(e2e, measur
         assert sorted(double.models) == [f"{first.deployed}:latest"]
         cleaned = CliRunner().invoke(app, ["clean"])
         assert cleaned.exit_code == 0 and double.models == {}, cleaned.output
+
+
+def test_ollama_dying_in_each_served_stage_costs_only_the_cells_that_needed_it(
+    e2e, measured, monkeypatch
+):
+    """Ollama dies at the first request of check, then (once back) of evaluate, then of
+    bench: each time the cell being served and the one after it fail, each in one line
+    naming Ollama's address, and each next run builds nothing and serves only what was
+    lost, until a run with Ollama up finishes both cells and leaves no model of theirs on
+    the server. Its own serving parameters and item count, so no served stage is cached."""
+    from ollama_double import OllamaDouble
+
+    from harness.stages import bench, check, evaluate
+
+    path = e2e.folder / "ollama-dies.yaml"
+    text = MEASURE_SPEC.format(template="", db=e2e.folder / "mlflow.db")
+    path.write_text(
+        text.replace("backend: llamacpp", "backend: ollama, parameters: {num_ctx: 1024}")
+        .replace("quant: [f16, q8_0, q4_k_m, q2_k]", "quant: [q8_0]")
+        .replace("tasks: [arithmetic]", "tasks: [arithmetic], limit: 16")
+        .replace("max_tokens: 32", "max_tokens: 8")
+    )
+    stages = {"check": check, "evaluate": evaluate, "bench": bench}
+    inside: list[str] = []
+    """The served stage running now, while one runs."""
+
+    def watched(name: str):
+        original = stages[name].run
+
+        def run(*args, **kwargs):
+            inside.append(name)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                inside.pop()
+
+        return run
+
+    for name in stages:
+        monkeypatch.setattr(stages[name], "run", watched(name))
+
+    with OllamaDouble() as double:
+        monkeypatch.setenv("OLLAMA_HOST", double.host)
+        dying_in: list[str] = []
+
+        def dies_at_first_request(answer):
+            def handle(h, body):
+                if inside and inside[-1] in dying_in:
+                    dying_in.clear()
+                    double.stop()
+                    h.close_connection = True  # the request is never answered
+                    return None
+                return answer(h, body)
+
+            return handle
+
+        for route in ("chat", "generate", "openai_chat"):
+            setattr(double, route, dies_at_first_request(getattr(double, route)))
+
+        for stage in ("check", "evaluate", "bench"):
+            dying_in.append(stage)
+            summary = e2e.run(path)
+            assert not dying_in, f"Ollama was never asked during {stage}"
+            assert not set(summary.executed) & set(chain.BUILD), summary.executed
+            assert [c.status for c in summary.cells] == ["failed", "failed"], summary.executed
+            first, second = (c.error for c in summary.cells)
+            assert first.startswith(f"{stage}: "), first
+            assert second.startswith("check: "), second  # it could not deploy
+            for error in (first, second):
+                assert f"http://{double.host}" in error, error
+                assert "\n" not in error and "Traceback" not in error, error
+            double.start_again()
+        summary = e2e.run(path)
+        errors = [c.error for c in summary.cells]
+        assert [c.status for c in summary.cells] == ["done", "done"], errors
+        assert summary.executed == {"check": 1, "evaluate": 1, "bench": 2}, summary.executed
+        assert double.models == {}, "the run left models behind in Ollama"

@@ -302,7 +302,11 @@ class OllamaBackend:
 
     def _call(self, what: str, call: Callable[[], T]) -> T:
         """Run one client call; an unreachable server or an error answer becomes a
-        one-line ForgebenchError, the server's error text kept verbatim."""
+        one-line ForgebenchError, the server's error text kept verbatim. A connection
+        dropped mid-request is a server that died while answering (`ServerStopped`, naming
+        its address) when it no longer answers at all, else a one-line error of its own:
+        httpx's words alone ("Server disconnected without sending a response.") name
+        neither Ollama nor where it ran."""
         try:
             return call()
         except (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout):
@@ -310,6 +314,10 @@ class OllamaBackend:
                 f"no Ollama server answers at {self.host}; start `ollama serve` "
                 "or use serve.backend: llamacpp"
             ) from None
+        except httpx.TransportError as exc:
+            if (gone := self.stopped(None)) is not None:
+                raise gone from None
+            raise ForgebenchError(f"Ollama at {self.host} could not {what}: {exc}") from None
         except ollama.ResponseError as exc:
             status = f" ({exc.status_code})" if exc.status_code > 0 else ""
             raise ForgebenchError(
