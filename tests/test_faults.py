@@ -254,3 +254,29 @@ def test_ollama_that_stops_answering_is_named_by_its_address():
         port = sock.getsockname()[1]
     stopped = OllamaBackend(f"http://127.0.0.1:{port}").stopped(None)
     assert stopped.how == f"Ollama at http://127.0.0.1:{port} stopped answering"
+
+
+def test_a_connection_dropped_mid_request_names_ollama_and_its_address():
+    """httpx says only "Server disconnected without sending a response.": the backend asks
+    whether Ollama still answers, and says which of the two happened, in one line."""
+    import httpx
+    from ollama_double import OllamaDouble
+
+    from harness.backends.ollama import OllamaBackend
+    from harness.errors import ForgebenchError
+
+    def dropped():
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    with OllamaDouble() as double, OllamaBackend(double.host) as backend:
+        with pytest.raises(ForgebenchError) as caught:
+            backend._call("chat with m", dropped)
+        assert not isinstance(caught.value, ServerStopped)  # it still answers: not gone
+        assert str(caught.value) == (
+            f"Ollama at http://{double.host} could not chat with m: "
+            "Server disconnected without sending a response."
+        )
+    with OllamaBackend(f"127.0.0.1:{closed_port()}") as backend:
+        with pytest.raises(ServerStopped) as caught:
+            backend._call("chat with m", dropped)
+        assert str(caught.value) == f"Ollama at {backend.host} stopped answering"
