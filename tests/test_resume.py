@@ -1,12 +1,12 @@
 """kill -9 at several points of a real run, then run again: finished stages are reused,
 the interrupted one restarts cleanly, nothing partial is taken as output, and MLflow
-closes the dead run as KILLED. The points: training, merging, conversion (of a merged
-model, and of a LoRA on the adapter route), quantization, the PyTorch reference, the drift
-(llama-perplexity), and each served stage (check, evaluate, bench), where only the run's own
-process is killed, as `kill -9 PID` does, and the llama-server it started must not outlive
-it. None of it needs a model that can add, so it runs on the suite's tiny model (conftest's
-`tiny_base`) through the real chain: peft, the converter, the quantizer, llama-server and
-lm-eval."""
+closes the dead run as KILLED. The points: resolving a GGUF base, training, merging,
+conversion (of a merged model, and of a LoRA on the adapter route), quantization, the
+PyTorch reference, the drift (llama-perplexity), and each served stage (check, evaluate,
+bench), where only the run's own process is killed, as `kill -9 PID` does, and the
+llama-server it started must not outlive it. None of it needs a model that can add, so it
+runs on the suite's tiny model (conftest's `tiny_base`) through the real chain: peft, the
+converter, the quantizer, llama-server and lm-eval."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 SPEC = """\
 name: resume
-base: {{path: "{base}"}}
+base: {base}
 data: {{task: arithmetic, n_train: 96, seed: 5}}
 train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0, checkpoint_every: 4}}
 lora:
@@ -61,6 +61,11 @@ def base_of(folder: Path) -> Path:
     return folder / "base"
 
 
+def tiny_base_of(folder: Path) -> str:
+    """The spec's `base:` naming the tiny base's folder."""
+    return f'{{path: "{base_of(folder)}"}}'
+
+
 def write(
     folder: Path,
     name: str,
@@ -69,11 +74,14 @@ def write(
     quant: str = LEVELS,
     limit: int = 40,
     route: str = "merge",
+    base: str | None = None,
 ) -> Path:
+    """The spec, on the tiny base's folder unless `base` names another (YAML)."""
     path = folder / name
     db = folder / "mlflow.db"
+    base = base or tiny_base_of(folder)
     text = SPEC.format(
-        r=r, db=db, measure=measure, quant=quant, limit=limit, base=base_of(folder), route=route
+        r=r, db=db, measure=measure, quant=quant, limit=limit, base=base, route=route
     )
     path.write_text(text)
     return path
@@ -129,6 +137,9 @@ def servers_of(store: Path) -> list[psutil.Process]:
     [
         ("train", 4, "", LEVELS, 40),
         ("merge", 8, "", LEVELS, 40),
+        # from a GGUF of the tiny model (a converted one): dequantizing it takes seconds,
+        # where a model folder is linked in milliseconds, too quick to be killed in
+        ("resolve", 4, "", "f16", 40),
         ("convert", 6, "", LEVELS, 40),
         ("quantize", 10, "", LEVELS, 40),
         ("evaluate", 4, "evaluate", LEVELS, 40),
@@ -144,7 +155,10 @@ def servers_of(store: Path) -> list[psutil.Process]:
 def test_kill_and_rerun(folder, stage, r, measure, quant, limit):
     store = folder / "store"
     route = chain.ADAPTER if stage == "convert_lora" else chain.MERGE
-    spec_path = write(folder, f"{stage}.yaml", r, measure, quant, limit, route)
+    base = None
+    if stage == "resolve":
+        base = f'{{gguf: "{next((folder / "store" / "convert").glob("*/model.gguf"))}"}}'
+    spec_path = write(folder, f"{stage}.yaml", r, measure, quant, limit, route, base)
     servers: list[psutil.Process] = []
     if stage == "train":
         scratch = store / "scratch" / "train"
@@ -207,7 +221,7 @@ def test_two_runs_on_one_store_do_each_stage_once(folder, tmp_path):
     spec_path = tmp_path / "twice.yaml"
     db = tmp_path / "mlflow.db"
     text = SPEC.format(
-        r=12, db=db, measure="", quant=LEVELS, limit=40, base=base_of(folder), route=chain.MERGE
+        r=12, db=db, measure="", quant=LEVELS, limit=40, base=tiny_base_of(folder), route="merge"
     )
     spec_path.write_text(text)
     command = [sys.executable, "-m", "harness", "run", str(spec_path), "--store", str(store)]
