@@ -43,6 +43,7 @@ class Role:
 ROLES = (
     Role("resolve", "resolve", "build"),
     Role("train", "train", "build"),
+    Role("adopt", "adopt", "build"),
     Role("merge", "merge", "build"),
     Role("convert", "convert", "build", ()),
     Role("convert_lora", "convert_lora", "build", ()),
@@ -81,5 +82,7 @@ MEASUREMENTS = ("check", "evaluate", "bench", "drift")
 """What `measure` may name: the served stages a user picks, and drift."""
 SERVED_MEASUREMENTS = tuple(m for m in MEASUREMENTS if m in SERVED)
 """The measurements made on a deployed model; drift reads the GGUFs with llama-perplexity."""
-ROUTE_BUILD = tuple(s for s in BUILD if s not in ("resolve", "train"))
-"""The stages whose files differ between the routes (training is the same for both)."""
+ADAPTERS = ("train", "adopt")
+"""The roles that give a cell its adapter: trained here, or taken from a peft folder."""
+ROUTE_BUILD = tuple(s for s in BUILD if s not in ("resolve", *ADAPTERS))
+"""The stages whose files differ between the routes (the adapter is the same for both)."""

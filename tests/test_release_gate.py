@@ -25,7 +25,7 @@ base: {{model: smollm2-135m}}
 data: {data}
 train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0}}
 lora:
-  - {{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+  - {lora}
 quant: [{quant}]
 control: false
 measure: [check, evaluate, bench]
@@ -35,6 +35,7 @@ bench: {{warmup: 1, repeats: 1, max_tokens: 32}}
 budgets: {{tolerance: 0.1}}  # 80 items show 0.1 at the disagreement HF and served have
 tracking: {{uri: "sqlite:///{db}"}}
 """
+MAIN = "{name: main, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}"
 MODEL = "release-math"
 LOOSE = ["--speed-drop-pct", "50", "--memory-rise-pct", "50"]  # a shared CI box is noisy
 
@@ -71,7 +72,9 @@ def release(tmp_path_factory, e2e):
         def run(name: str, data_line: str, quant: str) -> None:
             spec = folder / f"{name}.yaml"
             spec.write_text(
-                SPEC.format(name=name, data=data_line, quant=quant, heldout=heldout_path, db=db)
+                SPEC.format(
+                    name=name, data=data_line, quant=quant, heldout=heldout_path, db=db, lora=MAIN
+                )
             )
             result = CliRunner().invoke(app, ["run", str(spec), "--store", str(e2e.store.root)])
             assert result.exit_code == 0, result.output
@@ -110,6 +113,58 @@ def test_an_adapter_trained_on_corrupted_labels_fails_the_gate(release):
     assert result.stdout.startswith("## forgebench check: FAIL")
     assert "sums: " in result.output.split("Regressions:")[1]
     assert champion(release) == before  # a failed gate promotes nothing
+
+
+def test_an_adapter_saved_by_a_plain_peft_script_goes_through_the_gate_as_ours(
+    release, e2e, tmp_path
+):
+    """The build's `main` adapter loaded and saved again by a plain peft script, not by
+    forgebench, then named by `lora: [{name: main, path: ...}]`: nothing is trained, its
+    chain is built anew under other keys (adopt, merge, convert, scoring), and the gate
+    judges it as it judges ours. The weights are the same, so every answer is the same item
+    by item, and it passes against the build it came from."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    client = MlflowClient(release)
+    ours = client.search_runs(
+        [client.get_experiment_by_name("release").experiment_id],
+        "tags.`forgebench.cell` = 'main-f16'",
+    )[0].data.tags
+    store = e2e.store.root
+    base = AutoModelForCausalLM.from_pretrained(
+        store / "resolve" / ours["forgebench.key.resolve"] / "model", dtype=torch.float32
+    )
+    trained = store / "train" / ours["forgebench.key.train"] / "adapter"
+    PeftModel.from_pretrained(base, trained).save_pretrained(tmp_path / "from-a-script")
+
+    built = Path(release.removeprefix("sqlite:///")).parent  # the fixture's folder
+    spec = tmp_path / "adopted.yaml"
+    spec.write_text(
+        SPEC.format(
+            name="release-adopted",
+            data="{task: arithmetic, n_train: 400, n_eval: 80, seed: 3}",
+            quant="f16",
+            heldout=built / "heldout.jsonl",
+            db=built / "mlflow.db",
+            lora=f'{{name: main, path: "{tmp_path / "from-a-script"}"}}',
+        )
+    )
+    result = CliRunner().invoke(app, ["run", str(spec), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+
+    adopted = client.search_runs(
+        [client.get_experiment_by_name("release-adopted").experiment_id],
+        "tags.`forgebench.cell` = 'main-f16'",
+    )[0]
+    assert "forgebench.key.train" not in adopted.data.tags
+    assert adopted.data.tags["forgebench.key.convert"] != ours["forgebench.key.convert"]
+    passed = release_gate(release, "release-adopted:main-f16", "release:main-f16", *LOOSE)
+    assert passed.exit_code == 0, passed.output
+    assert passed.stdout.startswith("## forgebench check: PASS")
+    against_champion = check(release, "release-adopted:main-f16")
+    assert against_champion.exit_code == check(release, "release:main-f16").exit_code
 
 
 def test_a_build_no_worse_passes_and_is_promoted(release):

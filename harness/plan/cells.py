@@ -30,7 +30,7 @@ from harness.errors import ForgebenchError, InputError
 from harness.hashing import digest
 from harness.plan import keys
 from harness.plan.store import StageCall
-from harness.sources import templates
+from harness.sources import adapters, templates
 from harness.spec import LoraSpec, Spec
 from harness.stages import check
 
@@ -104,25 +104,12 @@ def plan(spec: Spec) -> list[Cell]:
         calls: dict[str, StageCall] = {"resolve": resolve}
         model = resolve
         if lora is not None:
-            calls["train"] = StageCall(
-                "train",
-                {
-                    "lora": lora.settings(),
-                    "train": {
-                        **spec.train.model_dump(mode="json", exclude={"checkpoint_every"}),
-                        "precision": keys.resolved_precision(spec.train.precision),
-                    },
-                    "data": data,
-                    "trust_remote_code": trust,
-                },
-                {"base": resolve},
-                _versions("torch", "transformers", "peft") | keys.versions("train"),
-                runtime={"checkpoint_every": spec.train.checkpoint_every},
-            )
+            adapter = _adapter(spec, lora, resolve, data)
+            calls[adapter.stage] = adapter
             model = StageCall(
                 "merge",
                 {"trust_remote_code": trust},
-                {"base": resolve, "adapter": calls["train"]},
+                {"base": resolve, "adapter": adapter},
                 _versions("torch", "transformers", "peft") | keys.versions("merge"),
             )
         references = {}
@@ -148,11 +135,39 @@ def plan(spec: Spec) -> list[Cell]:
                 line["convert_lora"] = StageCall(
                     "convert_lora",
                     {"outtype": quant.F16, "trust_remote_code": trust},
-                    {"base": resolve, "adapter": calls["train"]},
+                    {"base": resolve, "adapter": adapter},
                     _versions("transformers", "peft") | keys.versions("convert_lora"),
                 )
             cells += _levels(spec, lora, route, line, references, levels, backend, base_f16)
     return cells
+
+
+def _adapter(spec: Spec, lora: LoraSpec, resolve: StageCall, data: dict) -> StageCall:
+    """The call that gives the cell its adapter: `adopt` for a peft folder trained
+    elsewhere (keyed by the folder's content), else `train`."""
+    trust = spec.base.trust_remote_code
+    if lora.path is not None:
+        return StageCall(
+            "adopt",
+            {"adapter": str(lora.path), "trust_remote_code": trust},
+            {"base": resolve},
+            _versions("torch", "transformers", "safetensors") | keys.versions("adopt"),
+        )
+    return StageCall(
+        "train",
+        {
+            "lora": lora.settings(),
+            "train": {
+                **spec.train.model_dump(mode="json", exclude={"checkpoint_every"}),
+                "precision": keys.resolved_precision(spec.train.precision),
+            },
+            "data": data,
+            "trust_remote_code": trust,
+        },
+        {"base": resolve},
+        _versions("torch", "transformers", "peft") | keys.versions("train"),
+        runtime={"checkpoint_every": spec.train.checkpoint_every},
+    )
 
 
 def _levels(
@@ -187,20 +202,33 @@ def _levels(
 def _convertible(spec: Spec, lora: LoraSpec) -> None:
     """What llama.cpp's LoRA converter and runtime cannot take, refused before anything runs:
     an adapter on the embedding or the output head (tied to the embedding in small models,
-    and a full-rank delta llama.cpp's LoRA loader does not apply) or one that trains biases
-    (the converter stops at any tensor that is not lora_A or lora_B)."""
+    and a full-rank delta llama.cpp's LoRA loader does not apply), one that trains biases
+    (the converter stops at any tensor that is not lora_A or lora_B), or one with peft's
+    DoRA or whole trained modules. An adapter folder (`path`, `resume_from`) says its own."""
     where = spec.where("lora", spec.lora.index(lora))
-    if bad := sorted(set(lora.target_modules) & set(NOT_CONVERTIBLE)):
+    targets, bias, extras = lora.target_modules or [], lora.bias, ()
+    if folder := lora.path or lora.resume_from:
+        try:
+            found = adapters.read(folder)
+        except ForgebenchError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        targets, bias, extras = list(found.target_modules), found.bias, found.extras
+    if bad := sorted(set(targets) & set(NOT_CONVERTIBLE)):
         raise InputError(
             f"{where}.target_modules: LoRA {lora.name} trains {', '.join(bad)}, which "
             "convert_lora_to_gguf.py cannot take for route adapter: drop them from "
             "target_modules or use route: [merge]"
         )
-    if lora.bias != "none":
+    if bias != "none":
         raise InputError(
-            f"{where}.bias: LoRA {lora.name} trains biases ({lora.bias}), which "
+            f"{where}.bias: LoRA {lora.name} trains biases ({bias}), which "
             "convert_lora_to_gguf.py cannot take for route adapter: set bias: none or use "
             "route: [merge]"
+        )
+    if extras:
+        raise InputError(
+            f"{where}: LoRA {lora.name} uses peft's {' and '.join(extras)}, which "
+            "convert_lora_to_gguf.py cannot take for route adapter: use route: [merge]"
         )
 
 

@@ -140,6 +140,8 @@ PATH_SETTINGS = (
     ("base", "resolved", "path"),  # an Ollama model's local HF copy
     ("data", "train"),
     ("lora", "replay"),
+    ("lora", "resume_from"),  # a peft adapter folder, by its content
+    ("adapter",),  # the adopt stage's adapter folder
     ("evaluate", "tasks", "*", "path"),
     ("evaluate", "guard", "*", "path"),
 )

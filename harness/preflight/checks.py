@@ -16,7 +16,7 @@ from harness.errors import ForgebenchError, InputError
 from harness.judge import sample_size
 from harness.preflight import inputs
 from harness.preflight.resources import Shape
-from harness.sources import hub, kinds, listing, templates
+from harness.sources import adapters, hub, kinds, listing, templates
 from harness.spec import Spec
 
 # Linear layers LoRA can target, by architecture (GGUF names and HF model_type).
@@ -66,6 +66,13 @@ def _data(spec: Spec) -> None:
             replay.prompts(lora.replay)
         except ForgebenchError as exc:
             raise InputError(f"{where}: {exc}") from None
+    for i, lora in enumerate(spec.lora):
+        for field in ("path", "resume_from"):
+            if (folder := getattr(lora, field)) is not None:
+                try:
+                    adapters.read(folder)
+                except ForgebenchError as exc:
+                    raise InputError(f"{spec.where('lora', i, field)}: {exc}") from None
     for field, tasks in (("tasks", spec.evaluate.tasks), ("guard", spec.evaluate.guard)):
         for i, task in enumerate(tasks):
             if (
@@ -122,6 +129,8 @@ def _targets(spec: Spec, architecture: str | None) -> None:
     if known is None:
         return
     for i, lora in enumerate(spec.lora):
+        if lora.target_modules is None:  # an adapter folder's: its tensors are checked
+            continue
         unknown = [m for m in lora.target_modules if m not in known and m != "all-linear"]
         if unknown:
             raise InputError(

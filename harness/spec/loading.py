@@ -75,7 +75,16 @@ def _resolve_paths(spec: Spec, folder: Path) -> Spec:
     if template is not None and template not in FAMILIES:  # a file, relative to the spec
         template = str(absolute(Path(template)))
     serve = spec.serve.model_copy(update={"chat_template": template})
-    loras = [lora.model_copy(update={"replay": absolute(lora.replay)}) for lora in spec.lora]
+    loras = [
+        lora.model_copy(
+            update={
+                "replay": absolute(lora.replay),
+                "path": absolute(lora.path),
+                "resume_from": absolute(lora.resume_from),
+            }
+        )
+        for lora in spec.lora
+    ]
     return spec.model_copy(
         update={"base": base, "data": data, "evaluate": evaluate, "serve": serve, "lora": loras}
     )

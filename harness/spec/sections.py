@@ -116,11 +116,15 @@ class TrainSpec(Strict):
 
 
 class LoraSpec(Strict):
+    """One adapter of the matrix: a LoRA config to train, the same continued from an earlier
+    adapter (`resume_from`), or a peft adapter trained elsewhere (`path`), which is taken as it
+    is: its settings are its adapter_config.json's."""
+
     name: str = Field(pattern=NAME_PATTERN)
-    r: int = Field(gt=0)
-    alpha: float = Field(gt=0)
+    r: int | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(min_length=1)
+    target_modules: list[str] | None = Field(None, min_length=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     replay: Path | None = Field(
         None,
@@ -128,13 +132,60 @@ class LoraSpec(Strict):
         "training set with the untuned base model's own greedy answers (self-replay): the "
         "adapter rehearses what the base already does, against forgetting",
     )
+    path: Path | None = Field(
+        None,
+        description="a peft LoRA adapter folder trained elsewhere (Unsloth, axolotl, TRL, a "
+        "peft script): not trained, checked against the base and measured like the others",
+    )
+    resume_from: Path | None = Field(
+        None,
+        description="a peft LoRA adapter folder (an earlier night's) to continue training "
+        "from, on this spec's data, with a fresh optimizer; r, alpha and target modules are "
+        "its own",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> LoraSpec:
+        """Settings the adapter folder already fixes are refused rather than ignored: a
+        value given beside `path` or `resume_from` would silently not be the one used."""
+        given = self.model_fields_set
+        if self.path is not None and self.resume_from is not None:
+            raise ValueError(
+                "give path (an adapter to measure as it is) or resume_from (one to train "
+                "further), not both"
+            )
+        folder = "path" if self.path is not None else "resume_from" if self.resume_from else ""
+        fixed = {"r", "alpha", "target_modules", "bias", "dropout"}
+        if folder == "path":
+            fixed.add("replay")
+        if folder and (clash := sorted(given & fixed)):
+            raise ValueError(
+                f"{', '.join(clash)}: the adapter folder's adapter_config.json fixes "
+                f"{'it' if len(clash) == 1 else 'them'} with {folder}; drop "
+                f"{'it' if len(clash) == 1 else 'them'}"
+            )
+        if not folder and (
+            missing := [k for k in ("r", "alpha", "target_modules") if getattr(self, k) is None]
+        ):
+            raise ValueError(
+                f"give {', '.join(missing)} (a LoRA config to train), or path: a peft "
+                "adapter folder trained elsewhere"
+            )
+        return self
+
+    @property
+    def adopted(self) -> bool:
+        """Taken as it is from `path`, not trained here."""
+        return self.path is not None
 
     def settings(self) -> dict[str, Any]:
-        """What the adapter depends on: everything but its display name (and no `replay`
-        key when there is none, so adapters trained before it existed keep their keys)."""
-        return self.model_dump(
-            mode="json", exclude={"name"} | ({"replay"} if self.replay is None else set())
-        )
+        """What the adapter depends on: everything but its display name (and no `replay`,
+        `path` or `resume_from` key when there is none, so adapters trained before they
+        existed keep their keys)."""
+        unset = {k for k in ("replay", "path", "resume_from") if getattr(self, k) is None}
+        if self.resume_from is not None:
+            unset |= {"r", "alpha", "target_modules", "bias", "dropout"}
+        return self.model_dump(mode="json", exclude={"name"} | unset)
 
 
 class ServeSpec(Strict):

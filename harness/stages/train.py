@@ -1,6 +1,7 @@
 """train: base + data + one LoRA config -> a peft adapter (safetensors) and its training curve.
 
-Spec keys: `data.*`, `train.*` and one entry of `lora:`.
+Spec keys: `data.*`, `train.*` and one entry of `lora:`; with `resume_from:` the adapter
+starts from an earlier one's weights and settings (last night's, to train on tonight's data).
 
 Built on the transformers `Trainer` rather than TRL's `SFTTrainer`: the only
 SFT feature needed is a loss on the assistant's answer alone, and that is a
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -39,8 +40,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from harness import data as datasets
 from harness.data import replay
-from harness.errors import StageError
-from harness.sources import templates
+from harness.errors import ForgebenchError, StageError
+from harness.sources import adapters, templates
 from harness.stages import Progress
 
 VERSION = 3  # bump when this stage's outputs change: tests/test_keys.py checks it
@@ -81,17 +82,20 @@ def run(
         progress(f"answering {len(prompts)} replay prompts with the base model", None)
         replayed = self_replay(model, tokenizer, prompts, settings["data"].get("system"))
     examples = tokenize(tokenizer, conversations + replayed, train["max_seq_len"])
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=lora["target_modules"],
-            bias=lora["bias"],
-            task_type="CAUSAL_LM",
-        ),
-    )
+    if lora.get("resume_from"):
+        model = continued(model, Path(lora["resume_from"]), progress)
+    else:
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora["r"],
+                lora_alpha=lora["alpha"],
+                lora_dropout=lora["dropout"],
+                target_modules=lora["target_modules"],
+                bias=lora["bias"],
+                task_type="CAUSAL_LM",
+            ),
+        )
     trainable, total = model.get_nb_trainable_parameters()
 
     bf16 = use_bf16(train["precision"])
@@ -165,6 +169,23 @@ def run(
         "train_resumed_from_step": int(resume.rsplit("-", 1)[-1]) if resume else 0,
         "loss_curve": points,
     }
+
+
+def continued(model, parent: Path, progress: Progress):
+    """The base with an earlier adapter's weights, trainable: tonight's training goes on from
+    last night's adapter (its r, alpha and target modules; a fresh optimizer). Its tensors are
+    checked against the base first, so one trained for another base is one line."""
+    progress(f"continuing from the adapter in {parent}", None)
+    try:
+        adapter = adapters.read(parent)
+    except ForgebenchError as exc:
+        raise StageError(f"lora.resume_from: {exc}") from None
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    if why := adapters.misfit(adapter, adapters.tensor_shapes(adapter.weights), shapes):
+        raise StageError(
+            f"lora.resume_from: the adapter in {parent} was not trained on this base: {why}"
+        )
+    return PeftModel.from_pretrained(model, parent, is_trainable=True)
 
 
 REPLAY_TOKENS = 24

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.chain import ADAPTERS
+from harness.hashing import tree_sha256
 from harness.run.outcomes import CellResult
+from harness.spec import LoraSpec
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -45,3 +48,21 @@ def stage_metrics(result: CellResult) -> dict[str, float]:
 def result_curve(result: CellResult) -> list[tuple[int, float]]:
     train = result.stages.get("train")
     return [tuple(p) for p in train.metrics.get("loss_curve", [])] if train else []
+
+
+def adapter_lineage(lora: LoraSpec) -> dict[str, str]:
+    """Where an adapter came from, beyond the spec's path: the folder's content hash for an
+    adopted one (`lora.path_sha256`) or the parent a training continued (`lora.resume_from_
+    sha256`), and the parent's stage key when the folder is a forgebench store output
+    (`.../train/KEY/adapter`), so a chain of nights can be followed back run by run through
+    the `forgebench.key.train` tags."""
+    out = {}
+    for field in ("path", "resume_from"):
+        folder = getattr(lora, field)
+        if folder is None or not folder.is_dir():
+            continue
+        out[f"lora.{field}_sha256"] = tree_sha256(folder)
+        stage = folder.parent.parent.name
+        if folder.name == "adapter" and stage in ADAPTERS:
+            out[f"lora.{field}_key"] = f"{stage}/{folder.parent.name}"
+    return out

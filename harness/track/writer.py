@@ -29,7 +29,7 @@ from harness.run.outcomes import CellResult, RunSummary
 from harness.sources import templates
 from harness.spec import Spec
 from harness.track import connect, schema, view
-from harness.track.figures import flatten, result_curve, stage_metrics
+from harness.track.figures import adapter_lineage, flatten, result_curve, stage_metrics
 
 T = TypeVar("T")
 
@@ -195,7 +195,9 @@ class Experiment:
         params |= flatten("data", self.spec.data.model_dump(mode="json", exclude_none=True))
         if cell.lora is not None:
             params |= flatten("lora", cell.lora.model_dump(mode="json", exclude_none=True))
-            params |= flatten("train", self.spec.train.model_dump(mode="json"))
+            params |= adapter_lineage(cell.lora)
+            if not cell.lora.adopted:
+                params |= flatten("train", self.spec.train.model_dump(mode="json"))
         tags = {
             schema.CELL: cell.name,
             schema.ADAPTER: cell.adapter,
