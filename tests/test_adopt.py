@@ -24,7 +24,9 @@ from typer.testing import CliRunner
 
 from harness import spec as specs
 from harness.cli import app
+from harness.data import hygiene
 from harness.errors import StageError
+from harness.hashing import digest
 from harness.plan import cells as planning
 from harness.sources import adapters
 
@@ -145,6 +147,42 @@ def test_an_adopted_adapter_is_keyed_by_its_content_not_its_folder(tmp_path):
     assert adopt_key("one") != adopt_key("two")
 
 
+def night(store: Path, key: str, rows: list[dict], parent: Path | None = None) -> Path:
+    """What a forgebench night leaves in the store: its adapter beside a manifest that
+    names the data it trained on (and the adapter it continued)."""
+    data = store / f"{key}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    folder = store / "train" / key
+    (folder / "adapter").mkdir(parents=True)
+    settings = {
+        "data": {"train": str(data), "train_sha256": digest(data)},
+        "lora": {"resume_from": str(parent)} if parent else {},
+    }
+    (folder / "manifest.json").write_text(json.dumps({"settings": settings}))
+    return folder / "adapter"
+
+
+def row(prompt: str, answer: str) -> dict:
+    return {"prompt": prompt, "completion": answer}
+
+
+def test_rows_trained_on_in_earlier_nights_are_counted_back_to_the_first(tmp_path):
+    first = night(tmp_path, "n1", [row("Reset my password", "Go to settings.")])
+    second = night(tmp_path, "n2", [row("Cancel my order", "Done.")], parent=first)
+    tonight = [
+        [
+            {"role": "user", "content": "reset  my PASSWORD"},
+            {"role": "assistant", "content": "go to settings."},
+        ],
+        [{"role": "user", "content": "Cancel my order"}, {"role": "assistant", "content": "Done."}],
+        [{"role": "user", "content": "Track my parcel"}, {"role": "assistant", "content": "Here."}],
+    ]
+    assert hygiene.seen_before(tonight, second) == 2
+    (tmp_path / "n1.jsonl").write_text(json.dumps(row("edited", "since")) + "\n")
+    assert hygiene.seen_before(tonight, second) == 1  # night 1's data is no longer known
+    assert hygiene.seen_before(tonight, tmp_path / "elsewhere" / "adapter") is None
+
+
 # --- through the real chain on the tiny model ---------------------------------------
 
 
@@ -258,6 +296,7 @@ def test_training_continues_from_an_earlier_adapter(folder):
 
     [cell] = cell_runs(folder, "night2").values()
     assert cell.data.params["lora.resume_from_key"] == f"train/{parent_dir.name}"
+    assert cell.data.metrics["train_rows_seen_before"] == 48  # night 1's data, all of it
     assert cell.data.tags["forgebench.key.train"] == child_dir.name
 
     # a rerun builds nothing

@@ -43,13 +43,19 @@ def arithmetic(n: int, seed: int, offset: int = 0) -> list[Conversation]:
 
 
 def read_jsonl(path: Path) -> list[Conversation]:
-    conversations = []
-    for lineno, line in lines(path):
-        if line.strip():
-            conversations.append(_conversation(_parse(line, path, lineno), path, lineno))
-    if not conversations:
+    return [conversation for _, conversation in numbered(path)]
+
+
+def numbered(path: Path) -> list[tuple[int, Conversation]]:
+    """Each row with its line number, for a message that names the row."""
+    rows = [
+        (lineno, _conversation(_parse(line, path, lineno), path, lineno))
+        for lineno, line in lines(path)
+        if line.strip()
+    ]
+    if not rows:
         raise ForgebenchError(f"{path}: no examples; give one JSON object per line")
-    return conversations
+    return rows
 
 
 def lines(path: Path) -> list[tuple[int, str]]:
@@ -113,13 +119,11 @@ def _messages(messages: Any, where: str) -> Conversation:
             raise ForgebenchError(f"{where}: messages[{i}]: expected {{role, content}}")
         if m.get("role") not in ROLES:
             raise ForgebenchError(
-                f"{where}: messages[{i}].role: {m.get('role')!r} is not one of "
-                f"{', '.join(ROLES)}"
+                f"{where}: messages[{i}].role: {m.get('role')!r} is not one of {', '.join(ROLES)}"
             )
         if not isinstance(m.get("content"), str):
             raise ForgebenchError(
-                f"{where}: messages[{i}].content: expected a string, "
-                f"got {_kind(m.get('content'))}"
+                f"{where}: messages[{i}].content: expected a string, got {_kind(m.get('content'))}"
             )
     if messages[-1]["role"] != "assistant":
         raise ForgebenchError(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import backends, data, env, services, sources, track
-from harness.data import evals, replay
+from harness.data import evals, hygiene, replay
 from harness.errors import ForgebenchError, InputError
 from harness.judge import sample_size
 from harness.preflight import inputs
@@ -39,6 +39,7 @@ def examine(spec: Spec) -> Shape | None:
     inputs.serve_parameters(spec)
     inputs.model_names(spec)
     _data(spec)
+    _unseen(spec)
     sample_size.require_decidable(spec)
     shape = _base(spec)
     templates.require(spec)
@@ -95,6 +96,25 @@ def _data(spec: Spec) -> None:
                     evals.check_qa_jsonl(task.path, task.scorer, task.regex)
                 except ForgebenchError as exc:
                     raise InputError(f"{spec.where('evaluate', field, i)}: {exc}") from None
+
+
+def _unseen(spec: Spec) -> None:
+    """No training row may repeat an item the run scores (`data.hygiene`). The built-in
+    arithmetic task's held-out split is disjoint from its training split by construction."""
+    if spec.data.train is None or "evaluate" not in spec.measure:
+        return
+    builtin = {"gsm8k": evals.GSM8K_DATA, "capitals": evals.CAPITALS_DATA}
+    tasks = {}
+    for task in spec.evaluate.all_tasks:
+        if not isinstance(task, str):
+            tasks[task.name] = task.path
+        elif task in builtin:
+            tasks[task] = builtin[task]
+    if repeat := hygiene.first_repeat(spec.data.train, tasks):
+        raise InputError(
+            f"{spec.where('data', 'train')}: {repeat} (whitespace and case aside): a model "
+            "trained on an eval item answers it from memory; drop the row"
+        )
 
 
 def _base(spec: Spec) -> Shape | None:

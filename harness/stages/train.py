@@ -39,7 +39,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from harness import data as datasets
-from harness.data import replay
+from harness.data import hygiene, replay
 from harness.errors import ForgebenchError, StageError
 from harness.sources import adapters, templates
 from harness.stages import Progress
@@ -82,8 +82,10 @@ def run(
         progress(f"answering {len(prompts)} replay prompts with the base model", None)
         replayed = self_replay(model, tokenizer, prompts, settings["data"].get("system"))
     examples = tokenize(tokenizer, conversations + replayed, train["max_seq_len"])
+    seen = None
     if lora.get("resume_from"):
         model = continued(model, Path(lora["resume_from"]), progress)
+        seen = hygiene.seen_before(conversations, Path(lora["resume_from"]))
     else:
         model = get_peft_model(
             model,
@@ -167,6 +169,7 @@ def run(
         "total_params": total,
         "train_bf16": int(bf16),
         "train_resumed_from_step": int(resume.rsplit("-", 1)[-1]) if resume else 0,
+        **({} if seen is None else {"train_rows_seen_before": seen}),
         "loss_curve": points,
     }
 
