@@ -16,6 +16,7 @@ prompt cache llama-cpp-python's own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -262,6 +263,8 @@ class OllamaDouble:
         self.runners: dict[str, Runner] = {}
         self.uploads: list[str] = []
         """Digests received by POST /api/blobs, in order."""
+        self.copied: Callable[[str, str], None] = lambda source, destination: None
+        """Called after each POST /api/copy, before its reply."""
         self.lock = threading.RLock()
         self.connections: set[socket.socket] = set()
         """Open client connections (keep-alive), which a server that dies drops."""
@@ -441,6 +444,19 @@ class OllamaDouble:
                 raise ApiError(f"model '{name}' not found", 404)
             if all(m.digest != model.digest for m in self.models.values()):
                 model.path.unlink(missing_ok=True)  # manifest.RemoveLayers: unused blobs go
+        h.reply(200, None)
+
+    def copy(self, h: _Handler, body: dict) -> None:
+        """server/routes.go CopyHandler: the source's manifest under another name (the
+        layers are shared); `copied` is called after, for a test that acts between steps."""
+        source, destination = body.get("source") or "", body.get("destination") or ""
+        if not source or not destination:
+            raise ApiError("source and destination are required", 400)
+        with self.lock:
+            model = self.model(source)
+            name = full_name(destination)
+            self.models[name] = dataclasses.replace(model, name=name, modified_at=_iso())
+        self.copied(source, destination)
         h.reply(200, None)
 
     def chat(self, h: _Handler, body: dict) -> None:
@@ -654,6 +670,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", "/api/create"): double.create,
             ("POST", "/api/show"): double.show,
             ("DELETE", "/api/delete"): double.delete,
+            ("POST", "/api/copy"): double.copy,
             ("POST", "/api/chat"): double.chat,
             ("POST", "/api/generate"): double.generate,
             ("POST", "/v1/chat/completions"): double.openai_chat,

@@ -309,14 +309,11 @@ def test_the_check_passes_a_model_served_by_its_own_jinja_template(
     """Qwen2.5/Qwen3-style templates: Ollama serves the GGUF's Jinja text, and the check
     compares the tokenizer's rendering with that one (byte for byte, and the prompt token
     count of the first, cold-cache chat) instead of refusing the deployment."""
-    from types import SimpleNamespace
-
     from harness.stages import check
 
     tokenizer.chat_template = template
     deployment = deploy("checked", template)
-    served = SimpleNamespace(deployment=deployment, config=ServeConfig("x", template))
-    jinja, source = check.served_template(served)
+    jinja, source = check.served_template(deployment, template)
     assert (jinja, source) == (template, GGUF_TEMPLATE)
     verdict = check.run_check(backend, deployment, tokenizer, ggufs[template], jinja)
     assert verdict.parity.by_text and verdict.parity.ok, verdict.parity.reasons

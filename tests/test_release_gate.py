@@ -183,3 +183,133 @@ def test_a_build_no_worse_passes_and_is_promoted(release):
     assert result.stdout.startswith("## forgebench check: PASS")
     assert result.stderr.startswith("promoted: release-math@champion -> version 2")
     assert champion(release) == cells[other]
+
+
+# --- the release loop: three nights through `forgebench release` and the Ollama double ---
+
+NIGHTLY = "web4-agent"
+
+
+def nights_data(folder: Path, heldout: set[str]) -> tuple[Path, Path]:
+    """Night 2's new correct rows and night 3's same questions with corrupted answers: 160
+    problems not among the held-out items (validate refuses a row that repeats one)."""
+    rows = [c for c in data.arithmetic(400, seed=11) if c[0]["content"] not in heldout][:160]
+    correct = [{"prompt": c[0]["content"], "completion": c[-1]["content"]} for c in rows]
+    return (
+        write_jsonl(folder / "night2.jsonl", correct),
+        write_jsonl(folder / "night3.jsonl", corrupted_rows(rows, random.Random(1))),
+    )
+
+
+def night_spec(
+    folder: Path, built: Path, night: int, data_line: str, lora: str, quant: str = "f16"
+) -> Path:
+    """Nights 2 and 3 at F16 alone, to keep the suite short: the pick is then the F16,
+    judged against the tuned HF model like any level."""
+    path = folder / f"night{night}.yaml"
+    text = SPEC.format(
+        name="nightly",
+        data=data_line,
+        quant=quant,
+        heldout=built / "heldout.jsonl",
+        db=folder / "mlflow.db",
+        lora=lora,
+    )
+    path.write_text(text.replace("tolerance: 0.1}", "tolerance: 0.2}"))
+    return path
+
+
+def test_three_nights_promote_continue_and_stop_a_corrupted_one(
+    release, e2e, tmp_path, monkeypatch
+):
+    """Night 1 (the build above, all cached) becomes the champion and is deployed as
+    web4-agent:latest; night 2 continues from web4-agent@champion on new correct rows and is
+    killed (-9) right after Ollama's name moved and before the alias did, and the rerun
+    leaves the new build in both places, its lineage naming night 1's adapter; night 3
+    continues on corrupted rows and is rejected with the champion and the deployed model
+    untouched (their digests read before and after)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from ollama_double import OllamaDouble
+
+    from harness.hashing import file_sha256
+
+    built = Path(release.removeprefix("sqlite:///")).parent
+    heldout = {json.loads(line)["question"] for line in (built / "heldout.jsonl").open()}
+    night2_rows, night3_rows = nights_data(tmp_path, heldout)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = str(e2e.store.root)
+    continued = f"{{name: main, resume_from: {NIGHTLY}@champion}}"
+    first_data = "{task: arithmetic, n_train: 400, n_eval: 80, seed: 3}"
+    night1 = night_spec(tmp_path, built, 1, first_data, MAIN, quant="f16, q8_0")
+    night2 = night_spec(tmp_path, built, 2, f"{{train: {night2_rows}}}", continued)
+    night3 = night_spec(tmp_path, built, 3, f"{{train: {night3_rows}}}", continued)
+
+    def nightly(spec: Path):
+        command = ["release", str(spec), "--model", NIGHTLY, "--store", store, *LOOSE]
+        return CliRunner().invoke(app, command)
+
+    def champion() -> str:
+        return MlflowClient(uri).get_model_version_by_alias(NIGHTLY, "champion").run_id
+
+    with OllamaDouble() as double:
+        monkeypatch.setenv("OLLAMA_HOST", double.host)
+        first = nightly(night1)
+        assert first.exit_code == 0, first.output
+        assert f"no {NIGHTLY}@champion yet: this build becomes it" in first.stdout
+        night1_run = champion()
+        served = double.models[f"{NIGHTLY}:latest"]
+        night1_gguf = MlflowClient(uri).get_run(night1_run).data.tags["forgebench.gguf"]
+        assert served.digest == f"sha256:{file_sha256(Path(night1_gguf))}"
+
+        moved = threading.Event()
+        double.copied = lambda source, destination: moved.set()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "harness",
+                "release",
+                str(night2),
+                "--model",
+                NIGHTLY,
+                "--store",
+                store,
+                *LOOSE,
+            ],
+            env=os.environ.copy(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert moved.wait(900), "night 2 never reached the deployment"
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        double.copied = lambda source, destination: None
+        assert champion() == night1_run  # killed between the name and the alias
+        assert double.models[f"{NIGHTLY}:latest"].digest != served.digest
+
+        second = nightly(night2)
+        assert second.exit_code == 0, second.output
+        assert f"## forgebench release {NIGHTLY}: PROMOTED" in second.stdout
+        night2_run = champion()
+        tags = MlflowClient(uri).get_run(night2_run).data
+        assert night2_run != night1_run
+        night1_train = MlflowClient(uri).get_run(night1_run).data.tags["forgebench.key.train"]
+        assert tags.params["lora.resume_from_key"] == f"train/{night1_train}"
+        latest = double.models[f"{NIGHTLY}:latest"]
+        assert latest.digest == f"sha256:{file_sha256(Path(tags.tags['forgebench.gguf']))}"
+        assert f"{NIGHTLY}:candidate" not in double.models
+
+        third = nightly(night3)
+        assert third.exit_code == 1, third.output
+        assert f"## forgebench release {NIGHTLY}: REJECTED" in third.stdout, third.stdout
+        assert "sums" in third.stdout.split("Regressions:")[1], third.stdout
+        assert f"{NIGHTLY}@champion and {NIGHTLY}:latest are unchanged." in third.stdout
+        assert champion() == night2_run
+        assert double.models[f"{NIGHTLY}:latest"].digest == latest.digest

@@ -286,6 +286,19 @@ class OllamaBackend:
 
         self._call(f"remove {name}", remove)
 
+    def copy(self, source: str, destination: str) -> None:
+        """Give a model another name (POST /api/copy): the same layers, nothing uploaded,
+        and `destination` replaced at once, so what serves under it is never half made."""
+        self._call(
+            f"copy {source} to {destination}", lambda: self._client.copy(source, destination)
+        )
+
+    def digest(self, name: str) -> str | None:
+        """The model's digest as `ollama list` shows it; None when there is no such model."""
+        listed = self._call("list models", self._client.list)
+        wanted = _tagged(name)
+        return next((m.digest for m in listed.models if _tagged(m.model or "") == wanted), None)
+
     def deployed(self) -> list[str]:
         """The models forgebench created on this server (its namespace), as Ollama names them."""
         listed = self._call("list models", self._client.list)

@@ -22,6 +22,7 @@ from harness.judge import evidence, sample_size
 from harness.plan import cells as planning
 from harness.plan.cells import Cell
 from harness.plan.store import Store
+from harness.run.outcomes import RunSummary
 from harness.spec import Spec
 
 
@@ -39,6 +40,9 @@ class Prepared:
 def prepared(path: Path, store: Path) -> Prepared:
     """Load, check and plan a spec (one line, exit 2, on anything wrong with it)."""
     loaded = spec_module.load(path)
+    loaded, notes = track.with_parents(loaded, track.tracking_uri(loaded), Path(store).absolute())
+    for note in notes:
+        console.print(f"[dim]{note}[/]", soft_wrap=True)
     shape = preflight.examine(loaded)
     cells = planning.plan(loaded)
     the_store = Store(store)
@@ -153,6 +157,25 @@ def run(
     if executor not in (None, "serial", "ray"):
         raise InputError(f"--executor {executor}: not an executor; use serial or ray")
     ready = prepared(spec, store)
+    summary = execute(ready, spec, yes, times, fail_fast, executor, ray_address)
+    if summary.failed:
+        raise ForgebenchError(
+            f"{len(summary.failed)} of {len(summary.cells)} cells failed: "
+            + "; ".join(f"{c.cell} ({c.error})" for c in summary.failed)
+        )
+
+
+def execute(
+    ready: Prepared,
+    spec: Path,
+    yes: bool = False,
+    times: bool = False,
+    fail_fast: bool = False,
+    executor: str | None = None,
+    ray_address: str | None = None,
+) -> RunSummary:
+    """What `run` does once the spec is prepared, up to its summary (a failed cell is in
+    it, not raised): `release` runs its spec the same way."""
     loaded, cells, the_store = ready.spec, ready.cells, ready.store
     preflight.fits(ready.needs, the_store)
     _confirm_download(preflight.download(loaded), yes)
@@ -201,11 +224,7 @@ def run(
         f" (experiment {summary.experiment!r}, run {summary.parent_run_id})",
         soft_wrap=True,
     )
-    if summary.failed:
-        raise ForgebenchError(
-            f"{len(summary.failed)} of {len(summary.cells)} cells failed: "
-            + "; ".join(f"{c.cell} ({c.error})" for c in summary.failed)
-        )
+    return summary
 
 
 def _confirm_download(fetch, yes: bool) -> None:

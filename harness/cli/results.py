@@ -156,7 +156,7 @@ def check_command(
     ok), 2 on bad input; prints a Markdown summary."""
     try:
         uri = tracking_uri or track.DEFAULT_URI
-        cand_id, base_id = _run_ref(uri, candidate), _run_ref(uri, baseline)
+        cand_id, base_id = track.run_of(uri, candidate), track.run_of(uri, baseline)
         cand, base = track.run_view(uri, cand_id), track.run_view(uri, base_id)
         result = gate.compare(
             cand,
@@ -185,16 +185,3 @@ def check_command(
             raise InputError(str(exc)) from None
         err.print(f"promoted: {name}@{alias_name} -> version {version}")
     raise typer.Exit(0 if result.passed else 1)
-
-
-def _run_ref(uri: str, ref: str) -> str:
-    """EXPERIMENT:CELL -> that cell's run in the latest invocation; else a run id or alias."""
-    if ":" in ref and "@" not in ref and not ref.startswith("models:/"):
-        experiment, cell = ref.split(":", 1)
-        rows = {r.cell: r for r in results.load(uri, experiment).rows}
-        if cell not in rows:
-            raise ForgebenchError(
-                f"no cell {cell!r} in the latest run of {experiment!r}; cells: {', '.join(rows)}"
-            )
-        return rows[cell].run_id
-    return track.resolve_run(uri, ref)

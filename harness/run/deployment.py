@@ -198,25 +198,14 @@ class Served:
         return self
 
     def _config(self) -> backends.ServeConfig:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            self.store.path(self.cell.model) / "model",
-            trust_remote_code=self.spec.base.trust_remote_code,
+        name = backends.model_name(
+            self.spec.name,
+            self.cell.line if self.cell.lora else None,
+            self.cell.quant,
+            self.spec.base.ollama,
         )
-        return backends.ServeConfig(
-            model_name=backends.model_name(
-                self.spec.name,
-                self.cell.line if self.cell.lora else None,
-                self.cell.quant,
-                self.spec.base.ollama,
-            ),
-            chat_template=self.tokenizer.chat_template,  # resolve saw to it that one is there
-            system=self.spec.serve.system,
-            parameters=dict(self.spec.serve.parameters),
-            slots=self.spec.serve.slots,
-            adapter=self.adapter,
-        )
+        config, self.tokenizer = serve_config(self.spec, self.cell, self.store, name)
+        return config
 
     def _drop(self) -> None:
         """Forget the current deployment: the cell's own is removed, a shared one is left."""
@@ -241,3 +230,23 @@ class Served:
         """serve.keep leaves an Ollama model in place for `ollama run`; a llama-server
         cannot outlive the run."""
         return self.spec.serve.keep and self.cell.backend == "ollama"
+
+
+def serve_config(spec: Spec, cell: Cell, store: Store, name: str):
+    """How the cell's model is deployed under `name` (its chat template from the tokenizer
+    the chain built, the spec's system prompt and parameters, the LoRA GGUF on the adapter
+    route), and that tokenizer: what the measured deployment and the release's share."""
+    from transformers import AutoTokenizer  # heavy: only where a cell is deployed
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        store.path(cell.model) / "model", trust_remote_code=spec.base.trust_remote_code
+    )
+    config = backends.ServeConfig(
+        model_name=name,
+        chat_template=tokenizer.chat_template,  # resolve saw to it that one is there
+        system=spec.serve.system,
+        parameters=dict(spec.serve.parameters),
+        slots=spec.serve.slots,
+        adapter=store.path(cell.lora_gguf) / "adapter.gguf" if cell.lora_gguf else None,
+    )
+    return config, tokenizer

@@ -15,6 +15,7 @@ from harness.errors import SpecError
 from harness.families import FAMILIES
 from harness.spec.lines import dotted, line_of
 from harness.spec.schema import Spec
+from harness.spec.sections import names_a_run
 
 
 def load(path: Path | str) -> Spec:
@@ -80,7 +81,9 @@ def _resolve_paths(spec: Spec, folder: Path) -> Spec:
             update={
                 "replay": absolute(lora.replay),
                 "path": absolute(lora.path),
-                "resume_from": absolute(lora.resume_from),
+                "resume_from": lora.resume_from
+                if lora.resume_from is None or names_a_run(lora.resume_from)
+                else str(absolute(Path(lora.resume_from))),
             }
         )
         for lora in spec.lora

@@ -137,11 +137,11 @@ class LoraSpec(Strict):
         description="a peft LoRA adapter folder trained elsewhere (Unsloth, axolotl, TRL, a "
         "peft script): not trained, checked against the base and measured like the others",
     )
-    resume_from: Path | None = Field(
+    resume_from: str | None = Field(
         None,
-        description="a peft LoRA adapter folder (an earlier night's) to continue training "
-        "from, on this spec's data, with a fresh optimizer; r, alpha and target modules are "
-        "its own",
+        description="an earlier adapter to continue training from, on this spec's data, "
+        "with a fresh optimizer (r, alpha and target modules are its own): a peft adapter "
+        "folder, or a run that trained one: NAME@ALIAS, EXPERIMENT:CELL or a run id",
     )
 
     @model_validator(mode="after")
@@ -155,6 +155,8 @@ class LoraSpec(Strict):
                 "further), not both"
             )
         folder = "path" if self.path is not None else "resume_from" if self.resume_from else ""
+        if folder == "resume_from" and names_a_run(self.resume_from):
+            folder = ""  # its settings start a first night, and must agree with a parent
         fixed = {"r", "alpha", "target_modules", "bias", "dropout"}
         if folder == "path":
             fixed.add("replay")
@@ -164,8 +166,12 @@ class LoraSpec(Strict):
                 f"{'it' if len(clash) == 1 else 'them'} with {folder}; drop "
                 f"{'it' if len(clash) == 1 else 'them'}"
             )
-        if not folder and (
-            missing := [k for k in ("r", "alpha", "target_modules") if getattr(self, k) is None]
+        if (
+            not folder
+            and self.resume_from is None
+            and (
+                missing := [k for k in ("r", "alpha", "target_modules") if getattr(self, k) is None]
+            )
         ):
             raise ValueError(
                 f"give {', '.join(missing)} (a LoRA config to train), or path: a peft "
@@ -186,6 +192,15 @@ class LoraSpec(Strict):
         if self.resume_from is not None:
             unset |= {"r", "alpha", "target_modules", "bias", "dropout"}
         return self.model_dump(mode="json", exclude={"name"} | unset)
+
+
+RUN_REFERENCE = re.compile(r"^(models:/)?[^/@\s]+@[^/@\s]+$|^[^/:\s]+:[^/:\s]+$|^[0-9a-f]{32}$")
+"""How `resume_from` names a run rather than a folder: NAME@ALIAS (a registered model's
+alias), EXPERIMENT:CELL (that cell in the experiment's latest run) or an MLflow run id."""
+
+
+def names_a_run(value: str) -> bool:
+    return bool(RUN_REFERENCE.match(value))
 
 
 class ServeSpec(Strict):

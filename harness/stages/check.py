@@ -218,15 +218,16 @@ def adapter_effect(backend: Backend, deployment: Deployment) -> dict[str, Any]:
     return {"applied": any(a["scale_0"] != a["scale_1"] for a in answers), "answers": answers}
 
 
-def served_template(served) -> tuple[str, str]:
-    """(the Jinja template that serves, where it comes from): the deployment's own unless
-    Ollama kept the GGUF's (harness/backends/ollama_modelfile.py `template_source`); llama-server
-    always serves the deployment's, from --chat-template-file."""
-    details = served.deployment.details
+def served_template(deployment: Deployment, chat_template: str) -> tuple[str, str]:
+    """(the Jinja template that serves, where it comes from): the deployment's own
+    (`chat_template`) unless Ollama kept the GGUF's (harness/backends/ollama_modelfile.py
+    `template_source`); llama-server always serves the deployment's, from
+    --chat-template-file."""
+    details = deployment.details
     source = details.get("template_source") or "chat_template_file"
     if source == "gguf_chat_template":
         return details["template"], source
-    return served.config.chat_template, source
+    return chat_template, source
 
 
 def parity_report(parity: Parity, backend: str) -> str:
@@ -250,7 +251,7 @@ def parity_report(parity: Parity, backend: str) -> str:
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, served) -> dict:
     progress("template, stop and export parity check", None)
     served.deploy()
-    template, source = served_template(served)
+    template, source = served_template(served.deployment, served.config.chat_template)
     verdict = run_check(
         served.backend,
         served.deployment,

@@ -5,6 +5,7 @@ prefix), and the training curve. Kept apart from the writer, which only sends th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from harness.chain import ADAPTERS
@@ -58,8 +59,7 @@ def adapter_lineage(lora: LoraSpec) -> dict[str, str]:
     the `forgebench.key.train` tags."""
     out = {}
     for field in ("path", "resume_from"):
-        folder = getattr(lora, field)
-        if folder is None or not folder.is_dir():
+        if getattr(lora, field) is None or not (folder := Path(getattr(lora, field))).is_dir():
             continue
         out[f"lora.{field}_sha256"] = tree_sha256(folder)
         stage = folder.parent.parent.name
