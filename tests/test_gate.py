@@ -293,7 +293,7 @@ def test_skip_takes_only_the_gate_s_figures():
 
 def test_check_command_takes_skip_repeated(monkeypatch):
     views = {"c": run(metrics={"memory_mb": 500.0}, machine="other"), "b": run("base")}
-    monkeypatch.setattr(track, "resolve_run", lambda uri, ref: ref)
+    monkeypatch.setattr(track, "run_of", lambda uri, ref: ref)
     monkeypatch.setattr(track, "run_view", lambda uri, run_id: views[run_id])
     monkeypatch.setattr(track, "samples", lambda uri, run_id: SAME)
     command = ["check", "--candidate", "c", "--baseline", "b", "--tracking-uri", "sqlite://"]

@@ -85,3 +85,45 @@ def test_a_first_night_needs_the_adapter_shape_to_start_from(tmp_path):
         "needs alpha, target_modules",
         tmp_path,
     )
+
+
+def test_a_second_release_of_one_model_waits_for_the_first(tmp_path):
+    """The lock a release holds while it runs, gates and promotes: a second one for the same
+    model says it waits, and runs nothing before the first lets go (here: never)."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from filelock import FileLock
+    from ollama_double import OllamaDouble
+
+    cache = tmp_path / "cache"
+    (cache / "release").mkdir(parents=True)
+    path = spec(tmp_path, ONE)
+    store = str(tmp_path / "store")
+    said: list[str] = []
+    with OllamaDouble() as double, FileLock(cache / "release" / "web4.lock"):
+        env = os.environ | {"OLLAMA_HOST": double.host, "FORGEBENCH_CACHE": str(cache)}
+        command = ["release", str(path), "--model", "web4", "--store", store]
+        second = subprocess.Popen(
+            [sys.executable, "-m", "harness", *command],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        threading.Thread(target=lambda: said.extend(second.stderr), daemon=True).start()
+        try:
+            deadline = time.monotonic() + 120
+            while not any("waiting" in line for line in said) and time.monotonic() < deadline:
+                assert second.poll() is None, said
+                time.sleep(0.1)
+            time.sleep(2)
+            assert second.poll() is None, said  # still waiting
+        finally:
+            second.kill()
+            second.wait()
+    assert "waiting for another `forgebench release --model web4` to finish\n" in said
+    assert not (tmp_path / "mlflow.db").exists()  # nothing ran while it waited

@@ -215,7 +215,10 @@ def night_spec(
         db=folder / "mlflow.db",
         lora=lora,
     )
-    path.write_text(text.replace("tolerance: 0.1}", "tolerance: 0.2}"))
+    # the champion answers 11-14 of the 80 items, so a tolerance of 0.2 would call even
+    # losing them all "within tolerance"; at 0.15 night 2 holds (drop +0.037, upper bound
+    # 0.093 on the EPYC) and night 3 does not (+0.138 [+0.076, +0.213])
+    path.write_text(text.replace("tolerance: 0.1}", "tolerance: 0.15}"))
     return path
 
 

@@ -23,7 +23,7 @@ from harness.plan.store import Store
 from harness.release.ship import NotShipped, ship
 from harness.run.outcomes import RunSummary
 from harness.spec import Spec
-from harness.track import connect, results, schema
+from harness.track import ORDER, RunView, connect, results, schema
 
 
 @dataclass
@@ -47,25 +47,26 @@ def release(
     by: str = "size",
     tolerances: gate.Tolerances | None = None,
 ) -> Outcome:
-    """Gate the spec's pick against MODEL@ALIAS and, on a pass, ship and promote it."""
+    """Gate the spec's pick against MODEL@ALIAS and, on a pass, ship and promote it. When no
+    cell can ship, its largest finished level is still gated, so the summary says what
+    regressed against the champion and by how much, not only that the build is not ok."""
     uri = summary.tracking_uri
     adapter = shipped_adapter(spec)
     rows = results.load(uri, summary.experiment, summary.parent_run_id).rows
     [choice] = [c for c in choose(rows, by) if c.adapter == adapter]
     head = f"## forgebench release {model}"
-    if choice.row is None:
-        return _rejected(head, [f"No cell of `{adapter}` can ship: {choice.why}"], model, alias)
-    candidate = choice.row
-    lines = [
-        f"candidate `{summary.experiment}:{candidate.cell}` (run `{candidate.run_id}`): "
-        f"{choice.why}"
-    ]
+    candidate = choice.row or _largest_done(rows, adapter)
+    lines = [] if choice.row else [f"No cell of `{adapter}` can ship: {choice.why}"]
+    if candidate is None:
+        return _rejected(head, lines, model, alias)
+    picked = choice.why if choice.row else "gated for the record"
+    lines.append(
+        f"candidate `{summary.experiment}:{candidate.cell}` (run `{candidate.run_id}`): {picked}"
+    )
     if parent := candidate.params.get("lora.resume_from_key"):
         lines.append(f"continues the adapter {parent} (`lora.resume_from`)")
     champion = _champion(uri, model, alias)
-    if champion is None:
-        lines.append(f"no {model}@{alias} yet: this build becomes it")
-    else:
+    if champion is not None:
         baseline = track.run_view(uri, champion)
         result = gate.compare(
             candidate,
@@ -77,6 +78,10 @@ def release(
         lines += ["", result.markdown(candidate, baseline).rstrip()]
         if not result.passed:
             return _rejected(head, lines, model, alias)
+    if choice.row is None:
+        return _rejected(head, lines, model, alias)
+    if champion is None:
+        lines.append(f"no {model}@{alias} yet: this build becomes it")
     cell = next(c for c in cells if c.name == candidate.cell)
     try:
         shipped = ship(spec, cell, store, f"{model}:latest")
@@ -91,6 +96,12 @@ def release(
         f"promoted: {model}@{alias} -> version {version}",
     ]
     return Outcome(True, [f"{head}: PROMOTED", "", *lines])
+
+
+def _largest_done(rows: list[RunView], adapter: str) -> RunView | None:
+    """The adapter's finished cell at the largest level: what a rejected build is gated on."""
+    done = [r for r in rows if r.adapter == adapter and r.status == "done"]
+    return min(done, key=lambda r: ORDER.get(r.quant, 99), default=None)
 
 
 def _rejected(head: str, lines: list[str], model: str, alias: str) -> Outcome:
