@@ -16,7 +16,7 @@ from harness.backends import OllamaBackend
 from harness.errors import ForgebenchError
 from harness.plan.cells import Cell
 from harness.plan.store import Store
-from harness.run.deployment import serve_config
+from harness.run.deployment import lora_gguf, serve_config
 from harness.spec import Spec
 from harness.stages import check
 
@@ -41,7 +41,7 @@ def ship(spec: Spec, cell: Cell, store: Store, stable: str, host: str | None = N
     model = stable.rsplit(":", 1)[0] if ":" in stable.rsplit("/", 1)[-1] else stable
     candidate = f"{model}:{CANDIDATE}"
     gguf = store.path(cell.gguf) / "model.gguf"
-    config, tokenizer = serve_config(spec, cell, store, candidate)
+    config, tokenizer = serve_config(spec, cell, store, candidate, lora_gguf(cell, store))
     with OllamaBackend(host) as ollama:
         before = ollama.digest(stable)
         deployment = ollama.deploy(gguf, config)

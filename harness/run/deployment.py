@@ -160,7 +160,7 @@ class Served:
     def __init__(self, spec: Spec, cell: Cell, store: Store, sharing: Sharing | None = None):
         self.spec, self.cell, self.store, self.sharing = spec, cell, store, sharing
         self.gguf = store.path(cell.gguf) / "model.gguf"
-        self.adapter = store.path(cell.lora_gguf) / "adapter.gguf" if cell.lora_gguf else None
+        self.adapter = lora_gguf(cell, store)
         """The LoRA GGUF served beside the base GGUF (the adapter route), else None."""
         self.config: backends.ServeConfig | None = None
         """The cell's own deployment settings (a shared server's differ in name and LoRAs)."""
@@ -204,7 +204,7 @@ class Served:
             self.cell.quant,
             self.spec.base.ollama,
         )
-        config, self.tokenizer = serve_config(self.spec, self.cell, self.store, name)
+        config, self.tokenizer = serve_config(self.spec, self.cell, self.store, name, self.adapter)
         return config
 
     def _drop(self) -> None:
@@ -232,10 +232,16 @@ class Served:
         return self.spec.serve.keep and self.cell.backend == "ollama"
 
 
-def serve_config(spec: Spec, cell: Cell, store: Store, name: str):
+def lora_gguf(cell: Cell, store: Store) -> Path | None:
+    """The LoRA GGUF the adapter route serves beside the base GGUF, else None."""
+    return store.path(cell.lora_gguf) / "adapter.gguf" if cell.lora_gguf else None
+
+
+def serve_config(spec: Spec, cell: Cell, store: Store, name: str, adapter: Path | None):
     """How the cell's model is deployed under `name` (its chat template from the tokenizer
-    the chain built, the spec's system prompt and parameters, the LoRA GGUF on the adapter
-    route), and that tokenizer: what the measured deployment and the release's share."""
+    the chain built, the spec's system prompt and parameters, `adapter`: the LoRA GGUF on
+    the adapter route), and that tokenizer: what the measured deployment and the release's
+    share."""
     from transformers import AutoTokenizer  # heavy: only where a cell is deployed
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -247,6 +253,6 @@ def serve_config(spec: Spec, cell: Cell, store: Store, name: str):
         system=spec.serve.system,
         parameters=dict(spec.serve.parameters),
         slots=spec.serve.slots,
-        adapter=store.path(cell.lora_gguf) / "adapter.gguf" if cell.lora_gguf else None,
+        adapter=adapter,
     )
     return config, tokenizer
