@@ -24,19 +24,25 @@ def normal(text: str) -> str:
 
 def first_repeat(train: Path, tasks: Mapping[str, Path]) -> str | None:
     """Where the first row of `train` (a training JSONL) repeats an item of `tasks` (task
-    name -> question/answer JSONL), as "FILE:LINE repeats TASK's item 'QUESTION'"; None
-    when no row does."""
-    items: dict[str, str] = {}
+    name -> question/answer JSONL) with its answer, as "FILE:LINE repeats TASK's item
+    'QUESTION'"; None when no row does. A row that asks an item's question and answers it
+    otherwise teaches no answer to recall (the suite's blame test trains on swapped ones)."""
+    items: dict[str, tuple[str, str]] = {}
     for task, path in tasks.items():
         for _, line in training.lines(path):
             if line.strip():
-                items.setdefault(normal(json.loads(line)["question"]), task)
+                row = json.loads(line)
+                items.setdefault(normal(row["question"]), (task, normal(row["answer"])))
     for lineno, conversation in training.numbered(train):
+        answer = normal(conversation[-1]["content"])
         for message in conversation:
-            if message["role"] == "user" and (task := items.get(normal(message["content"]))):
+            if message["role"] != "user":
+                continue
+            task, expected = items.get(normal(message["content"]), ("", ""))
+            if task and expected in answer:
                 question = " ".join(message["content"].split())
                 shown = question if len(question) <= 80 else question[:77] + "..."
-                return f"{train}:{lineno} repeats {task}'s item {shown!r}"
+                return f"{train}:{lineno} repeats {task}'s item {shown!r} with its answer"
     return None
 
 
