@@ -157,17 +157,11 @@ def check_command(
     try:
         uri = tracking_uri or track.DEFAULT_URI
         cand_id, base_id = track.run_of(uri, candidate), track.run_of(uri, baseline)
-        cand, base = track.run_view(uri, cand_id), track.run_view(uri, base_id)
-        result = gate.compare(
-            cand,
-            base,
-            track.samples(uri, cand_id),
-            track.samples(uri, base_id),
-            gate.Tolerances(
-                tolerance, confidence, speed_drop_pct, memory_rise_pct, frozenset(accept or ())
-            ),
-            frozenset(skip or ()),
+        tolerances = gate.Tolerances(
+            tolerance, confidence, speed_drop_pct, memory_rise_pct, frozenset(accept or ())
         )
+        cand = track.run_view(uri, cand_id)
+        result, base = gate.against(uri, cand, base_id, tolerances, frozenset(skip or ()))
     except ForgebenchError as exc:  # for a CI job, 1 means "regressed" and nothing else
         raise InputError(str(exc)) from None
     summary = result.markdown(cand, base)

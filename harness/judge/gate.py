@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from harness import track
 from harness.errors import InputError
 from harness.judge import paired
 from harness.judge.blame import drop_state
@@ -280,3 +281,24 @@ def _relative(
     )
     if bad:
         result.regressions.append(f"{name}: {cand:.1f} vs {base:.1f} ({change:+.1f}%)")
+
+
+def against(
+    uri: str,
+    candidate: RunView,
+    baseline_id: str,
+    tol: Tolerances,
+    skip: frozenset[str] = frozenset(),
+) -> tuple[GateResult, RunView]:
+    """`compare` on logged runs: the baseline read back from MLflow and both runs' per-item
+    samples; what `forgebench check` and `forgebench release` gate with."""
+    baseline = track.run_view(uri, baseline_id)
+    result = compare(
+        candidate,
+        baseline,
+        track.samples(uri, candidate.run_id),
+        track.samples(uri, baseline_id),
+        tol,
+        skip,
+    )
+    return result, baseline

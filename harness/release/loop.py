@@ -20,7 +20,7 @@ from harness.judge import gate
 from harness.judge.best import choose
 from harness.plan.cells import Cell
 from harness.plan.store import Store
-from harness.release.ship import NotShipped, ship
+from harness.release.ship import STABLE, NotShipped, ship
 from harness.run.outcomes import RunSummary
 from harness.spec import Spec
 from harness.track import ORDER, RunView, connect, results, schema
@@ -67,14 +67,7 @@ def release(
         lines.append(f"continues the adapter {parent} (`lora.resume_from`)")
     champion = _champion(uri, model, alias)
     if champion is not None:
-        baseline = track.run_view(uri, champion)
-        result = gate.compare(
-            candidate,
-            baseline,
-            track.samples(uri, candidate.run_id),
-            track.samples(uri, champion),
-            tolerances or gate.Tolerances(),
-        )
+        result, baseline = gate.against(uri, candidate, champion, tolerances or gate.Tolerances())
         lines += ["", result.markdown(candidate, baseline).rstrip()]
         if not result.passed:
             return _rejected(head, lines, model, alias)
@@ -84,7 +77,7 @@ def release(
         lines.append(f"no {model}@{alias} yet: this build becomes it")
     cell = next(c for c in cells if c.name == candidate.cell)
     try:
-        shipped = ship(spec, cell, store, f"{model}:latest")
+        shipped = ship(spec, cell, store, model)
     except NotShipped as refused:
         return _rejected(head, [*lines, "", str(refused)], model, alias)
     gguf = candidate.tags.get(schema.GGUF)
@@ -105,7 +98,7 @@ def _largest_done(rows: list[RunView], adapter: str) -> RunView | None:
 
 
 def _rejected(head: str, lines: list[str], model: str, alias: str) -> Outcome:
-    unchanged = f"{model}@{alias} and {model}:latest are unchanged."
+    unchanged = f"{model}@{alias} and {model}:{STABLE} are unchanged."
     return Outcome(False, [f"{head}: REJECTED", "", *lines, "", unchanged])
 
 

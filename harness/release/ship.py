@@ -20,8 +20,9 @@ from harness.run.deployment import lora_gguf, serve_config
 from harness.spec import Spec
 from harness.stages import check
 
-CANDIDATE = "candidate"
-"""The tag a new build is checked under before it takes the stable name."""
+STABLE, CANDIDATE = "latest", "candidate"
+"""The tag users are served under, and the one a new build is checked under before it
+takes the stable one."""
 
 
 class NotShipped(ForgebenchError):
@@ -36,10 +37,9 @@ class Shipped:
     """The digest that served under the name before, None when nothing did."""
 
 
-def ship(spec: Spec, cell: Cell, store: Store, stable: str, host: str | None = None) -> Shipped:
-    """Deploy `cell` to the Ollama at `host` (OLLAMA_HOST by default) as `stable`."""
-    model = stable.rsplit(":", 1)[0] if ":" in stable.rsplit("/", 1)[-1] else stable
-    candidate = f"{model}:{CANDIDATE}"
+def ship(spec: Spec, cell: Cell, store: Store, model: str, host: str | None = None) -> Shipped:
+    """Deploy `cell` to the Ollama at `host` (OLLAMA_HOST by default) as `MODEL:latest`."""
+    stable, candidate = f"{model}:{STABLE}", f"{model}:{CANDIDATE}"
     gguf = store.path(cell.gguf) / "model.gguf"
     config, tokenizer = serve_config(spec, cell, store, candidate, lora_gguf(cell, store))
     with OllamaBackend(host) as ollama:
