@@ -2,14 +2,16 @@
 
 The numbers come from the `gguf` package's `LlamaFileType` (llama.cpp's
 `llama_ftype`), so there is no second table to keep in sync. Only levels that
-need no importance matrix are offered.
+need no importance matrix are offered; a recipe (`harness.spec.recipes`) adds one
+to a level, or per-tensor types, under a name that starts with its level's
+(`q2_k-imat-train`), so every table that orders levels places it beside its level.
 """
 
 from __future__ import annotations
 
 import difflib
 
-from gguf import LlamaFileType
+from gguf import GGMLQuantizationType, LlamaFileType
 
 # Ordered from largest to smallest bits per weight.
 LEVELS: dict[str, LlamaFileType] = {
@@ -54,3 +56,39 @@ def canonical(name: str) -> str:
             f"unknown quant level {name!r}: {suggestion(name)}known levels: {', '.join(LEVELS)}"
         )
     return level
+
+
+def level_of(name: str) -> str | None:
+    """The level a cell's quant is made at: the name itself, or the level a recipe's name
+    starts with (`q2_k-imat-train` -> `q2_k`); None for a name that is neither."""
+    if name in LEVELS:
+        return name
+    prefixes = [level for level in LEVELS if name.startswith(f"{level}-")]
+    return max(prefixes, key=len, default=None)
+
+
+def rank(name: str) -> tuple[int, int, str]:
+    """Where a level or recipe sorts: largest level first, a level's recipes right after it."""
+    level = level_of(name)
+    order = list(LEVELS).index(level) if level else len(LEVELS)
+    return order, name != level, name
+
+
+WRITABLE = [
+    "F32",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q6_K",
+    "Q5_K",
+    "Q5_1",
+    "Q5_0",
+    "Q4_K",
+    "Q4_1",
+    "Q4_0",
+    "Q3_K",
+    "Q2_K",
+]
+TENSOR_TYPES = tuple(t.name.lower() for t in GGMLQuantizationType if t.name in WRITABLE)
+"""The ggml types llama-quantize writes for one tensor (--tensor-type NAME=TYPE) without an
+importance matrix, as gguf names them (the i-quants need one for every tensor)."""

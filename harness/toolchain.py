@@ -20,13 +20,13 @@ from importlib import metadata
 from pathlib import Path
 
 from harness import env
-from harness.errors import ForgebenchError
+from harness.errors import ForgebenchError, StageError
 from harness.hashing import file_sha256
 
 PACKAGE = "llama-cpp-python"
 CONVERTER = "convert_hf_to_gguf.py"
 LORA_CONVERTER = "convert_lora_to_gguf.py"
-TOOLS = ("llama-server", "llama-bench", "llama-perplexity")
+TOOLS = ("llama-server", "llama-bench", "llama-perplexity", "llama-quantize", "llama-imatrix")
 PORTABLE_FLAGS = (
     # A native build (-march=native) segfaults on quantized models on CPUs that
     # advertise AMX; these flags run on any x86-64 with AVX2.
@@ -177,7 +177,7 @@ def build_dir() -> Path:
 
 
 def build_tools(log=print, jobs: int | None = None) -> Path:
-    """Build llama-server, llama-bench and llama-perplexity once (portable CPU flags)."""
+    """Build the llama.cpp programs forgebench runs (`TOOLS`) once, with portable CPU flags."""
     if "FORGEBENCH_LLAMA_CPP_BIN" in os.environ:
         return Path(os.environ["FORGEBENCH_LLAMA_CPP_BIN"])
     bin_dir = build_dir() / "bin"
@@ -219,3 +219,16 @@ def build_tools(log=print, jobs: int | None = None) -> Path:
             if subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT).returncode != 0:
                 raise ForgebenchError(f"building llama.cpp failed; see {log_file}")
     return bin_dir
+
+
+def run_tool(name: str, args: list[str], log: Path) -> str:
+    """Run a llama.cpp program with its output in `log`, returning that output; a failure is
+    a StageError quoting its first error line (else its last line) and naming the log."""
+    with log.open("w") as fh:
+        done = subprocess.run([str(tool(name)), *args], stdout=fh, stderr=subprocess.STDOUT)
+    text = log.read_text()
+    if done.returncode != 0:
+        lines = text.strip().splitlines() or ["(no output)"]
+        reason = next((li for li in lines if "error" in li.lower()), lines[-1])
+        raise StageError(f"{name} failed (exit {done.returncode}): {reason}; see {log}")
+    return text

@@ -64,7 +64,7 @@ def validate(
         fetch = preflight.download(loaded)
         console.print(
             f"[green]ok[/] {path}: {len(loaded.lora)} LoRA configs x "
-            f"{len(loaded.quant)} quant levels"
+            f"{len(loaded.levels)} quant levels"
             + (f"; downloads first: {fetch.describe()}" if fetch else ""),
             soft_wrap=True,
         )

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from harness import quant
 from harness.chain import CONTROL
-from harness.track import ORDER, RunView, primary_task
+from harness.track import RunView, primary_task
 
 
 @dataclass
@@ -53,7 +54,7 @@ def walked(rows: list[RunView]) -> tuple[list[RunView], list[RunView]]:
     shown within tolerance: (the cells walked, the cells the walks stopped at)."""
     out, stops = [], []
     for route in dict.fromkeys(r.route for r in rows):
-        mine = sorted((r for r in rows if r.route == route), key=lambda r: ORDER.get(r.quant, 99))
+        mine = sorted((r for r in rows if r.route == route), key=lambda r: quant.rank(r.quant))
         for row in mine:
             if row.status != "done" or row.verdict not in ("ok", "slow"):
                 stops.append(row)

@@ -28,7 +28,7 @@ from harness import backends, host, quant, sources
 from harness.chain import ADAPTER, CONTROL, MERGE
 from harness.errors import ForgebenchError, InputError
 from harness.hashing import digest
-from harness.plan import keys
+from harness.plan import keys, recipes
 from harness.plan.store import StageCall
 from harness.sources import adapters, templates
 from harness.spec import LoraSpec, Spec
@@ -93,7 +93,7 @@ def plan(spec: Spec) -> list[Cell]:
     data = _data_identity(spec)
     backend = backends.resolve_name(spec.serve.backend) if spec.serves else ""
     adapters: list[LoraSpec | None] = ([None] if spec.control else []) + list(spec.lora)
-    levels = sorted(spec.quant, key=lambda level: level != quant.F16)
+    levels = sorted(spec.levels, key=lambda level: level != quant.F16)
     trust = spec.base.trust_remote_code
     base_f16 = StageCall(
         "convert", {"outtype": quant.F16}, {"model": resolve}, keys.versions("convert")
@@ -180,16 +180,19 @@ def _levels(
     backend: str,
     base_f16: StageCall,
 ) -> list[Cell]:
-    """One route's cells, F16 first: each level's GGUF and what the spec measures on it."""
+    """One route's cells, F16 first: each level's (or recipe's) GGUF and what the spec
+    measures on it."""
     f16 = calls["convert"]
     model = calls.get("merge") or calls["resolve"]
+    data = _data_identity(spec)
     cells = []
     for level in levels:
         cell_calls = dict(calls)
         if level != quant.F16:
-            cell_calls["quantize"] = StageCall(
-                "quantize", {"level": level}, {"gguf": f16}, keys.versions("quantize")
-            )
+            quantize = recipes.quantize_call(spec, level, f16, model, data)
+            if "imatrix" in quantize.inputs:  # a role too, so its time and figures are logged
+                cell_calls["imatrix"] = quantize.inputs["imatrix"]
+            cell_calls["quantize"] = quantize
         cell_calls |= references
         measured = _measurements(spec, cell_calls, model, f16, backend)
         tuned_f16 = level == quant.F16 and lora is not None and route == MERGE

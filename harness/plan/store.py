@@ -142,6 +142,7 @@ PATH_SETTINGS = (
     ("lora", "replay"),
     ("lora", "resume_from"),  # a peft adapter folder, by its content
     ("adapter",),  # the adopt stage's adapter folder
+    ("calibration", "path"),  # an imatrix recipe's calibration file
     ("evaluate", "tasks", "*", "path"),
     ("evaluate", "guard", "*", "path"),
 )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import backends, data, env, services, sources, track
-from harness.data import evals, hygiene, replay
+from harness.data import calibration, evals, hygiene, replay, training
 from harness.errors import ForgebenchError, InputError
 from harness.judge import sample_size
 from harness.preflight import inputs
@@ -40,6 +40,7 @@ def examine(spec: Spec) -> Shape | None:
     inputs.model_names(spec)
     _data(spec)
     _unseen(spec)
+    _calibrated(spec)
     sample_size.require_decidable(spec)
     shape = _base(spec)
     templates.require(spec)
@@ -115,6 +116,51 @@ def _unseen(spec: Spec) -> None:
             f"{spec.where('data', 'train')}: {repeat} (whitespace and case aside): a model "
             "trained on an eval item answers it from memory; drop the row"
         )
+
+
+def _calibrated(spec: Spec) -> None:
+    """No imatrix calibration text may hold an item the run scores (tasks and guards) or a
+    line of the drift text (`data.calibration`): a level calibrated on its own test is tuned
+    to it. Checked whatever `measure` says, since a later run may score on the same matrix."""
+    calibrated = [(i, e) for i, e in enumerate(spec.quant) if getattr(e, "imatrix", None)]
+    if not calibrated:
+        return
+    builtin = {"gsm8k": evals.GSM8K_DATA, "capitals": evals.CAPITALS_DATA}
+    files = {t.name: t.path for t in spec.evaluate.all_tasks if not isinstance(t, str)}
+    files |= {t: builtin[t] for t in spec.evaluate.all_tasks if t in builtin}
+    needles = calibration.needles(files, evals.EVALS / "drift_text.txt")
+    if spec.data.task == "arithmetic" and "arithmetic" in spec.evaluate.all_tasks:
+        held = data.held_out(spec.data.model_dump(mode="json"))
+        needles |= {
+            hygiene.normal(c[0]["content"]): f"arithmetic's item {c[0]['content']!r}" for c in held
+        }
+    for i, recipe in calibrated:
+        where = spec.where("quant", i, "imatrix")
+        if recipe.imatrix not in ("train", "text") and not recipe.imatrix.is_file():
+            raise InputError(f"{where}: file not found: {recipe.imatrix} (or say train or text)")
+        if leak := calibration.first_leak(_calibration_lines(spec, recipe.imatrix), needles):
+            raise InputError(
+                f"{where}: {leak} (whitespace and case aside): a level calibrated on what "
+                "judges it is tuned to the test; drop that text from the calibration"
+            )
+
+
+def _calibration_lines(spec: Spec, source: str | Path):
+    """(where, line number, text) of a calibration source, as `first_leak` reads it."""
+    if source == "text":
+        name = "imatrix text (pydoc_data)"
+        yield from (
+            (name, i, line) for i, line in enumerate(calibration.general_text().splitlines(), 1)
+        )
+    elif source == "train" and spec.data.train is not None:
+        for lineno, conversation in training.numbered(spec.data.train):
+            yield from ((spec.data.train, lineno, m["content"]) for m in conversation)
+    elif source == "train":
+        conversations = data.training_set(spec.data.model_dump(mode="json"))
+        for i, conversation in enumerate(conversations, 1):
+            yield from ((f"data.task {spec.data.task} row", i, m["content"]) for m in conversation)
+    else:
+        yield from ((source, i, line) for i, line in enumerate(source.read_text().splitlines(), 1))
 
 
 def _base(spec: Spec) -> Shape | None:

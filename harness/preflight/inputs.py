@@ -129,7 +129,7 @@ def model_names(spec: Spec) -> None:
     if spec.control:
         adapters.append(None)
     for adapter in adapters:
-        for quant in spec.quant:
+        for quant in spec.levels:
             name = backends.model_name(spec.name, adapter, quant, spec.base.ollama)
             part = name.split("/", 1)[1]
             if not OLLAMA_NAME_PART.match(part):

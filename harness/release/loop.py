@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import track
+from harness import quant, track
 from harness.errors import InputError
 from harness.judge import gate
 from harness.judge.best import choose
@@ -23,7 +23,7 @@ from harness.plan.store import Store
 from harness.release.ship import STABLE, NotShipped, ship
 from harness.run.outcomes import RunSummary
 from harness.spec import Spec
-from harness.track import ORDER, RunView, connect, results, schema
+from harness.track import RunView, connect, results, schema
 
 
 @dataclass
@@ -94,7 +94,7 @@ def release(
 def _largest_done(rows: list[RunView], adapter: str) -> RunView | None:
     """The adapter's finished cell at the largest level: what a rejected build is gated on."""
     done = [r for r in rows if r.adapter == adapter and r.status == "done"]
-    return min(done, key=lambda r: ORDER.get(r.quant, 99), default=None)
+    return min(done, key=lambda r: quant.rank(r.quant), default=None)
 
 
 def _rejected(head: str, lines: list[str], model: str, alias: str) -> Outcome:

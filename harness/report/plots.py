@@ -17,7 +17,7 @@ from harness import quant
 from harness.chain import CONTROL
 from harness.judge import paired
 from harness.judge.best import pareto_front
-from harness.track import ORDER, RunView, schema
+from harness.track import RunView, schema
 
 STEPS = ("training", "export", "quantization")
 """The links of the chain, in order; each compares a point with the one before it."""
@@ -62,7 +62,7 @@ def chain(rows: list[RunView], adapter: str, tasks: list[str]) -> list[Point]:
     adapter share them); F16 GGUF is `chain_f16_<task>`, else the f16 cell's own
     accuracy; then one point per quantized cell, largest level first.
     """
-    mine = sorted((r for r in rows if r.line == adapter), key=lambda r: ORDER.get(r.quant, 99))
+    mine = sorted((r for r in rows if r.line == adapter), key=lambda r: quant.rank(r.quant))
 
     def shared(prefix: str) -> dict[str, float | None]:
         return {

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from harness.errors import SpecError
 from harness.families import FAMILIES
 from harness.spec.lines import dotted, line_of
+from harness.spec.recipes import QuantRecipe
 from harness.spec.schema import Spec
 from harness.spec.sections import names_a_run
 
@@ -88,15 +89,28 @@ def _resolve_paths(spec: Spec, folder: Path) -> Spec:
         )
         for lora in spec.lora
     ]
+    recipes = [
+        e.model_copy(update={"imatrix": absolute(e.imatrix)})
+        if isinstance(e, QuantRecipe) and isinstance(e.imatrix, Path)
+        else e
+        for e in spec.quant
+    ]
     return spec.model_copy(
-        update={"base": base, "data": data, "evaluate": evaluate, "serve": serve, "lora": loras}
+        update={
+            "base": base,
+            "data": data,
+            "evaluate": evaluate,
+            "serve": serve,
+            "lora": loras,
+            "quant": recipes,
+        }
     )
 
 
 def _union_member(part: str | int) -> bool:
     """A location part pydantic adds for one member of a union: `literal['arithmetic',...]`,
-    `function-after[_regex_given(), EvalTaskSpec]`, `EvalTaskSpec`."""
-    return isinstance(part, str) and ("[" in part or part[:1].isupper())
+    `function-after[_regex_given(), EvalTaskSpec]`, `EvalTaskSpec`, `str`."""
+    return isinstance(part, str) and ("[" in part or part[:1].isupper() or part == "str")
 
 
 def _meant(errors: list[dict], raw: Any) -> list[dict]:
@@ -107,7 +121,7 @@ def _meant(errors: list[dict], raw: Any) -> list[dict]:
         value = raw
         for part in err["loc"]:
             if _union_member(part):
-                return part.startswith("literal[") == isinstance(value, str)
+                return part.startswith(("literal[", "str")) == isinstance(value, str)
             try:
                 value = value[part]
             except (KeyError, IndexError, TypeError):

@@ -17,6 +17,7 @@ from harness import quant
 from harness.chain import CONTROL, MEASUREMENTS, SERVED_MEASUREMENTS
 from harness.spec.budgets import BudgetSpec
 from harness.spec.lines import dotted, line_of
+from harness.spec.recipes import QuantRecipe
 from harness.spec.sections import (
     NAME_PATTERN,
     BaseRef,
@@ -40,7 +41,11 @@ class Spec(Strict):
     data: DataSpec
     train: TrainSpec = TrainSpec()
     lora: list[LoraSpec] = Field(min_length=1)
-    quant: list[str] = Field(min_length=1)
+    quant: list[str | QuantRecipe] = Field(
+        min_length=1,
+        description="levels (f16, q8_0, q4_k_m, ...) and recipes (a level with an importance "
+        "matrix or per-tensor types, see harness.spec.recipes)",
+    )
     route: list[Literal["merge", "adapter"]] = Field(
         default_factory=lambda: ["merge"],
         min_length=1,
@@ -105,12 +110,22 @@ class Spec(Strict):
 
     @field_validator("quant")
     @classmethod
-    def _known_levels(cls, levels: list[str]) -> list[str]:
-        canonical = [quant.canonical(level) for level in levels]
-        dupes = sorted({lv for lv in canonical if canonical.count(lv) > 1})
+    def _known_levels(cls, entries: list[str | QuantRecipe]) -> list[str | QuantRecipe]:
+        canonical = [e if isinstance(e, QuantRecipe) else quant.canonical(e) for e in entries]
+        names = [e.name if isinstance(e, QuantRecipe) else e for e in canonical]
+        dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"quant level listed twice: {', '.join(dupes)}")
+            raise ValueError(f"quant level listed twice: {', '.join(map(str, dupes))}")
         return canonical
+
+    @property
+    def levels(self) -> list[str]:
+        """The cells' quant names, as listed: levels and recipes' names."""
+        return [e.name if isinstance(e, QuantRecipe) else e for e in self.quant]
+
+    def recipe(self, name: str) -> QuantRecipe | None:
+        """The recipe a quant name stands for; None for a plain level."""
+        return next((e for e in self.quant if isinstance(e, QuantRecipe) and e.name == name), None)
 
     @field_validator("route")
     @classmethod

@@ -9,7 +9,6 @@ per adapter.
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +34,11 @@ def perplexity(
 ) -> str:
     """llama-perplexity on `model`; on the adapter route (an `adapter` input) with its LoRA
     GGUF applied, so that a level is compared with the F16 of its own route."""
-    command = [
-        str(toolchain.tool("llama-perplexity")),
-        "-m",
-        str(model),
-        "-f",
-        str(TEXT),
-        "-c",
-        str(settings["ctx"]),
-        "--chunks",
-        str(settings["chunks"]),
-        *extra,
-    ]
+    args = ["-m", str(model), "-f", str(TEXT), "-c", str(settings["ctx"])]
+    args += ["--chunks", str(settings["chunks"]), *extra]
     if "adapter" in inputs:
-        command += ["--lora", str(inputs["adapter"] / "adapter.gguf")]
-    with log.open("w") as fh:
-        done = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        lines = log.read_text().strip().splitlines() or ["(no output)"]
-        reason = next((li for li in lines if "error" in li.lower()), lines[-1])
-        raise StageError(f"llama-perplexity failed (exit {done.returncode}): {reason}; see {log}")
-    return log.read_text()
+        args += ["--lora", str(inputs["adapter"] / "adapter.gguf")]
+    return toolchain.run_tool("llama-perplexity", args, log)
 
 
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress: Progress) -> dict:

@@ -8,13 +8,12 @@ from harness.track.connect import DEFAULT_URI, tracking_uri
 from harness.track.lineage import run_of, with_parents
 from harness.track.reader import RunView, primary_task, resolve_run, run_view, samples
 from harness.track.registry import register, set_alias, tag
-from harness.track.results import ORDER, Invocation
+from harness.track.results import Invocation
 from harness.track.view import ui_command
 from harness.track.writer import Experiment
 
 __all__ = [
     "DEFAULT_URI",
-    "ORDER",
     "Experiment",
     "Invocation",
     "RunView",

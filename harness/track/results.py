@@ -13,8 +13,6 @@ from harness.chain import CONTROL, MERGE
 from harness.track import reader
 from harness.track.reader import RunView
 
-ORDER = {level: i for i, level in enumerate(quant.LEVELS)}
-
 
 @dataclass
 class Invocation:
@@ -30,6 +28,6 @@ def load(uri: str, experiment: str, run_id: str | None = None) -> Invocation:
     """The latest invocation of `experiment` (or the one named), with all its cells."""
     parent, rows = reader.invocation(uri, experiment, run_id)
     rows.sort(
-        key=lambda r: (r.adapter != CONTROL, r.adapter, r.route != MERGE, ORDER.get(r.quant, 99))
+        key=lambda r: (r.adapter != CONTROL, r.adapter, r.route != MERGE, quant.rank(r.quant))
     )
     return Invocation(experiment, uri, parent.run_id, parent.tags, rows)

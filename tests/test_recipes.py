@@ -1,0 +1,142 @@
+"""Quantization recipes (`quant:` entries with an importance matrix or per-tensor types):
+named beside their level, planned without touching the plain levels' keys, and built
+through llama.cpp's own llama-imatrix and llama-quantize. The build runs on the suite's
+tiny model (conftest's `tiny_base`): it checks mechanics (keys, caching, what lands in the
+GGUF), not whether a recipe helps a task, which the README's table measures on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+from conftest import scratch
+
+from harness import pipeline, quant, spec
+from harness.plan import cells as planning
+from harness.plan.store import Store
+from harness.run import outcomes
+
+SPEC = """\
+name: recipes
+base: {{path: "{base}"}}
+data: {{task: arithmetic, n_train: 96, seed: 5}}
+train: {{epochs: 1, lr: 3.0e-4, batch_size: 8, max_seq_len: 128, seed: 0}}
+lora:
+  - {{name: a, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}}
+quant: [{quant}]
+control: false
+measure: []
+tracking: {{uri: "sqlite:///{db}"}}
+"""
+RECIPES = (
+    "f16, q4_k_m, {level: q4_k_m, imatrix: train, tensor_types: {output: q8_0, attn_q: q6_k}}, "
+    "{level: q4_k_m, imatrix: text, chunks: 4}"
+)
+
+
+def write(folder: Path, name: str, base: Path, quant_line: str) -> Path:
+    path = folder / name
+    path.write_text(SPEC.format(base=base, quant=quant_line, db=folder / "mlflow.db"))
+    return path
+
+
+def test_recipes_are_named_beside_their_level_and_sort_after_it(tmp_path):
+    path = write(tmp_path, "names.yaml", tmp_path, f"q2_k, {RECIPES}, q8_0")
+    loaded = spec.load(path)
+    assert loaded.levels == [
+        "q2_k",
+        "f16",
+        "q4_k_m",
+        "q4_k_m-imat-train-types-" + loaded.levels[3].rsplit("-", 1)[1],
+        "q4_k_m-imat-text",
+        "q8_0",
+    ]
+    assert loaded.levels[3] != "q4_k_m-imat-train"  # the tensor types are in the name
+    ordered = sorted(loaded.levels, key=quant.rank)
+    assert ordered[:2] == ["f16", "q8_0"]
+    assert ordered[2] == "q4_k_m" and set(ordered[3:5]) == set(loaded.levels[3:5])
+    assert ordered[-1] == "q2_k"
+    assert quant.level_of("q4_k_m-imat-text") == "q4_k_m"
+
+
+def test_adding_recipes_changes_no_key_of_the_plain_levels(tmp_path):
+    base = tmp_path / "base"  # planning reads nothing of it but its (empty) content
+    base.mkdir()
+    plain = planning.plan(spec.load(write(tmp_path, "plain.yaml", base, "f16, q4_k_m")))
+    both = planning.plan(spec.load(write(tmp_path, "both.yaml", base, RECIPES)))
+    keys = {c.name: {r: call.key for r, call in c.calls.items()} for c in both}
+    for cell in plain:
+        assert {r: call.key for r, call in cell.calls.items()} == keys[cell.name]
+
+
+def test_a_calibration_file_counts_by_content_not_by_path(tmp_path):
+    one, two, base = tmp_path / "one", tmp_path / "two", tmp_path / "base"
+    base.mkdir()
+    for folder in (one, two):
+        folder.mkdir()
+        (folder / "calib.txt").write_text("Notes on sums.\n" * 200)
+
+    def imatrix_key(folder: Path) -> str:
+        path = write(folder, "s.yaml", base, "f16, {level: q2_k, imatrix: calib.txt}")
+        cell = planning.plan(spec.load(path))[-1]
+        return cell.calls["quantize"].inputs["imatrix"].key
+
+    assert imatrix_key(one) == imatrix_key(two)
+    (two / "calib.txt").write_text("Other notes.\n" * 200)
+    assert imatrix_key(one) != imatrix_key(two)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_base):
+    with scratch(tmp_path_factory, "recipes") as folder:
+        path = write(folder, "recipes.yaml", tiny_base, RECIPES)
+        loaded = spec.load(path)
+        store = Store(folder / "store")
+        summary = pipeline.run(loaded, path, store, outcomes.Quiet())
+        yield loaded, path, store, summary
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.slow
+def test_a_recipe_puts_its_tensor_types_and_its_imatrix_in_the_gguf(built):
+    loaded, _, store, summary = built
+    assert [c.status for c in summary.cells] == ["done"] * 4, [c.error for c in summary.cells]
+    assert summary.executed["imatrix"] == 2, "train and text calibrate differently"
+    assert summary.executed["quantize"] == 3
+    cells = {c.name: c for c in planning.plan(loaded)}
+    recipe = next(name for name in cells if "imat-train" in name)
+    plain = tensor_types(store.path(cells["a-q4_k_m"].gguf) / "model.gguf")
+    mine = tensor_types(store.path(cells[recipe].gguf) / "model.gguf")
+    # the tiny model ties its output head to the token embeddings, as SmolLM2 does
+    assert "output.weight" not in mine and mine["token_embd.weight"] == "q8_0"
+    attn_q = [name for name in mine if name.endswith("attn_q.weight")]
+    assert attn_q and all(mine[name] == "q6_k" for name in attn_q)
+    assert all(plain[name] == "q4_k" for name in attn_q)
+    assert plain["token_embd.weight"] != "q8_0"
+    reader = gguf.GGUFReader(store.path(cells[recipe].gguf) / "model.gguf")
+    assert "quantize.imatrix.file" in reader.fields
+    assert "quantize.imatrix.file" not in gguf.GGUFReader(
+        store.path(cells["a-q4_k_m"].gguf) / "model.gguf"
+    ).fields
+    result = {c.cell: c for c in summary.cells}[recipe].stages
+    assert result["quantize"].metrics["tensor_types_set"] == len(attn_q) + 1
+    assert result["imatrix"].metrics["imatrix_chunks"] >= 2
+
+
+@pytest.mark.slow
+def test_the_calibration_text_is_kept_and_a_rerun_builds_nothing(built):
+    loaded, path, store, _ = built
+    cells = {c.name: c for c in planning.plan(loaded)}
+    recipe = next(name for name in cells if "imat-train" in name)
+    calibration = store.path(cells[recipe].calls["quantize"].inputs["imatrix"])
+    text = (calibration / "calibration.txt").read_text()
+    assert "<|im_start|>user" in text, "the training rows, in the model's own chat template"
+    manifest = json.loads((calibration / "manifest.json").read_text())
+    assert manifest["settings"]["calibration"]["source"] == "train"
+    again = pipeline.run(spec.load(path), path, store, outcomes.Quiet())
+    assert again.executed == {}, again.executed
