@@ -67,11 +67,14 @@ def level_of(name: str) -> str | None:
     return max(prefixes, key=len, default=None)
 
 
-def rank(name: str) -> tuple[int, int, str]:
-    """Where a level or recipe sorts: largest level first, a level's recipes right after it."""
+def rank(name: str) -> tuple[int, bool, str]:
+    """Where a level or recipe sorts, in tables and in `best`'s walk: largest level first, a
+    level's recipes just before the plain level. The walk stops at the first cell not shown
+    within tolerance, so it goes from what should hold to what may not, and an importance
+    matrix or higher-typed tensors are there to lose less than the plain level."""
     level = level_of(name)
     order = list(LEVELS).index(level) if level else len(LEVELS)
-    return order, name != level, name
+    return order, name == level, name
 
 
 WRITABLE = [

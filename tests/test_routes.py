@@ -22,7 +22,7 @@ from harness.env import ollama_host
 from harness.errors import ForgebenchError
 from harness.judge import best, evidence, verdict
 from harness.plan import cells as planning
-from harness.report import routes
+from harness.report import recipes, routes
 from harness.run.outcomes import CellResult, Outcome
 from harness.stages import check
 from harness.track import Invocation, RunView
@@ -412,3 +412,27 @@ def test_every_lm_eval_request_carries_the_deployments_fields():
     )
     assert payload["lora"] == fields["lora"] and payload["cache_prompt"] is False
     assert payload["messages"][0]["content"] == "What is 2 + 2?"
+
+
+def test_a_recipe_is_set_beside_its_plain_level_and_best_walks_it_before_its_level():
+    """The report pairs q2_k-imat-train with q2_k of the same adapter and route on the items
+    both scored; `best` walks a level's recipes just before the plain level, so a plain q2_k
+    that lost accuracy stops the walk after the recipe that held."""
+    rows = [
+        row("a-f16", "merge", "f16", 258.0),
+        row("a-q4_k_m", "merge", "q4_k_m", 100.0, kld_mean=0.05),
+        row("a-q2_k", "merge", "q2_k", 60.0, "stupid (quantization)", kld_mean=0.9),
+        row("a-q2_k-imat-train", "merge", "q2_k-imat-train", 61.0, kld_mean=0.4),
+    ]
+    samples = {
+        "a-q2_k": {"1": False, "2": False, "3": True},
+        "a-q2_k-imat-train": {"1": True, "2": True, "3": True},
+    }
+    inv = Invocation("x", "sqlite://", "p", {}, rows)
+    side = recipes.section(inv, lambda r: {"arithmetic": samples.get(r.cell, {})})
+    (shown,) = side.rows
+    assert shown["pair"] == "a q2_k-imat-train"
+    assert shown["kld"] == "0.9000 / 0.4000" and shown["size"] == "60.0 / 61.0"
+    assert shown["paired"].startswith("3 items: 0, 2, -0.67 [")
+    (choice,) = best.choose(rows)
+    assert choice.row.cell == "a-q2_k-imat-train", choice.why

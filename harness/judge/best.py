@@ -1,7 +1,8 @@
 """Which quant level (and route) to ship, per adapter, and why.
 
 On each route the spec ran (merged, or the base GGUF with a LoRA GGUF, whose size counts
-both files), the levels are walked in a fixed order, largest to smallest, and the walk
+both files), the levels are walked in a fixed order, largest to smallest (a level's recipes
+just before the plain level: `quant.rank`), and the walk
 stops at the first level whose accuracy was not shown within tolerance (a verdict other
 than "ok" or "slow"): testing in a fixed order and stopping at the first failure keeps
 the family-wise error of the whole walk at the spec's confidence, so the pick carries it

@@ -16,7 +16,8 @@ from pathlib import Path
 from harness import track
 from harness.chain import CONTROL
 from harness.judge.best import Choice, choose
-from harness.report import routes
+from harness.report import recipes, routes
+from harness.report.comparison import Comparison
 from harness.report.plots import blamed, chain, chain_name, chain_tasks, plots
 from harness.track import Invocation, RunView, primary_task, schema
 
@@ -138,17 +139,11 @@ def quality_chain(rows: list[RunView]) -> list[tuple[str, list[str]]]:
     return out
 
 
-ROUTES_NOTE = (
-    "Each figure merge / adapter. Paired: the items both were scored on, those the merged "
-    "cell got right and the adapter cell wrong, the reverse, the adapter route's drop with its "
-    "95% interval (Newcombe's hybrid score). Files: what "
-    "ships (base GGUF plus LoRA GGUF on the adapter route). Build: seconds of merge, "
-    "convert, convert_lora and quantize (training is the same for both routes)."
-)
-
-
 def markdown(
-    inv: Invocation, choices: list[Choice], images: list[str], pairs: list[routes.Pair] = ()
+    inv: Invocation,
+    choices: list[Choice],
+    images: list[str],
+    comparisons: list[Comparison] = (),
 ) -> str:
     task = primary_task(inv.rows)
     lines = [
@@ -170,13 +165,12 @@ def markdown(
     for row in inv.rows:
         values = cell_values(row, task)
         lines.append("| " + " | ".join(values[key] for key, _ in COLUMNS) + " |")
-    if pairs:
-        lines += ["", "## Merge route against adapter route", "", ROUTES_NOTE, ""]
-        lines.append("| " + " | ".join(title for _, title in routes.COLUMNS) + " |")
-        lines.append("|" + "---|" * len(routes.COLUMNS))
-        for pair in pairs:
-            values = routes.values(pair)
-            lines.append("| " + " | ".join(values[key] for key, _ in routes.COLUMNS) + " |")
+    for side in comparisons:
+        lines += ["", f"## {side.title}", "", side.note, ""]
+        lines.append("| " + " | ".join(title for _, title in side.columns) + " |")
+        lines.append("|" + "---|" * len(side.columns))
+        for values in side.rows:
+            lines.append("| " + " | ".join(values[key] for key, _ in side.columns) + " |")
     chains = quality_chain(inv.rows)
     if chains:
         lines += ["", "## Where the quality went"]
@@ -194,7 +188,7 @@ def page(
     inv: Invocation,
     choices: list[Choice],
     images: dict[str, bytes],
-    pairs: list[routes.Pair] = (),
+    comparisons: list[Comparison] = (),
 ) -> str:
     task = primary_task(inv.rows)
     esc = html.escape
@@ -210,15 +204,15 @@ def page(
             + "</tr>\n"
         )
     compared = ""
-    if pairs:
+    for side in comparisons:
         rows = "".join(
-            "<tr>" + "".join(f"<td>{esc(routes.values(p)[k])}</td>" for k, _ in routes.COLUMNS)
-            for p in pairs
+            "<tr>" + "".join(f"<td>{esc(values[k])}</td>" for k, _ in side.columns) + "</tr>"
+            for values in side.rows
         )
-        titles = "".join(f"<th>{esc(t)}</th>" for _, t in routes.COLUMNS)
-        compared = (
-            f"<h2>Merge route against adapter route</h2><p>{esc(ROUTES_NOTE)}</p>"
-            f'<table id="routes"><tr>{titles}</tr>{rows}</table>'
+        titles = "".join(f"<th>{esc(t)}</th>" for _, t in side.columns)
+        compared += (
+            f"<h2>{esc(side.title)}</h2><p>{esc(side.note)}</p>"
+            f'<table id="{side.key}"><tr>{titles}</tr>{rows}</table>'
         )
     best = "".join(
         f"<li><b>{esc(c.adapter)}</b>: {esc(decision(c, inv.rows))}</li>" for c in choices
@@ -272,9 +266,14 @@ def write(inv: Invocation, out_dir: Path, by: str = "size") -> tuple[Path, Path]
     images = plots(inv.rows, primary_task(inv.rows))
     for name, png in images.items():
         (out_dir / name).write_bytes(png)
-    pairs = routes.pairs(inv, lambda row: track.samples(inv.tracking_uri, row.run_id))
+
+    def items(row: RunView) -> dict[str, dict[str, bool]]:
+        return track.samples(inv.tracking_uri, row.run_id)
+
+    sides = [routes.section(inv, items), recipes.section(inv, items)]
+    comparisons = [side for side in sides if side.rows]
     md = out_dir / "report.md"
-    md.write_text(markdown(inv, choices, list(images), pairs))
+    md.write_text(markdown(inv, choices, list(images), comparisons))
     index = out_dir / "index.html"
-    index.write_text(page(inv, choices, images, pairs))
+    index.write_text(page(inv, choices, images, comparisons))
     return index, md

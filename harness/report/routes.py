@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from harness.chain import ADAPTER, MERGE, ROUTE_BUILD
 from harness.judge import paired as paired_stats
+from harness.report.comparison import Comparison, both, paired_text
 from harness.track import Invocation, RunView, primary_task
 
 BUILD_STAGES = ROUTE_BUILD
@@ -65,30 +66,40 @@ def pairs(inv: Invocation, items: Callable[[RunView], dict[str, dict[str, bool]]
     return out
 
 
+NOTE = (
+    "Each figure merge / adapter. Paired: the items both were scored on, those the merged "
+    "cell got right and the adapter cell wrong, the reverse, the adapter route's drop with its "
+    "95% interval (Newcombe's hybrid score). Files: what "
+    "ships (base GGUF plus LoRA GGUF on the adapter route). Build: seconds of merge, "
+    "convert, convert_lora and quantize (training is the same for both routes)."
+)
+
+
+def section(inv: Invocation, items: Callable[[RunView], dict[str, dict[str, bool]]]) -> Comparison:
+    return Comparison(
+        "routes",
+        "Merge route against adapter route",
+        NOTE,
+        COLUMNS,
+        [values(p) for p in pairs(inv, items)],
+    )
+
+
 def values(pair: Pair) -> dict[str, str]:
-    def both(key: str, fmt: str, row_value: Callable[[RunView], float | None] | None = None) -> str:
-        got = [
-            row_value(r) if row_value else r.metrics.get(key)
-            for r in (pair.merge, pair.adapter_row)
-        ]
-        return " / ".join("-" if v is None else format(v, fmt) for v in got)
+    rows = (pair.merge, pair.adapter_row)
 
     def build(row: RunView) -> float | None:
         times = [row.metrics.get(f"time_{stage}_s") for stage in BUILD_STAGES]
         return sum(t for t in times if t is not None) if any(times) else None
 
-    paired = "-"
-    if t := pair.paired:
-        lower, upper = t.interval(0.975)  # each side at 97.5%: the two-sided 95% interval
-        paired = f"{t.n} items: {t.lost}, {t.gained}, {t.drop:+.2f} [{lower:+.2f}, {upper:+.2f}]"
     return {
         "pair": f"{pair.adapter} {pair.quant}",
-        "accuracy": both("", ".3f", lambda r: r.accuracy(pair.task)),
-        "paired": paired,
-        "kld": both("kld_mean", ".4f"),
-        "decode": both("decode_tps_p50", ".1f"),
-        "ttft": both("ttft_ms_p95", ".0f"),
-        "memory": both("memory_mb", ".0f"),
-        "size": both("gguf_mb", ".1f"),
-        "build": both("", ".1f", build),
+        "accuracy": both(rows, ".3f", lambda r: r.accuracy(pair.task)),
+        "paired": paired_text(pair.paired),
+        "kld": both(rows, ".4f", "kld_mean"),
+        "decode": both(rows, ".1f", "decode_tps_p50"),
+        "ttft": both(rows, ".0f", "ttft_ms_p95"),
+        "memory": both(rows, ".0f", "memory_mb"),
+        "size": both(rows, ".1f", "gguf_mb"),
+        "build": both(rows, ".1f", build),
     }
