@@ -13,7 +13,7 @@ import gguf
 import pytest
 from conftest import scratch
 
-from harness import pipeline, quant, spec
+from harness import data, pipeline, quant, spec
 from harness.plan import cells as planning
 from harness.plan.store import Store
 from harness.run import outcomes
@@ -27,7 +27,8 @@ lora:
   - {{name: a, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}}
 quant: [{quant}]
 control: false
-measure: []
+measure: [{measure}]
+drift: {{ctx: 128, chunks: 2, task: true}}
 tracking: {{uri: "sqlite:///{db}"}}
 """
 RECIPES = (
@@ -36,9 +37,10 @@ RECIPES = (
 )
 
 
-def write(folder: Path, name: str, base: Path, quant_line: str) -> Path:
+def write(folder: Path, name: str, base: Path, quant_line: str, measure: str = "") -> Path:
     path = folder / name
-    path.write_text(SPEC.format(base=base, quant=quant_line, db=folder / "mlflow.db"))
+    text = SPEC.format(base=base, quant=quant_line, db=folder / "mlflow.db", measure=measure)
+    path.write_text(text)
     return path
 
 
@@ -91,7 +93,7 @@ def test_a_calibration_file_counts_by_content_not_by_path(tmp_path):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_base):
     with scratch(tmp_path_factory, "recipes") as folder:
-        path = write(folder, "recipes.yaml", tiny_base, RECIPES)
+        path = write(folder, "recipes.yaml", tiny_base, RECIPES, measure="drift")
         loaded = spec.load(path)
         store = Store(folder / "store")
         summary = pipeline.run(loaded, path, store, outcomes.Quiet())
@@ -140,3 +142,22 @@ def test_the_calibration_text_is_kept_and_a_rerun_builds_nothing(built):
     assert manifest["settings"]["calibration"]["source"] == "train"
     again = pipeline.run(spec.load(path), path, store, outcomes.Quiet())
     assert again.executed == {}, again.executed
+
+
+@pytest.mark.slow
+def test_drift_on_the_tasks_own_text_beside_the_drift_text(built):
+    """`drift.task`: each level's KLD and top-1 agreement against its F16 on the held-out
+    arithmetic items too (`_task`), the F16's logits on them saved once by drift_base."""
+    loaded, _, store, summary = built
+    for cell in summary.cells:
+        if cell.cell.endswith("-f16"):
+            continue
+        drift = cell.stages["drift"].metrics
+        assert drift["kld_mean_task"] >= 0 and 0 < drift["top1_agreement_task"] <= 1
+        assert drift["kld_mean_task"] != drift["kld_mean"], "two texts, two figures"
+    cells = {c.name: c for c in planning.plan(loaded)}
+    base = store.path(cells["a-q4_k_m"].calls["drift_base"])
+    held_out = data.held_out(loaded.data.model_dump(mode="json"))
+    text = (base / "task_text.txt").read_text()
+    assert f"{held_out[0][0]['content']}\n{held_out[0][-1]['content']}\n" in text
+    assert json.loads((base / "task_ctx.json").read_text())["tokens"] > 0

@@ -55,8 +55,8 @@ def needles(tasks: Mapping[str, Path], drift_text: Path) -> dict[str, str]:
 
 def first_leak(lines: Iterable[tuple[str, int, str]], needles: Mapping[str, str]) -> str | None:
     """Where the first of `lines` ((where, line number, text)) holds a needle (normalized
-    text -> what it is), as "WHERE:LINE holds TASK's item 'QUESTION'"; None when none does. One regex over all
-    needles, so a large calibration file is read once at C speed."""
+    text -> what it is), as "WHERE:LINE holds TASK's item 'QUESTION'"; None when none
+    does. One regex over all needles, so a large calibration file is read once at C speed."""
     if not needles:
         return None
     pattern = re.compile("|".join(re.escape(n) for n in sorted(needles, key=len, reverse=True)))

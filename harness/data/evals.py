@@ -145,7 +145,7 @@ def check_qa_jsonl(path: Path, scorer: str = "exact", regex: str | None = None) 
         raise ForgebenchError(f"{path}: evaluation file not found")
     if scorer == "regex" and regex is not None and _extractor(regex, 0)("") != "[invalid]":
         raise ForgebenchError(
-            f"scorer regex {regex!r} matches an empty reply, so lm-eval reads \"\" from "
+            f'scorer regex {regex!r} matches an empty reply, so lm-eval reads "" from '
             "most replies; make it need at least one character (+ rather than *)"
         )
     extract = _extractor(LAST_NUMBER, -1) if scorer == "last_number" else None
@@ -195,6 +195,17 @@ def arithmetic_items(data_spec: dict[str, Any]) -> list[dict[str, str]]:
         {"question": conversation[0]["content"], "answer": conversation[-1]["content"]}
         for conversation in training.held_out(data_spec)
     ]
+
+
+def qa_items(task: str | dict[str, str], data_spec: dict[str, Any]) -> list[dict[str, str]]:
+    """The question/answer rows an `evaluate.tasks` entry is scored on."""
+    if task == "arithmetic":
+        return arithmetic_items(data_spec)
+    files = {"gsm8k": GSM8K_DATA, "capitals": CAPITALS_DATA}
+    path = Path(task["path"]) if isinstance(task, dict) else files.get(task)
+    if path is None:
+        raise ForgebenchError(f"evaluate.tasks: unknown task {task!r}")
+    return [json.loads(line) for _, line in training.lines(path) if line.strip()]
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -28,7 +28,7 @@ from harness import backends, host, quant, sources
 from harness.chain import ADAPTER, CONTROL, MERGE
 from harness.errors import ForgebenchError, InputError
 from harness.hashing import digest
-from harness.plan import keys, recipes
+from harness.plan import drift, keys, recipes
 from harness.plan.store import StageCall
 from harness.sources import adapters, templates
 from harness.spec import LoraSpec, Spec
@@ -197,7 +197,9 @@ def _levels(
         measured = _measurements(spec, cell_calls, model, f16, backend)
         tuned_f16 = level == quant.F16 and lora is not None and route == MERGE
         if tuned_f16 and "drift" in spec.measure:
-            measured["drift_tuning"] = _tuning_drift(spec, f16, base_f16)
+            # how far training moved the model: the tuned F16 against the untuned F16
+            untuned = drift.reference(spec, base_f16, calls["resolve"], data, {})
+            measured["drift_tuning"] = drift.measured(spec, f16, untuned, {})
         cells.append(Cell(lora, level, cell_calls | measured, backend, route))
     return cells
 
@@ -267,18 +269,6 @@ def _reference(spec: Spec, model: StageCall) -> StageCall | None:
     )
 
 
-def _tuning_drift(spec: Spec, f16: StageCall, base_f16: StageCall) -> StageCall:
-    """How far training moved the model on general text: the tuned F16 against the
-    untuned F16, as drift measures a level against its F16."""
-    drift = spec.drift.model_dump(mode="json")
-    untuned = StageCall(
-        "drift_base", {"drift": drift}, {"gguf": base_f16}, keys.versions("drift_base")
-    )
-    return StageCall(
-        "drift", {"drift": drift}, {"gguf": f16, "reference": untuned}, keys.versions("drift")
-    )
-
-
 def _measurements(
     spec: Spec,
     calls: dict[str, StageCall],
@@ -321,17 +311,9 @@ def _measurements(
             keys.versions("bench", backend),
         )
     if "drift" in spec.measure and gguf is not f16:
-        drift = spec.drift.model_dump(mode="json")
         lora = {"adapter": on["adapter"]} if "adapter" in on else {}
-        out["drift_base"] = StageCall(
-            "drift_base", {"drift": drift}, {"gguf": f16, **lora}, keys.versions("drift_base")
-        )
-        out["drift"] = StageCall(
-            "drift",
-            {"drift": drift},
-            {"gguf": gguf, "reference": out["drift_base"], **lora},
-            keys.versions("drift"),
-        )
+        out["drift_base"] = drift.reference(spec, f16, model, _data_identity(spec), lora)
+        out["drift"] = drift.measured(spec, gguf, out["drift_base"], lora)
     return out
 
 

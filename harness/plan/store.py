@@ -143,6 +143,7 @@ PATH_SETTINGS = (
     ("lora", "resume_from"),  # a peft adapter folder, by its content
     ("adapter",),  # the adopt stage's adapter folder
     ("calibration", "path"),  # an imatrix recipe's calibration file
+    ("task_text", "task", "path"),  # drift.task on a task of the user's own
     ("evaluate", "tasks", "*", "path"),
     ("evaluate", "guard", "*", "path"),
 )

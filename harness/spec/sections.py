@@ -324,6 +324,11 @@ class BenchSpec(Strict):
 class DriftSpec(Strict):
     ctx: int = Field(512, gt=16)
     chunks: int = Field(6, gt=0)
+    task: bool = Field(
+        False,
+        description="also on the task's own text (the first evaluated task's items with "
+        "their answers): a general text can hide what a level or an imatrix does to the task",
+    )
 
 
 class TrackingSpec(Strict):
