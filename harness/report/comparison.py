@@ -23,6 +23,21 @@ class Comparison:
     """Each row's text by key."""
 
 
+Items = Callable[[RunView], dict[str, dict[str, bool]]]
+"""A row's per-item correctness by task (from its samples artifacts)."""
+
+
+def paired_on(
+    task: str | None, first: RunView, second: RunView, items: Items
+) -> paired_stats.Table | None:
+    """`first` (the reference) against `second` on the items both were scored on; None when
+    either did not finish or has no per-item samples for the task."""
+    if not task or not first.status == second.status == "done":
+        return None
+    mine, theirs = items(first).get(task, {}), items(second).get(task, {})
+    return paired_stats.table(mine, theirs) if mine.keys() & theirs.keys() else None
+
+
 def both(rows: Sequence[RunView], fmt: str, value: str | Callable[[RunView], float | None]) -> str:
     """The figure of each row, "a / b": a metric's name or a function of the row."""
     got = [r.metrics.get(value) if isinstance(value, str) else value(r) for r in rows]

@@ -9,12 +9,9 @@ top-1 agreement are each cell's own against the F16, on the drift text.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from harness import quant
-from harness.judge import paired as paired_stats
-from harness.report.comparison import Comparison, both, paired_text
-from harness.track import Invocation, RunView, primary_task
+from harness.report.comparison import Comparison, Items, both, paired_on, paired_text
+from harness.track import Invocation, primary_task
 
 COLUMNS = (
     ("pair", "adapter, recipe"),
@@ -32,7 +29,7 @@ NOTE = (
 )
 
 
-def section(inv: Invocation, items: Callable[[RunView], dict[str, dict[str, bool]]]) -> Comparison:
+def section(inv: Invocation, items: Items) -> Comparison:
     task = primary_task(inv.rows)
     by = {(r.adapter, r.route, r.quant): r for r in inv.rows}
     rows = []
@@ -41,11 +38,7 @@ def section(inv: Invocation, items: Callable[[RunView], dict[str, dict[str, bool
         plain = by.get((row.adapter, row.route, level))
         if level is None or level == row.quant or plain is None:
             continue
-        table = None
-        if task and row.status == plain.status == "done":
-            mine, theirs = items(plain).get(task, {}), items(row).get(task, {})
-            if mine.keys() & theirs.keys():
-                table = paired_stats.table(mine, theirs)
+        table = paired_on(task, plain, row, items)
         pair = (plain, row)
         rows.append(
             {

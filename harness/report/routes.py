@@ -11,12 +11,11 @@ user ships (base plus LoRA on the adapter route) and the seconds its files took 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from harness.chain import ADAPTER, MERGE, ROUTE_BUILD
 from harness.judge import paired as paired_stats
-from harness.report.comparison import Comparison, both, paired_text
+from harness.report.comparison import Comparison, Items, both, paired_on, paired_text
 from harness.track import Invocation, RunView, primary_task
 
 BUILD_STAGES = ROUTE_BUILD
@@ -47,7 +46,7 @@ class Pair:
     has no per-item samples for the task."""
 
 
-def pairs(inv: Invocation, items: Callable[[RunView], dict[str, dict[str, bool]]]) -> list[Pair]:
+def pairs(inv: Invocation, items: Items) -> list[Pair]:
     """Every adapter x level run on both routes, in the report's row order. `items` gives a
     row's per-item correctness by task (from its samples artifacts)."""
     task = primary_task(inv.rows)
@@ -57,11 +56,7 @@ def pairs(inv: Invocation, items: Callable[[RunView], dict[str, dict[str, bool]]
         other = by.get((row.adapter, ADAPTER, row.quant))
         if row.route != MERGE or other is None:
             continue
-        paired = None
-        if task and row.status == other.status == "done":
-            mine, theirs = items(row).get(task, {}), items(other).get(task, {})
-            if mine.keys() & theirs.keys():
-                paired = paired_stats.table(mine, theirs)
+        paired = paired_on(task, row, other, items)
         out.append(Pair(row.adapter, row.quant, row, other, task, paired))
     return out
 
@@ -75,7 +70,7 @@ NOTE = (
 )
 
 
-def section(inv: Invocation, items: Callable[[RunView], dict[str, dict[str, bool]]]) -> Comparison:
+def section(inv: Invocation, items: Items) -> Comparison:
     return Comparison(
         "routes",
         "Merge route against adapter route",
