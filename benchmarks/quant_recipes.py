@@ -4,7 +4,8 @@ Runs `experiments/recipes.yaml` (q4_k_m, q3_k_m and q2_k, each plain, with an im
 the training data and with one from a general text) as it is for SmolLM2, and with Gemma
 3 270M's base and the spec template of `experiments/gemma3-270m.yaml` for Gemma, each in
 one run through the real chain (a store that holds a run already builds nothing), then
-prints per model and cell: mean KLD and top-1 agreement against the F16 on the drift text,
+prints per model and cell: mean KLD and top-1 agreement against the F16 on the drift text
+and on the task's held-out items,
 accuracy with its 95% interval, the recipe's paired drop from its plain level with its
 95% interval (negative: the recipe answered more items right), the file size and the verdict.
 
@@ -28,6 +29,7 @@ from harness import host, pipeline, spec, track
 from harness.plan.store import Store
 from harness.report import recipes
 from harness.run import outcomes
+from harness.track import results
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "recipes.yaml"
@@ -55,13 +57,18 @@ def spec_for(model: str, folder: Path) -> Path:
     return path
 
 
+def num(metrics: dict[str, float], key: str, fmt: str) -> str:
+    return "-" if metrics.get(key) is None else format(metrics[key], fmt)
+
+
 def table(model: str, path: Path) -> Table:
     loaded = spec.load(path)
-    inv = track.load(loaded.tracking.uri, loaded.name)
+    inv = results.load(loaded.tracking.uri, loaded.name)
     side = recipes.section(inv, lambda row: track.samples(inv.tracking_uri, row.run_id))
     paired = {row["pair"].split(" ", 1)[1]: row["paired"] for row in side.rows}
     out = Table(title=f"{model}: recipes against plain levels ({host.machine()})")
-    columns = ("cell", "KLD", "top-1", "accuracy [95%]", "drop vs plain [95%]", "MB", "verdict")
+    columns = ("cell", "KLD", "top-1", "KLD task", "top-1 task", "accuracy [95%]")
+    columns += ("drop vs plain [95%]", "MB", "verdict")
     for column in columns:
         out.add_column(column)
     task = "arithmetic"
@@ -70,10 +77,13 @@ def table(model: str, path: Path) -> Table:
         acc = row.accuracy(task)
         lo, hi = m.get(f"accuracy_{task}_ci_low"), m.get(f"accuracy_{task}_ci_high")
         shown = "-" if acc is None else f"{acc:.3f} [{lo:.2f}, {hi:.2f}]"
+
         out.add_row(
             row.quant,
-            "-" if m.get("kld_mean") is None else f"{m['kld_mean']:.4f}",
-            "-" if m.get("top1_agreement") is None else f"{m['top1_agreement']:.3f}",
+            num(m, "kld_mean", ".4f"),
+            num(m, "top1_agreement", ".3f"),
+            num(m, "kld_mean_task", ".4f"),
+            num(m, "top1_agreement_task", ".3f"),
             shown,
             paired.get(row.quant, ""),
             "-" if row.size_mb is None else f"{row.size_mb:.1f}",
