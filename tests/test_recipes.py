@@ -122,9 +122,10 @@ def test_a_recipe_puts_its_tensor_types_and_its_imatrix_in_the_gguf(built):
     assert plain["token_embd.weight"] != "q8_0"
     reader = gguf.GGUFReader(store.path(cells[recipe].gguf) / "model.gguf")
     assert "quantize.imatrix.file" in reader.fields
-    assert "quantize.imatrix.file" not in gguf.GGUFReader(
-        store.path(cells["a-q4_k_m"].gguf) / "model.gguf"
-    ).fields
+    assert (
+        "quantize.imatrix.file"
+        not in gguf.GGUFReader(store.path(cells["a-q4_k_m"].gguf) / "model.gguf").fields
+    )
     result = {c.cell: c for c in summary.cells}[recipe].stages
     assert result["quantize"].metrics["tensor_types_set"] == len(attn_q) + 1
     assert result["imatrix"].metrics["imatrix_chunks"] >= 2
