@@ -33,6 +33,10 @@ LEVELS: dict[str, LlamaFileType] = {
 F16 = "f16"
 """The level every other level of the same model is compared against."""
 
+OLLAMA_CREATE = ("q8_0", "q4_k_s", "q4_k_m")
+"""The levels Ollama's create quantizes an F16 to (`ollama create -q`; ollama
+fs/ggml/type.go ParseFileType, which refuses every other)."""
+
 
 def normalize(name: str) -> str:
     """Accept the spellings people use (`Q4_K_M`, `q4-k-m`) for one canonical name."""

@@ -20,10 +20,12 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import random
 import re
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -39,6 +41,8 @@ import llama_cpp
 import ollama_double_native as native
 from ollama_double_gotemplate import SAMPLE, TemplateError, render_prompt
 
+from harness import toolchain
+
 VERSION = "0.33.0-double"
 """The Ollama whose source the double follows; 0.30-double emulates the older counts."""
 DIGEST = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
@@ -52,6 +56,10 @@ OPENAI = {"max_tokens": "num_predict"} | {k: k for k in ("temperature", "top_p",
 Parts = Iterator[tuple[str, dict | None]]
 """Streamed text, then "" with the final metrics."""
 UNSUPPORTED = ("format", "tools", "images", "system", "template", "raw", "suffix")
+OLLAMA_QUANTIZE = {t: t for t in ("F32", "F16", "BF16", "Q8_0", "Q4_K_S", "Q4_K_M")}
+OLLAMA_QUANTIZE["Q4_K"] = "Q4_K_M"
+"""fs/ggml/type.go ParseFileType: the quantize values Ollama's create takes, to the type it
+makes (its error names five: BF16 is taken but left out, "TODO")."""
 
 
 class ApiError(Exception):
@@ -250,10 +258,13 @@ class OllamaDouble:
 
     def __init__(self, version: str = VERSION, vram_bytes: int = 0) -> None:
         """`version` as /api/version reports it: before 0.31, prompt_eval_count leaves out
-        cached prompt tokens. `vram_bytes`: the GPUs' memory, which sets the default
+        cached prompt tokens; from 0.34.1 a create with an adapter is refused (as reported
+        of 0.34.2; what 0.34.1+ does with `quantize` on a GGUF is not known here, and
+        forgebench does not ask it). `vram_bytes`: the GPUs' memory, which sets the default
         num_ctx (none here: 4096)."""
         self.version = version
-        self.counts_cached = tuple(int(p) for p in version.split(".")[:2]) >= (0, 31)
+        self.release = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+        self.counts_cached = self.release[:2] >= (0, 31)
         self.num_ctx = native.default_num_ctx(vram_bytes)
         self.unreachable: dict[str, str] = {}
         """Listed models whose /api/show fails, name -> error (a cloud model offline)."""
@@ -333,11 +344,13 @@ class OllamaDouble:
             raise ApiError("invalid digest format", 400)
         if not native.valid_name(name):
             raise ApiError("invalid model name", 400)
-        if any(body.get(k) for k in ("from", "quantize", "messages")) or (
+        if any(body.get(k) for k in ("from", "messages")) or (
             len(files) != 1 or not next(iter(files)).endswith(".gguf")
         ):
             raise ApiError("the test double creates models from one .gguf file only", 400)
         adapters = body.get("adapters") or {}
+        if adapters and self.release >= (0, 34, 1):  # ollama PR #14969: errAdaptersUnsupported
+            raise ApiError("LoRA adapters are no longer supported", 400)
         if not all(adapters.values()):
             raise ApiError("invalid digest format", 400)
         if len(adapters) > 1:  # convertModelFromFiles: errOnlyOneAdapterSupported
@@ -356,7 +369,10 @@ class OllamaDouble:
         with path.open("rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise ApiError("supplied file was not in GGUF format", 400)
-        yield {"status": f"using existing layer {digest}"}
+        if wanted := (body.get("quantize") or body.get("quantization") or "").upper():
+            path, digest = yield from self._quantized(path, digest, wanted)
+        else:
+            yield {"status": f"using existing layer {digest}"}
         adapter = None
         for adapter_digest in (body.get("adapters") or {}).values():
             adapter = self.blob_path(adapter_digest, status=500)
@@ -389,6 +405,38 @@ class OllamaDouble:
             self.models[name] = made
         yield {"status": "success"}
 
+    def _quantized(self, path: Path, digest: str, wanted: str) -> Iterator[dict]:
+        """createModel's quantize, as Ollama 0.30+ does it: fs/ggml ParseFileType takes
+        five types, only an F16, BF16 or F32 file is quantized, and llama.cpp's own
+        llama-quantize makes the file (server/quantization.go: `--allow-requantize IN OUT
+        TYPE`, no per-tensor overrides for llama or gemma3). Returns the new (path, digest)."""
+        if wanted not in OLLAMA_QUANTIZE:
+            raise ApiError(
+                f"unsupported quantization type {wanted} - supported types are "
+                "F32, F16, Q4_K_S, Q4_K_M, Q8_0"
+            )
+        source = native.describe(path)[0]["quantization_level"]
+        if source not in ("F16", "BF16", "F32"):
+            raise ApiError("quantization is only supported for F16, BF16 and F32 models")
+        target = OLLAMA_QUANTIZE[wanted]
+        if source == target:
+            yield {"status": f"using existing layer {digest}"}
+            return path, digest
+        yield {"status": f"quantizing {source} model to {target}"}
+        handle, name = tempfile.mkstemp(prefix=target, suffix=".partial", dir=self.folder)
+        os.close(handle)
+        made = Path(name)
+        command = [str(toolchain.tool("llama-quantize")), "--allow-requantize"]
+        done = subprocess.run([*command, str(path), str(made), target], capture_output=True)
+        if done.returncode != 0:
+            made.unlink(missing_ok=True)
+            raise ApiError(f"llama-quantize failed: exit status {done.returncode}")
+        yield {"status": "verifying conversion"}
+        new = f"sha256:{hashlib.sha256(made.read_bytes()).hexdigest()}"
+        made.rename(self.blob_path(new))
+        yield {"status": f"creating new layer {new}"}
+        return self.blob_path(new), new
+
     def model(self, name: str) -> Model:
         if full_name(name) not in self.models:
             raise ApiError(f"model '{name}' not found", 404)
@@ -414,6 +462,8 @@ class OllamaDouble:
         reply["details"] = details
         reply["parameters"] = "\n".join(f"{k:<30} {go_value(v, True)}" for k, v in options)
         reply |= {"model_info": info, "capabilities": m.capabilities, "modified_at": m.modified_at}
+        if body.get("verbose"):
+            reply["tensors"] = native.tensors(m.path)
         h.reply(200, reply | ({"system": m.system} if m.system else {}))
 
     def tags(self, h: _Handler, body: dict) -> None:

@@ -155,6 +155,16 @@ def _metadata(path: Path) -> tuple[dict[str, Any], int]:
     return fields, sum(int(t.n_elements) for t in reader.tensors)
 
 
+@functools.cache
+def tensors(path: Path) -> list[dict]:
+    """/api/show verbose's `tensors`: each tensor's name, ggml type name and shape as the
+    file stores them (server/routes.go GetModelInfo)."""
+    return [
+        {"name": t.name, "type": t.tensor_type.name, "shape": [int(n) for n in t.shape]}
+        for t in gguf.GGUFReader(path).tensors
+    ]
+
+
 def kv_cache_bytes(info: dict, num_ctx: int) -> int:
     """F16 K and V for every layer and context slot, which /api/ps adds to the weights."""
     arch = info["general.architecture"]

@@ -7,6 +7,7 @@ GGUF), not whether a recipe helps a task, which the README's table measures on S
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -162,3 +163,75 @@ def test_drift_on_the_tasks_own_text_beside_the_drift_text(built):
     text = (base / "task_text.txt").read_text()
     assert f"{held_out[0][0]['content']}\n{held_out[0][-1]['content']}\n" in text
     assert json.loads((base / "task_ctx.json").read_text())["tokens"] > 0
+
+
+@pytest.mark.slow
+def test_a_recipe_by_ollama_is_quantized_by_its_create_and_measured_beside_the_level(
+    built, tiny_base, monkeypatch
+):
+    """`{level: q4_k_m, by: ollama}`: the F16 goes to Ollama (the double, which quantizes as
+    Ollama 0.30+ does, through llama.cpp's llama-quantize), nothing is quantized here, and
+    the cell records the tensor types and size of the file Ollama made. With the same
+    quantizer those equal llama-quantize's own q4_k_m beside it, and so do the answers; a
+    real Ollama at another llama.cpp revision need not, which is what the cell measures.
+    (No bench: the tiny model ends the bench's prompts at once, and Ollama cannot be told
+    to go on, so it would stream nothing to time.)"""
+    from ollama_double import OllamaDouble
+
+    _, _, store, _ = built
+    folder = store.root.parent
+    quant_line = "q4_k_m, {level: q4_k_m, by: ollama}"
+    path = write(folder, "ollama.yaml", tiny_base, quant_line, measure="check, evaluate")
+    path.write_text(
+        path.read_text() + "serve: {backend: ollama}\nevaluate: {tasks: [arithmetic], limit: 24}\n"
+    )
+    loaded = spec.load(path)
+    with OllamaDouble() as double:
+        monkeypatch.setenv("OLLAMA_HOST", double.host)  # planning reads Ollama's version
+        cells = {c.name: c for c in planning.plan(loaded)}
+        summary = pipeline.run(loaded, path, store, outcomes.Quiet())
+        assert double.models == {}
+    made = cells["a-q4_k_m-ollama"]
+    assert made.server_quantize == "q4_k_m" and "quantize" not in made.calls
+    assert made.gguf.key == cells["a-q4_k_m"].calls["convert"].key, "Ollama gets the F16"
+    assert "drift" not in made.calls, "the file stays in Ollama: no KLD"
+    results = {c.cell: c for c in summary.cells}
+    assert [c.status for c in summary.cells] == ["done"] * 2, [c.error for c in summary.cells]
+    assert "quantize" not in summary.executed, "q4_k_m was built by the recipes run"
+    local = store.path(cells["a-q4_k_m"].gguf) / "model.gguf"
+    served = json.loads((store.path(made.calls["check"]) / "served_model.json").read_text())
+    assert served["tensor_types"] == tensor_types(local)
+    assert results["a-q4_k_m-ollama"].gguf_bytes == served["model_bytes"] == local.stat().st_size
+    scores = [
+        results[name].stages["evaluate"].metrics["accuracy_arithmetic"]
+        for name in ("a-q4_k_m", "a-q4_k_m-ollama")
+    ]
+    assert scores[0] == scores[1], scores
+
+
+TYPES = "F32, F16, Q4_K_S, Q4_K_M, Q8_0"
+
+
+@pytest.mark.slow
+def test_the_double_refuses_what_ollamas_create_refuses(built, monkeypatch):
+    """Ollama's own words: a level its create cannot make, and a source already quantized."""
+    from ollama_double import OllamaDouble
+
+    from harness.backends import OllamaBackend, ServeConfig
+    from harness.errors import ForgebenchError
+    from harness.sources import gguf as gguf_meta
+
+    loaded, _, store, _ = built
+    cells = {c.name: c for c in planning.plan(loaded)}
+    f16 = store.path(cells["a-f16"].gguf) / "model.gguf"
+    q4 = store.path(cells["a-q4_k_m"].gguf) / "model.gguf"
+    template = gguf_meta.read(f16).chat_template
+    with OllamaDouble() as double, OllamaBackend(double.host) as backend:
+        for source, level, words in (
+            (f16, "q2_k", f"unsupported quantization type Q2_K - supported types are {TYPES}"),
+            (q4, "q8_0", "quantization is only supported for F16, BF16 and F32 models"),
+        ):
+            config = ServeConfig("forgebench/refused", template, quantize=level)
+            with pytest.raises(ForgebenchError, match=re.escape(words)):
+                backend.deploy(source, config)
+        assert double.models == {}

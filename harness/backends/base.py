@@ -45,6 +45,9 @@ class ServeConfig:
     adapter: Path | None = None
     """A LoRA GGUF served on top of the weights at scale 1 (the adapter route):
     llama-server's --lora, Ollama's ADAPTER."""
+    quantize: str | None = None
+    """A level the server quantizes the (F16) weights to as it takes them: Ollama's
+    create `quantize` (`ollama create -q`). llama-server serves a file as it is."""
     adapters: tuple[Path, ...] = ()
     """LoRA GGUFs loaded into one llama-server but applied to no request that does not
     pick one (`Deployment.request_fields`): the adapter route's server shared by a base

@@ -122,6 +122,12 @@ class LlamaServer:
         self._http = httpx.Client(timeout=httpx.Timeout(600.0, connect=5.0))
 
     def deploy(self, gguf: Path, config: ServeConfig) -> Deployment:
+        if config.quantize is not None:
+            raise ForgebenchError(
+                f"{config.model_name}: llama-server serves {gguf.name} as it is and cannot "
+                f"quantize it to {config.quantize}: that is Ollama's create (serve.backend: "
+                "ollama)"
+            )
         self.remove_name(config.model_name)
         folder = Path(tempfile.mkdtemp(prefix="forgebench-llama-server-"))
         template_file = folder / "chat_template.jinja"

@@ -1,15 +1,12 @@
 """The Ollama backend: a GGUF served by an Ollama server, through the official `ollama` client.
 
-Deploying uploads the GGUF as a blob (skipped when the server already holds that digest) and
-creates the model with a Go template derived from the model's own Jinja chat template, so
-Ollama renders prompts as the model was trained to see them, plus its stop strings, system
-prompt and parameters (Ollama's option names); `/api/show` is then read back to confirm what
-the server kept. Ollama 0.30+ may serve the GGUF's own Jinja template instead (see
-`ollama_modelfile.template_source`); the deployment records which one serves, and the check
-judges that one. Chat streams `/api/chat`; the last chunk carries Ollama's own token counts
-and timings (nanoseconds on the wire, seconds here, `ollama_stream`), the model's thinking
-apart from its answer. `ollama_modelfile.modelfile()` writes the same deployment as a
-Modelfile, for `ollama create -f` by hand.
+Deploying uploads the GGUF as a blob (unless the server holds that digest) and creates the
+model with a Go template derived from its own Jinja chat template, its stop strings, system
+prompt and parameters; `/api/show` then confirms what the server kept (Ollama 0.30+ may
+serve the GGUF's Jinja template instead: `ollama_modelfile.template_source`). With
+`ServeConfig.quantize` the create quantizes the F16 (`ollama create -q`), and the
+deployment records the tensor types and size it made. Chat streams `/api/chat`, whose last
+chunk carries Ollama's token counts and timings (`ollama_stream`).
 """
 
 from __future__ import annotations
@@ -26,14 +23,13 @@ from harness.backends.base import NAMESPACE, Chunk, Deployment, ServeConfig, Ser
 from harness.backends.ollama_modelfile import (
     create_parameters,
     go_template,
+    kept_template,
     modelfile,
-    template_source,
 )
 from harness.backends.ollama_stream import chunk_from, seconds
 from harness.env import ollama_host
 from harness.errors import ForgebenchError
 from harness.hashing import file_sha256
-from harness.sources import gguf as gguf_meta
 
 KEEP_ALIVE = "10m"
 """How long Ollama keeps a deployed model loaded after each request."""
@@ -67,18 +63,12 @@ class OllamaBackend:
         shown = self._call(
             f"show {config.model_name}", lambda: self._client.show(config.model_name)
         )
-        source = template_source(shown.template, template, config.chat_template)
-        if source is None:
-            embedded = gguf_meta.read(gguf).chat_template
-            kept = "the GGUF's own, " if embedded and shown.template == embedded else ""
-            raise ForgebenchError(
-                f"Ollama at {self.host} kept another template for {config.model_name} "
-                f"({kept}not the one it was given nor the deployment's chat template), so it "
-                "would not render prompts as the model expects; start it with "
-                "OLLAMA_GO_TEMPLATE=1 to serve the given one (server/routes.go "
-                "shouldUseGoTemplate) or use serve.backend: llamacpp"
-            )
+        try:
+            source = kept_template(shown.template, template, config, gguf)
+        except ValueError as exc:
+            raise ForgebenchError(f"Ollama at {self.host} {exc}") from None
         details = shown.details
+        made = self._quantized(config, details) if config.quantize else {}
         load_seconds = self._load_seconds(config.model_name)
         return Deployment(
             self.name,
@@ -99,8 +89,28 @@ class OllamaBackend:
                 "stop": parameters.get("stop", []),
                 "modelfile": modelfile(gguf, template, config.system, parameters, config.adapter),
                 "adapters": adapters,
-            },
+            }
+            | made,
         )
+
+    def _quantized(self, config: ServeConfig, details: Any) -> dict[str, Any]:
+        """What Ollama's create made of the F16 it was asked to quantize: each tensor's type
+        (/api/show verbose) and the size `ollama list` shows (the weights, a few bytes of
+        template and parameters). A server that ignored `quantize` is refused: the cell
+        would be its F16."""
+        name, wanted = config.model_name, (config.quantize or "").upper()
+        if (level := details.quantization_level if details else None) != wanted:
+            raise ForgebenchError(
+                f"Ollama at {self.host} was asked to quantize {name} to {wanted} and serves "
+                f"it at {level}: drop the recipe by: ollama for this server"
+            )
+        body = {"model": name, "verbose": True}
+        shown = self._call(f"show {name}", lambda: self._raw("POST", "/api/show", json=body))
+        size = getattr(self._listed(name), "size", None)
+        return {
+            "tensor_types": {t["name"]: t["type"].lower() for t in shown.json()["tensors"]},
+            "model_bytes": int(size) if size is not None else None,
+        }
 
     def _upload(self, path: Path) -> tuple[str, bool]:
         """The file as a blob on the server, sent only when it lacks that digest (the digest
@@ -129,6 +139,7 @@ class OllamaBackend:
             last = ""
             for progress in self._client.create(
                 name,
+                quantize=config.quantize.upper() if config.quantize else None,
                 files=files,
                 adapters=adapters or None,
                 template=template,
@@ -215,14 +226,9 @@ class OllamaBackend:
         server/routes.go: answered with `_debug_info.rendered_template`, nothing generated).
         None from an older server, which ignores the field and answers a normal chat, kept
         to one token here."""
-        body = {
-            "model": deployment.model_name,
-            "messages": messages,
-            "stream": False,
-            "options": {"num_predict": 1},
-            "keep_alive": KEEP_ALIVE,
-            "_debug_render_only": True,
-        }
+        body = {"model": deployment.model_name, "messages": messages, "stream": False}
+        body |= {"options": {"num_predict": 1}, "keep_alive": KEEP_ALIVE}
+        body["_debug_render_only"] = True
         reply = self._call(
             f"render a prompt for {deployment.model_name}",
             lambda: self._raw("POST", "/api/chat", json=body).json(),
@@ -295,9 +301,12 @@ class OllamaBackend:
 
     def digest(self, name: str) -> str | None:
         """The model's digest as `ollama list` shows it; None when there is no such model."""
-        listed = self._call("list models", self._client.list)
-        wanted = _tagged(name)
-        return next((m.digest for m in listed.models if _tagged(m.model or "") == wanted), None)
+        return getattr(self._listed(name), "digest", None)
+
+    def _listed(self, name: str) -> Any:
+        """The model's `ollama list` entry; None when there is no such model."""
+        listed, wanted = self._call("list models", self._client.list), _tagged(name)
+        return next((m for m in listed.models if _tagged(m.model or "") == wanted), None)
 
     def deployed(self) -> list[str]:
         """The models forgebench created on this server (its namespace), as Ollama names them."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from harness import families
 from harness.backends.base import ServeConfig
+from harness.sources import gguf as gguf_meta
 
 # The default system turn goes before a first message that is not a system one, as the
 # Jinja templates test messages[0]; not on `.System`, which an empty or later system
@@ -126,3 +127,18 @@ def template_source(shown: str | None, go: str, jinja: str) -> str | None:
     if shown == jinja:
         return GGUF_TEMPLATE
     return None
+
+
+def kept_template(shown: str | None, go: str, config: ServeConfig, gguf_path: Path) -> str:
+    """`template_source`; a ValueError saying why when the template Ollama kept is neither."""
+    source = template_source(shown, go, config.chat_template)
+    if source is not None:
+        return source
+    embedded = gguf_meta.read(gguf_path).chat_template
+    kept = "the GGUF's own, " if embedded and shown == embedded else ""
+    raise ValueError(
+        f"kept another template for {config.model_name} ({kept}not the one it was given "
+        "nor the deployment's chat template), so it would not render prompts as the model "
+        "expects; start it with OLLAMA_GO_TEMPLATE=1 to serve the given one (server/routes.go "
+        "shouldUseGoTemplate) or use serve.backend: llamacpp"
+    )

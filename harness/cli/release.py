@@ -15,6 +15,7 @@ from harness.cli.app import DEFAULT_STORE, SpecArg, StoreOpt, app, console, err,
 from harness.cli.experiment import execute, prepared
 from harness.errors import InputError
 from harness.judge import gate
+from harness.plan import ollama as server
 
 
 @app.command()
@@ -49,6 +50,7 @@ def release(
             f"release deploys to Ollama and none answers at {env.ollama_host()}: start "
             "`ollama serve` or point OLLAMA_HOST at one"
         )
+    server.refuse_what_it_cannot(ready.spec)  # the pick is created there, whatever serves
     locks = env.cache_root() / "release"
     locks.mkdir(parents=True, exist_ok=True)
     lock = FileLock(locks / f"{model.replace('/', '_')}.lock")

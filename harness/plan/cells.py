@@ -28,7 +28,7 @@ from harness import backends, host, quant, sources
 from harness.chain import ADAPTER, CONTROL, MERGE
 from harness.errors import ForgebenchError, InputError
 from harness.hashing import digest
-from harness.plan import drift, keys, recipes
+from harness.plan import drift, keys, ollama, recipes
 from harness.plan.store import StageCall
 from harness.sources import adapters, templates
 from harness.spec import LoraSpec, Spec
@@ -45,6 +45,9 @@ class Cell:
     """stage name -> call, in chain order; only the stages this cell needs."""
     backend: str = "llamacpp"
     route: str = MERGE
+    server_quantize: str | None = None
+    """The level Ollama's create quantizes the F16 to (a recipe `by: ollama`): the cell has
+    no quantize stage, `gguf` is the F16, and what serves is Ollama's own file."""
 
     @property
     def adapter(self) -> str:
@@ -92,6 +95,8 @@ def plan(spec: Spec) -> list[Cell]:
     )
     data = _data_identity(spec)
     backend = backends.resolve_name(spec.serve.backend) if spec.serves else ""
+    if backend == "ollama":
+        ollama.refuse_what_it_cannot(spec)
     adapters: list[LoraSpec | None] = ([None] if spec.control else []) + list(spec.lora)
     levels = sorted(spec.levels, key=lambda level: level != quant.F16)
     trust = spec.base.trust_remote_code
@@ -188,19 +193,20 @@ def _levels(
     cells = []
     for level in levels:
         cell_calls = dict(calls)
-        if level != quant.F16:
+        in_ollama = recipes.ollama_level(spec, level)
+        if level != quant.F16 and in_ollama is None:
             quantize = recipes.quantize_call(spec, level, f16, model, data)
             if "imatrix" in quantize.inputs:  # a role too, so its time and figures are logged
                 cell_calls["imatrix"] = quantize.inputs["imatrix"]
             cell_calls["quantize"] = quantize
         cell_calls |= references
-        measured = _measurements(spec, cell_calls, model, f16, backend)
+        measured = _measurements(spec, cell_calls, model, f16, backend, in_ollama)
         tuned_f16 = level == quant.F16 and lora is not None and route == MERGE
         if tuned_f16 and "drift" in spec.measure:
             # how far training moved the model: the tuned F16 against the untuned F16
             untuned = drift.reference(spec, base_f16, calls["resolve"], data, {})
             measured["drift_tuning"] = drift.measured(spec, f16, untuned, {})
-        cells.append(Cell(lora, level, cell_calls | measured, backend, route))
+        cells.append(Cell(lora, level, cell_calls | measured, backend, route, in_ollama))
     return cells
 
 
@@ -275,8 +281,10 @@ def _measurements(
     model: StageCall,
     f16: StageCall,
     backend: str,
+    in_ollama: str | None = None,
 ) -> dict[str, StageCall]:
-    """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served."""
+    """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served
+    (`in_ollama`: the level Ollama's create quantizes the F16 to)."""
     gguf = calls.get("quantize") or f16
     # the adapter route serves the base GGUF with the LoRA GGUF: both name what is measured
     on = {"gguf": gguf, "model": model} | (
@@ -286,6 +294,8 @@ def _measurements(
     # model folder's (resolve's key holds the spec's text)
     exclude = {"keep", "chat_template"}
     served = {"serve": spec.serve.model_dump(mode="json", exclude=exclude), "backend": backend}
+    if in_ollama is not None:
+        served["ollama_quantize"] = in_ollama
     out: dict[str, StageCall] = {}
     if "check" in spec.measure:
         out["check"] = StageCall(

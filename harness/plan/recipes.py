@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.data import calibration
+from harness.errors import InputError
 from harness.plan import keys
 from harness.plan.store import StageCall
 from harness.spec import Spec
@@ -36,6 +37,22 @@ def quantize_call(
         inputs,
         keys.versions("quantize"),
     )
+
+
+def ollama_level(spec: Spec, name: str) -> str | None:
+    """The level Ollama's create makes `name` at, for a recipe `by: ollama`; else None.
+    Such a recipe exists only on an Ollama server, and `auto` may pick llama-server,
+    which serves files as they are: the spec must name the backend."""
+    recipe = spec.recipe(name)
+    if recipe is None or recipe.by != "ollama":
+        return None
+    if spec.serve.backend != "ollama" or not spec.serves:
+        where = spec.where("quant", spec.levels.index(name))
+        raise InputError(
+            f"{where}: {name} is made by Ollama's create and measured on what it serves: "
+            "set serve.backend: ollama and measure check, evaluate or bench"
+        )
+    return recipe.level
 
 
 def imatrix_call(

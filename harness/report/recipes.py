@@ -1,5 +1,6 @@
 """Each quantization recipe beside the plain level it starts from: the same adapter and
-route, the same level, made with an importance matrix or other tensor types.
+route, the same level, made with an importance matrix or other tensor types, or by
+Ollama's create.
 
 Accuracy is compared on the items both were scored on: the recipe's drop against the plain
 level with its 95% interval (negative: the recipe answers more right), so "the imatrix
@@ -19,13 +20,16 @@ COLUMNS = (
     ("paired", "paired: lost, gained, drop [95% interval]"),
     ("kld", "KLD to F16"),
     ("top1", "top-1 agreement"),
+    ("decode", "decode tok/s p50"),
     ("size", "size MB"),
 )
 NOTE = (
     "Each figure plain level / recipe. Paired: the items both were scored on, those the plain "
     "level got right and the recipe wrong, the reverse, and the recipe's drop from the plain "
     "level with its 95% interval (Newcombe's hybrid score; negative: the recipe did better). "
-    "KLD and top-1 agreement: each cell's own against its F16 on the drift text."
+    "KLD and top-1 agreement: each cell's own against its F16 on the drift text. A recipe "
+    "by: ollama was quantized by Ollama's create: it has no KLD (the file stays on the "
+    "server) and its size is what Ollama lists."
 )
 
 
@@ -47,6 +51,7 @@ def section(inv: Invocation, items: Items) -> Comparison:
                 "paired": paired_text(table),
                 "kld": both(pair, ".4f", "kld_mean"),
                 "top1": both(pair, ".3f", "top1_agreement"),
+                "decode": both(pair, ".1f", "decode_tps_p50"),
                 "size": both(pair, ".1f", "gguf_mb"),
             }
         )

@@ -254,5 +254,6 @@ def serve_config(spec: Spec, cell: Cell, store: Store, name: str, adapter: Path 
         parameters=dict(spec.serve.parameters),
         slots=spec.serve.slots,
         adapter=adapter,
+        quantize=cell.server_quantize,
     )
     return config, tokenizer

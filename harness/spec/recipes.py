@@ -5,6 +5,7 @@
       - {level: q2_k, imatrix: train}                 # q2_k-imat-train
       - {level: q2_k, imatrix: text, tensor_types: {output: q8_0}}   # q2_k-imat-text-out-q8_0
       - {level: q3_k_m, name: q3_k_m-mine, imatrix: calib.txt}
+      - {level: q4_k_m, by: ollama}                   # q4_k_m-ollama: `ollama create -q`
 
 At 2-3 bits the preset levels lose the most, and an importance matrix (llama.cpp's
 `llama-imatrix`, then `llama-quantize --imatrix`) and higher types for a few tensors are
@@ -18,6 +19,12 @@ Python carries), or a text file. `tensor_types`: a tensor-name regex -> ggml typ
 `llama-quantize --tensor-type`; `output` and `token_embd` name the output head and the
 token embeddings exactly (its --output-tensor-type and --token-embedding-type), since as
 regexes they would also match `attn_output`.
+
+`by: ollama`: the F16 goes to Ollama, whose create quantizes it (`ollama create -q`, the
+`quantize` field of /api/create), for the levels it takes (`quant.OLLAMA_CREATE`). Users
+quantize there too; measured beside the same level from llama-quantize, the table says
+whether that costs anything on their model. Ollama keeps the file, so such a cell has no
+KLD (llama-perplexity reads a file) and its size is what Ollama lists.
 """
 
 from __future__ import annotations
@@ -49,6 +56,11 @@ class QuantRecipe(Strict):
         default_factory=dict,
         description="tensor-name regex (or output / token_embd) -> ggml type, e.g. "
         "{output: q8_0, ffn_down: q6_k}",
+    )
+    by: Literal["llama-quantize", "ollama"] = Field(
+        "llama-quantize",
+        description="who quantizes: llama-quantize here, or Ollama's create from the F16 "
+        "(q8_0, q4_k_s, q4_k_m; needs serve.backend: ollama)",
     )
     chunks: int = Field(
         64, gt=0, le=4096, description="llama-imatrix chunks of 512 tokens, at most"
@@ -89,10 +101,12 @@ class QuantRecipe(Strict):
 
     @model_validator(mode="after")
     def _named(self) -> QuantRecipe:
-        if self.imatrix is None and not self.tensor_types:
+        if self.by == "ollama":
+            self._ollama_can_make()
+        elif self.imatrix is None and not self.tensor_types:
             raise ValueError(
-                f"a recipe adds imatrix or tensor_types to a level: give one, or write "
-                f"{self.level} as a plain level"
+                f"a recipe adds imatrix, tensor_types or by: ollama to a level: give one, or "
+                f"write {self.level} as a plain level"
             )
         if self.name is None:
             object.__setattr__(self, "name", self._derived_name())
@@ -103,8 +117,22 @@ class QuantRecipe(Strict):
             )
         return self
 
+    def _ollama_can_make(self) -> None:
+        if self.level not in quant.OLLAMA_CREATE:
+            raise ValueError(
+                f"Ollama's create quantizes only to {', '.join(quant.OLLAMA_CREATE)}, not "
+                f"{self.level}: pick one of those, or drop by: ollama"
+            )
+        if self.imatrix is not None or self.tensor_types:
+            raise ValueError(
+                "Ollama's create takes no importance matrix or tensor types: drop imatrix "
+                "and tensor_types, or by: ollama"
+            )
+
     def _derived_name(self) -> str:
         parts = [self.level]
+        if self.by == "ollama":
+            parts.append("ollama")
         if self.imatrix is not None:
             source = self.imatrix if isinstance(self.imatrix, str) else self.imatrix.stem
             parts.append(f"imat-{re.sub(r'[^A-Za-z0-9_.]+', '_', str(source))}")

@@ -33,7 +33,8 @@ Memory, which the two servers can only report in different ways, under two names
   loaded model, its own account of weights, KV cache and compute graph; not a
   measurement of any process. MiB.
 Beside them: the model's load time and `llama-bench`'s engine figures for the
-same GGUF and thread count, as the reference the served figures are read against.
+same GGUF and thread count, as the reference the served figures are read against
+(none where Ollama's create quantized the F16: the file it serves stays on the server).
 """
 
 from __future__ import annotations
@@ -174,6 +175,8 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, 
     served.deploy(alone=True)
     metrics, samples = measure(served.backend, served.deployment, settings["bench"], progress)
     (out / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    if settings.get("ollama_quantize"):
+        return metrics  # the quantized file is Ollama's own: llama-bench has it not to read
     threads = int(settings["serve"]["parameters"].get("num_thread", os.cpu_count() or 1))
     progress("llama-bench engine reference", None)
     metrics |= llama_bench(inputs["gguf"] / "model.gguf", threads)

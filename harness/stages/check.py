@@ -68,6 +68,9 @@ ROLE_MARKERS = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 DIFF_FILE = "parity_diff.txt"
+SERVED_MODEL = "served_model.json"
+"""Where Ollama quantized the F16 itself (a recipe `by: ollama`): the tensor types and size
+of the file it made, which stays on the server."""
 ADAPTER_PROBES = (
     CONVERSATION,
     [{"role": "user", "content": "What is 12 + 7?"}],
@@ -276,13 +279,21 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, 
     (out / DIFF_FILE).write_text(parity_report(verdict.parity, served.backend.name))
     if text := modelfile(served):
         (out / "Modelfile").write_text(text)
-    return {
-        "check_ok": int(verdict.ok),
-        "check_template_ok": int(verdict.template_ok),
-        "parity_ok": int(verdict.parity.ok),
-        "parity_by_text": int(verdict.parity.by_text),
-        "check_reasons": "; ".join(verdict.reasons),
-    } | ({"adapter_applied": int(effect["applied"])} if effect else {})
+    made = {}
+    if "tensor_types" in served.deployment.details:  # the server quantized what it was given
+        made = {k: served.deployment.details[k] for k in ("tensor_types", "model_bytes")}
+        (out / SERVED_MODEL).write_text(json.dumps(made, indent=2))
+    return (
+        {
+            "check_ok": int(verdict.ok),
+            "check_template_ok": int(verdict.template_ok),
+            "parity_ok": int(verdict.parity.ok),
+            "parity_by_text": int(verdict.parity.by_text),
+            "check_reasons": "; ".join(verdict.reasons),
+        }
+        | ({"adapter_applied": int(effect["applied"])} if effect else {})
+        | ({"served_model_bytes": made["model_bytes"]} if made.get("model_bytes") else {})
+    )
 
 
 def modelfile(served) -> str | None:
