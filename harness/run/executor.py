@@ -147,13 +147,15 @@ def run_cell(
                 return result()
         elif role == "check" and not outcome.metrics.get("check_ok"):
             status, error = "broken", f"check: {outcome.metrics.get('check_reasons')}"
-    adapter = store.path(cell.lora_gguf) / "adapter.gguf" if cell.lora_gguf else None
-    extra = adapter.stat().st_size if adapter else 0
-    if cell.server_quantize is not None:  # Ollama's file: its size as the check read it
-        made = stages["check"].metrics.get("served_model_bytes") if "check" in stages else None
-        return result(gguf="", gguf_bytes=made + extra if made else None)
     gguf = store.path(cell.gguf) / "model.gguf"
-    return result(gguf=str(gguf), gguf_bytes=gguf.stat().st_size + extra)
+    adapter = store.path(cell.lora_gguf) / "adapter.gguf" if cell.lora_gguf else None
+    size = gguf.stat().st_size
+    if cell.server_quantize is not None:
+        # the F16 is what Ollama was given (what a registry keeps to make it again); the
+        # size is that of the file Ollama made, as the check read it
+        size = stages["check"].metrics.get("served_model_bytes") if "check" in stages else None
+    extra = adapter.stat().st_size if adapter else 0
+    return result(gguf=str(gguf), gguf_bytes=size + extra if size else None)
 
 
 def _inputs(
