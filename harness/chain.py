@@ -54,6 +54,7 @@ ROLES = (
     Role("check", "check", "served", ()),
     Role("evaluate", "evaluate", "served", ()),
     Role("bench", "bench", "served", ("llama-bench",)),
+    Role("load", "load", "served", ("llama-batched-bench",)),
     Role("drift_base", "drift_base", "drift", ("llama-perplexity",)),
     Role("drift", "drift", "drift", ("llama-perplexity",)),
     Role("drift_tuning", "drift", "drift", ("llama-perplexity",), advisory=True),
@@ -79,8 +80,11 @@ TASKS = tuple(dict.fromkeys(role.stage for role in ROLES if role.own_task))
 besides `serve`."""
 LLAMA_CPP = {role.stage: role.llama_cpp for role in ROLES if role.llama_cpp is not None}
 """The stages that run llama.cpp code, and the programs each runs."""
-MEASUREMENTS = ("check", "evaluate", "bench", "drift")
+MEASUREMENTS = ("check", "evaluate", "bench", "load", "drift")
 """What `measure` may name: the served stages a user picks, and drift."""
+DEFAULT_MEASUREMENTS = ("check", "evaluate", "bench", "drift")
+"""What a spec measures unless it says: the load benchmark is asked for by name, as it
+drives each cell at several concurrencies and takes minutes a cell."""
 SERVED_MEASUREMENTS = tuple(m for m in MEASUREMENTS if m in SERVED)
 """The measurements made on a deployed model; drift reads the GGUFs with llama-perplexity."""
 ADAPTERS = ("train", "adopt")

@@ -26,7 +26,14 @@ from harness.hashing import file_sha256
 PACKAGE = "llama-cpp-python"
 CONVERTER = "convert_hf_to_gguf.py"
 LORA_CONVERTER = "convert_lora_to_gguf.py"
-TOOLS = ("llama-server", "llama-bench", "llama-perplexity", "llama-quantize", "llama-imatrix")
+TOOLS = (
+    "llama-server",
+    "llama-bench",
+    "llama-batched-bench",
+    "llama-perplexity",
+    "llama-quantize",
+    "llama-imatrix",
+)
 PORTABLE_FLAGS = (
     # A native build (-march=native) segfaults on quantized models on CPUs that
     # advertise AMX; these flags run on any x86-64 with AVX2.

@@ -226,3 +226,55 @@ def test_chain_report_renders_in_chromium(tmp_path):
     picture = shot.convert("L")
     ink = sum(1 for p in picture.getdata() if p < 200) / (picture.width * picture.height)
     assert ink > 0.02, "the screenshot is (nearly) blank"
+
+
+def served_at(row: RunView, name: str, evaluation: str, **metrics) -> RunView:
+    """`row`'s level served at the serving setting `name`, its scores from `evaluation`."""
+    level = row.tags["forgebench.quant"]
+    tags = row.tags | {
+        "forgebench.cell": f"{row.adapter}-{level}-{name}",
+        "forgebench.quant": f"{level}-{name}",
+        "forgebench.setting": name,
+        "forgebench.key.evaluate": evaluation,
+    }
+    return RunView(row.run_id, tags["forgebench.cell"], "FINISHED", {}, row.metrics | metrics, tags)
+
+
+def test_serving_settings_ride_on_their_level_and_get_a_table_and_plots(tmp_path, monkeypatch):
+    """A setting is not a step of the chain or of best's walk: one that loses answers (a
+    q4_0 KV cache at q8_0) stops nothing, and its level still ships. The report pairs each
+    setting with its level at the spec's own setting, and plots load and memory."""
+    plain = rows()
+    main = {r.tags["forgebench.quant"]: r for r in plain if r.adapter == "main"}
+    for level in ("q8_0", "q4_k_m"):
+        main[level].tags["forgebench.key.evaluate"] = f"eval-{level}"
+        main[level].metrics |= {"load_c1_agg_tps": 40.0, "batched_c1_tg_tps": 50.0,
+                                "load_memory_mb": 300.0, "kv_cache_mb": 45.0,
+                                "load_ctx_tokens": 2048.0}  # fmt: skip
+    lost = served_at(main["q8_0"], "kv_q4_0", "eval-kv")
+    lost.tags["forgebench.verdict"] = "stupid (serving)"
+    wide = served_at(
+        main["q4_k_m"], "ctx8192-np2", "eval-q4_k_m", load_c2_agg_tps=70.0,
+        batched_c2_tg_tps=90.0, load_memory_mb=640.0, kv_cache_mb=360.0,
+        load_ctx_tokens=16384.0,
+    )  # fmt: skip
+    answers = {"arithmetic": {str(i): i < 80 for i in range(100)}}
+    changed = {"arithmetic": {str(i): i < 70 for i in range(100)}}
+    monkeypatch.setattr(
+        "harness.track.samples", lambda uri, run: changed if run == "changed" else answers
+    )
+    lost.run_id = "changed"
+    inv = Invocation("chain", "sqlite:///x.db", "p" * 32, {}, [*plain, lost, wide])
+    _, md = report.write(inv, tmp_path)
+    text = md.read_text()
+    decisions = text.split("## Decision")[1].split("## Cells")[0]
+    assert "- **main**: ship q4_k_m: smallest file" in decisions
+    assert "→ q4_k_m 0.750 → q2_k 0.450 ✗ quantization lost" in text, "the chain has no setting"
+    table = text.split("## Serving settings against the spec's own")[1].split("\n## ")[0]
+    lost_row = next(li for li in table.splitlines() if li.startswith("| main q8_0 kv_q4_0 |"))
+    assert "| stupid (serving) |" in lost_row and "100 items: 10, 0, +0.10" in lost_row
+    wide_row = next(li for li in table.splitlines() if "main q4_k_m ctx8192-np2" in li)
+    assert "answers shared" in wide_row and "c1 40 (50) / c1 40 (50), c2 70 (90)" in wide_row
+    assert "| 300 / 640 |" in wide_row and "| 45.0 / 360.0 |" in wide_row
+    for name in ("throughput_vs_concurrency.png", "memory_vs_context.png"):
+        assert Image.open(tmp_path / name).size[0] > 200

@@ -253,3 +253,66 @@ def test_ttft_p95_is_judged_on_its_bounds_not_on_the_slowest_request():
     slow, unjudged = slow_reasons(cell("a", "q8_0", **{**FAST, "ttft_ms": [100.0] * 12}), BUDGETS)
     assert not slow and any("too few to bound; 59 would" in r for r in unjudged)
     assert slow_reasons(cell("a", "q8_0", **FAST), BUDGETS) == ([], [])
+
+
+def setting(level: str, name: str, right: int, rescored: bool = True, **kw) -> Figures:
+    """Adapter a's `level` GGUF served at the serving setting `name`."""
+    fig = cell("a", f"{level}-{name}", right, **kw)
+    fig.setting, fig.rescored = name, rescored
+    return fig
+
+
+def test_a_serving_setting_is_judged_through_its_level_at_the_spec_own_setting():
+    """The chain of a setting that can change answers ends in a serving link from the same
+    level at the spec's own setting; a cache that loses answers is stupid (serving), and the
+    quantization link is the level's own, not the setting's."""
+    cells = [
+        cell("a", "f16", 210, **FAST),
+        cell("a", "q8_0", 210, **FAST),
+        setting("q8_0", "kv_q8_0", 210, **FAST),
+        setting("q8_0", "kv_q4_0", 150, **FAST),
+        setting("f16", "ctx8192", 210, rescored=False, **FAST),
+    ]
+    references = {"base": hf("untuned HF", 180), "a": hf("tuned HF", 210)}
+    v = judge(cells, BUDGETS, references, ["arith"])
+    steps = [link.step for link in v["a-q8_0-kv_q8_0"].links]
+    assert steps == ["training", "export", "quantization", "serving", "end to end"]
+    assert v["a-q8_0-kv_q8_0"].verdict == "ok"
+    assert v["a-q8_0-kv_q4_0"].verdict == "stupid (serving)"
+    quantization = next(li for li in v["a-q8_0-kv_q4_0"].links if li.step == "quantization")
+    assert quantization.state == "held", "the level itself lost nothing"
+    # context cannot change answers: no serving link, and F16 has no quantization link
+    assert [li.step for li in v["a-f16-ctx8192"].links] == ["training", "export", "end to end"]
+    assert v["a-f16-ctx8192"].verdict == "ok"
+
+
+def test_a_setting_speed_is_judged_against_the_f16_served_the_same_way():
+    """decode_speedup_min compares a setting's decode with its F16 at the same setting: one
+    thread is not slow for being slower than two."""
+    budgets = BudgetSpec(decode_speedup_min=1.2, tolerance=0.05)
+    slow_f16 = {**FAST, "decode_rates": [20.0] * 12}
+    fast_q8 = {**FAST, "decode_rates": [30.0] * 12}
+    cells = [
+        cell("a", "f16", 210, **FAST),
+        cell("a", "q8_0", 210, **{**FAST, "decode_rates": [70.0] * 12}),
+        setting("f16", "t1", 210, rescored=False, **slow_f16),
+        setting("q8_0", "t1", 210, rescored=False, **fast_q8),
+    ]
+    references = {"base": hf("untuned HF", 180), "a": hf("tuned HF", 210)}
+    v = judge(cells, budgets, references, ["arith"])
+    assert v["a-q8_0-t1"].verdict == "ok", v["a-q8_0-t1"].reasons
+    assert v["a-q8_0"].verdict == "ok"
+
+
+def test_a_load_budget_is_judged_on_the_requests_at_its_users():
+    budgets = BudgetSpec.model_validate(
+        {"load": {"users": 2, "decode_tps_min": 40, "ttft_ms_p95_max": 800}, "tolerance": 0.05}
+    )
+    met = Figures("x", "a", "q8_0", load_decode_rates=[50.0] * 12, load_ttft_ms=[100.0] * 60)
+    assert slow_reasons(met, budgets) == ([], [])
+    missed = Figures("x", "a", "q8_0", load_decode_rates=[20.0] * 12, load_ttft_ms=[100.0] * 60)
+    slow, _ = slow_reasons(missed, budgets)
+    assert len(slow) == 1 and "decode per user at 2 users" in slow[0]
+    unmeasured = Figures("x", "a", "q8_0")
+    slow, unjudged = slow_reasons(unmeasured, budgets)
+    assert not slow and len(unjudged) == 2 and "at 2 users not measured" in unjudged[0]

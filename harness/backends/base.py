@@ -48,6 +48,11 @@ class ServeConfig:
     quantize: str | None = None
     """A level the server quantizes the (F16) weights to as it takes them: Ollama's
     create `quantize` (`ollama create -q`). llama-server serves a file as it is."""
+    cache_type: str | None = None
+    """The KV-cache type for K and V (f16, q8_0, q4_0); None: the server's default (f16).
+    llama-server --cache-type-k/-v; Ollama's is server-wide (OLLAMA_KV_CACHE_TYPE)."""
+    flash_attn: str | None = None
+    """on or off; None: the server's default (llama-server's auto). Server-wide on Ollama."""
     adapters: tuple[Path, ...] = ()
     """LoRA GGUFs loaded into one llama-server but applied to no request that does not
     pick one (`Deployment.request_fields`): the adapter route's server shared by a base

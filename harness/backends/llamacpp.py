@@ -96,8 +96,19 @@ def server_command(gguf: Path, config: ServeConfig, port: int, template_file: Pa
         "--chat-template-file",
         str(template_file),
         "--no-webui",
+        *cache_arguments(config),
         *lora_arguments(config),
     ]
+
+
+def cache_arguments(config: ServeConfig) -> list[str]:
+    """The KV-cache type and flash attention, where the config names them."""
+    out = []
+    if config.cache_type is not None:
+        out += ["--cache-type-k", config.cache_type, "--cache-type-v", config.cache_type]
+    if config.flash_attn is not None:
+        out += ["--flash-attn", config.flash_attn]
+    return out
 
 
 def loras(config: ServeConfig) -> list[Path]:

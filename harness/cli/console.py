@@ -149,11 +149,12 @@ def times_table(summary: RunSummary) -> Table:
     """Seconds per stage and cell (`run --times`): where a run's time went."""
     table = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     table.add_column("cell", no_wrap=True)
-    for stage in STAGES:
+    stages = [s for s in STAGES if any(s in cell.stages for cell in summary.cells)]
+    for stage in stages:
         table.add_column(stage, justify="right")
     for cell in summary.cells:
         times = []
-        for stage in STAGES:
+        for stage in stages:
             outcome = cell.stages.get(stage)
             times.append(
                 "-"

@@ -52,16 +52,26 @@ def is_ok(row: RunView) -> bool:
 
 def walked(rows: list[RunView]) -> tuple[list[RunView], list[RunView]]:
     """Per route, the levels from the largest down to the first whose accuracy was not
-    shown within tolerance: (the cells walked, the cells the walks stopped at)."""
+    shown within tolerance, at the spec's own serving setting: (the cells walked, with the
+    serving settings of each level walked, and the cells the walks stopped at). A setting
+    is a way to serve a level, not a step of the walk: one that loses answers is not ok,
+    and stops nothing."""
     out, stops = [], []
     for route in dict.fromkeys(r.route for r in rows):
-        mine = sorted((r for r in rows if r.route == route), key=lambda r: quant.rank(r.quant))
-        for row in mine:
+        mine = [r for r in rows if r.route == route]
+        plain = sorted((r for r in mine if not r.setting), key=lambda r: quant.rank(r.quant))
+        for row in plain:
             if row.status != "done" or row.verdict not in ("ok", "slow"):
                 stops.append(row)
                 break
-            out.append(row)
+            out += [row, *(r for r in mine if r.setting and r.level == row.quant)]
     return out, stops
+
+
+def memory(row: RunView) -> float:
+    """The cell's peak serving memory as the bench measured it; unmeasured sorts last."""
+    found = row.metrics.get("memory_mb") or row.metrics.get("ollama_ps_size_mb")
+    return found if found is not None else float("inf")
 
 
 def rejection(row: RunView) -> str:
@@ -99,14 +109,16 @@ def choose(rows: list[RunView], by: str = "size", route: str | None = None) -> l
         if by == "speed":
             row = max(ok, key=lambda r: r.decode_tps or 0)
             reason = f"fastest decode ({row.decode_tps or 0:.0f} tok/s p50)"
-        else:
-            row = min(ok, key=lambda r: r.size_mb or float("inf"))
+        else:  # a level's settings share its file: the spec's own first, then the least memory
+            row = min(ok, key=lambda r: (r.size_mb or float("inf"), bool(r.setting), memory(r)))
             reason = f"smallest file ({row.size_mb or 0:.1f} MB)"
         accuracy = row.accuracy(task)
         detail = f", {task} {accuracy:.2f}" if accuracy is not None and task else ""
         routes = {r.route for r in mine}
         named = len(routes) > 1 or route is not None
         shipped = f"{row.quant} by route {row.route}" if named else row.quant
+        if row.setting:
+            shipped = f"{row.level} served at {row.setting}" + shipped.removeprefix(row.quant)
         choices.append(
             Choice(
                 adapter,

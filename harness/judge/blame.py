@@ -2,8 +2,11 @@
 
 Every cell is the end of a chain of models, each scored on the same items:
 
-    untuned HF -> tuned HF -> F16 GGUF (served) -> quantized level (served)
-             training     export              quantization
+    untuned HF -> tuned HF -> F16 GGUF (served) -> quantized level (served) -> setting
+             training     export              quantization                serving
+
+(the last link only for a serving setting that can change answers, harness.spec.serving:
+the same GGUF served at the spec's own setting, then at this one).
 
 Each arrow is a link: a paired comparison on the items both models scored, with a
 one-sided interval on the accuracy drop (`harness.judge.paired`). A link is one of:
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 
 from harness.judge import paired
 
-STEPS = ("training", "export", "quantization")
+STEPS = ("training", "export", "quantization", "serving")
 END_TO_END = "end to end"
 
 

@@ -71,13 +71,17 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
     check = result.stages.get("check")
     template_broken = check is not None and check.metrics.get("check_template_ok") == 0
     unapplied = check is not None and check.metrics.get("adapter_applied") == 0
-    requests = _bench_requests(cell, result, store)
+    requests = _requests("bench", cell, result, store)
+    users = spec_users(cell)
+    loaded = [r for r in _requests("load", cell, result, store) if r.get("concurrency") == users]
     fig = verdict.Figures(
         cell.name,
         cell.adapter,
         cell.quant,
         status=result.status,
         route=cell.route,
+        setting=cell.setting.name if cell.setting else None,
+        rescored=bool(cell.setting and cell.setting.answers()),
         error=result.error,
         broken="template" if template_broken else "adapter not applied" if unapplied else None,
         evaluated=evaluated,
@@ -85,6 +89,8 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
         ttft_ms=[float(r["ttft_s"]) * 1000 for r in requests if r.get("ttft_s") is not None],
         # llama-server's peak RSS; on Ollama, the size its /api/ps reports for the model
         memory_mb=metric("bench", "memory_mb") or metric("bench", "ollama_ps_size_mb"),
+        load_decode_rates=[float(r["decode_tps"]) for r in loaded if r.get("decode_tps")],
+        load_ttft_ms=[float(r["ttft_s"]) * 1000 for r in loaded],
         kld_mean=metric("drift", "kld_mean"),
         tuning_kld=metric("drift_tuning", "kld_mean"),
     )
@@ -99,12 +105,18 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
     return fig
 
 
-def _bench_requests(cell: Cell, result: CellResult, store: Store) -> list[dict]:
-    """Each bench request's figures (decode tok/s, TTFT), from the bench's requests.jsonl."""
-    outcome = result.stages.get("bench")
-    if outcome is None or outcome.error or "bench" not in cell.calls:
+def spec_users(cell: Cell) -> int | None:
+    """The users a load budget names, as the cell's load stage was keyed with them."""
+    load = cell.calls.get("load")
+    return load.settings["load"].get("users") if load is not None else None
+
+
+def _requests(stage: str, cell: Cell, result: CellResult, store: Store) -> list[dict]:
+    """Each request's figures (decode tok/s, TTFT) from a bench's or load's requests.jsonl."""
+    outcome = result.stages.get(stage)
+    if outcome is None or outcome.error or stage not in cell.calls:
         return []
-    path = store.path(cell.calls["bench"]) / "requests.jsonl"
+    path = store.path(cell.calls[stage]) / "requests.jsonl"
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

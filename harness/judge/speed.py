@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -113,3 +114,25 @@ def against(
         if low is not None and low >= budget:
             return "met", f"{shown} >= {budget:.4g}"
     return "unjudged", f"{shown} straddles the budget {budget:.4g}: add bench.repeats"
+
+
+def under_load(
+    decode: list[float], ttft_ms: list[float], budget: Any, confidence: float
+) -> tuple[list[str], list[str]]:
+    """(missed, not shown met) for a load budget (harness.spec.budgets.LoadBudget): each
+    request's decode rate and time to first token at `budget.users` concurrent streams."""
+    missed: list[str] = []
+    unjudged: list[str] = []
+    at = f"at {budget.users} users"
+    for limit, values, q, name, unit, at_most in (
+        (budget.decode_tps_min, decode, 0.5, f"decode per user {at}", "tok/s", False),
+        (budget.ttft_ms_p95_max, ttft_ms, 0.95, f"TTFT {at}", "ms", True),
+    ):
+        if limit is None:
+            continue
+        if not values:
+            unjudged.append(f"{name} not measured (budget {limit:g} {unit})")
+            continue
+        state, said = against(quantile(values, q, confidence), limit, name, unit, at_most)
+        {"missed": missed, "unjudged": unjudged}.get(state, []).append(said)
+    return missed, unjudged

@@ -49,6 +49,11 @@ class Figures:
     status: str = "done"
     route: str = MERGE
     """A level is judged against the F16 of its own route."""
+    setting: str | None = None
+    """A serving setting's name (harness.spec.serving): `quant` is then `<level>-<setting>`,
+    the level's GGUF served so, and judged through its level at the spec's own setting."""
+    rescored: bool = False
+    """A setting's answers were scored anew (it can change them), not shared with its level."""
     error: str | None = None
     broken: str | None = None
     """What broke, for the label: "template" when the export parity check failed."""
@@ -62,9 +67,17 @@ class Figures:
     ttft_ms: list[float] = field(default_factory=list)
     """Each bench request's time to first token: its p95 is judged."""
     memory_mb: float | None = None
+    load_decode_rates: list[float] = field(default_factory=list)
+    load_ttft_ms: list[float] = field(default_factory=list)
+    """Each load request's decode tok/s and TTFT at the users a load budget names."""
     kld_mean: float | None = None
     tuning_kld: float | None = None
     """Mean KLD of the tuned F16 from the untuned F16 on the drift text (a forgetting sign)."""
+
+    @property
+    def level(self) -> str:
+        """The level (or recipe) of the cell's GGUF, without its serving setting."""
+        return self.quant.removesuffix(f"-{self.setting}") if self.setting else self.quant
 
     def scores(self) -> Scores:
         error = None if self.status == "done" else (self.error or self.status)
@@ -105,6 +118,11 @@ def slow_reasons(
             unmeasured.append(f"memory not measured (budget {budget:g} MB)")
         elif fig.memory_mb > budget:
             missed.append(f"memory {fig.memory_mb:.0f} MB > {budget:g}")
+    if budgets.load is not None:
+        loaded = speed.under_load(
+            fig.load_decode_rates, fig.load_ttft_ms, budgets.load, budgets.confidence
+        )
+        missed, unmeasured = missed + loaded[0], unmeasured + loaded[1]
     return missed, unmeasured
 
 
@@ -162,8 +180,11 @@ def rule_for(budgets: BudgetSpec, task: str) -> Rule:
     return Rule(budgets.tolerance_of(task), budgets.confidence, budgets.min_gain)
 
 
-def chain_links(fig: Figures, f16: Figures | None, ctx: Judging) -> list[Link]:
-    """The links from the untuned base to this cell, and end to end, on every task."""
+def chain_links(
+    fig: Figures, f16: Figures | None, ctx: Judging, plain: Figures | None = None
+) -> list[Link]:
+    """The links from the untuned base to this cell, and end to end, on every task; a
+    serving setting's cell goes through `plain`, its level at the spec's own setting."""
     references, control = ctx.references, ctx.control
     own_hf = references.get(fig.adapter) or Scores("tuned HF", error="not scored")
     base_hf = references.get(control) or Scores("untuned HF", error="not scored")
@@ -173,8 +194,13 @@ def chain_links(fig: Figures, f16: Figures | None, ctx: Judging) -> list[Link]:
     if tuned:
         pairs.append(("training", base_hf, own_hf))
     pairs.append(("export", own_hf, f16_scores))
-    if fig.quant != quant.F16:
-        pairs.append(("quantization", f16_scores, fig.scores()))
+    level = fig.scores()
+    if fig.setting is not None:
+        level = plain.scores() if plain is not None else Scores(fig.level, error="no cell")
+    if fig.level != quant.F16:
+        pairs.append(("quantization", f16_scores, level))
+    if fig.setting is not None and fig.rescored:
+        pairs.append(("serving", level, fig.scores()))
     links = []
     for task in ctx.tasks:
         rule, guard = rule_for(ctx.budgets, task), task in ctx.guard
@@ -204,17 +230,22 @@ def judge(
             f"no {quant.F16} cell for {', '.join(missing)}: accuracy is judged against the "
             f"same adapter at {quant.F16}; add {quant.F16} to the spec's quant list"
         )
-    links, f16s = {}, {}
+    links, f16s, speed_f16s = {}, {}, {}
     for fig in cells:
         scored = tasks if tasks is not None else sorted(fig.accuracy)
         ctx = Judging(references or {}, scored, set(guard), budgets, control)
         f16 = f16s[fig.cell] = by_key.get((fig.adapter, fig.route, quant.F16))
-        links[fig.cell] = chain_links(fig, f16, ctx) if scored and fig.status == "done" else []
+        # speed is judged against the F16 served the same way; accuracy through the chain
+        same = quant.F16 + (f"-{fig.setting}" if fig.setting else "")
+        speed_f16s[fig.cell] = by_key.get((fig.adapter, fig.route, same))
+        plain = by_key.get((fig.adapter, fig.route, fig.level))
+        done = scored and fig.status == "done"
+        links[fig.cell] = chain_links(fig, f16, ctx, plain) if done else []
     beyond = _beyond(links, 1 - budgets.confidence)
     return {
         fig.cell: _judge_cell(
             fig,
-            f16s[fig.cell],
+            speed_f16s[fig.cell],
             links[fig.cell],
             beyond,
             budgets,
@@ -254,7 +285,7 @@ def _judge_cell(
             verdict.speed |= {f"{name}_{k}": v for k, v in bounds.items() if v is not None}
     slow, unmeasured = slow_reasons(fig, budgets, f16)
     stupid, steps = _stupid(links, beyond)
-    if budgets.kld_max is not None and fig.quant != quant.F16:
+    if budgets.kld_max is not None and fig.level != quant.F16:
         if fig.kld_mean is None:
             unmeasured.append(
                 f"KLD from {quant.F16} not measured (budget {budgets.kld_max:g})"

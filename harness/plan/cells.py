@@ -21,18 +21,16 @@ runs nothing and imports nothing heavy: `plan`, `validate` and every executor re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import metadata
-from typing import Any
 
-from harness import backends, host, quant, sources
+from harness import backends, quant, sources
 from harness.chain import ADAPTER, CONTROL, MERGE
 from harness.errors import ForgebenchError, InputError
-from harness.hashing import digest
 from harness.plan import drift, keys, ollama, recipes
+from harness.plan.measures import data_identity, evaluate_identity, measurements, package_versions
 from harness.plan.store import StageCall
 from harness.sources import adapters, templates
 from harness.spec import LoraSpec, Spec
-from harness.stages import check
+from harness.spec.serving import Setting
 
 NOT_CONVERTIBLE = ("embed_tokens", "lm_head")
 
@@ -48,6 +46,14 @@ class Cell:
     server_quantize: str | None = None
     """The level Ollama's create quantizes the F16 to (a recipe `by: ollama`): the cell has
     no quantize stage, `gguf` is the F16, and what serves is Ollama's own file."""
+    setting: Setting | None = None
+    """A serving setting besides the spec's own (harness.spec.serving): the cell is its
+    level's GGUF served so, and `quant` is the level's name and the setting's."""
+
+    @property
+    def level(self) -> str:
+        """The level or recipe the cell's GGUF is made at, without its serving setting."""
+        return self.quant.removesuffix(f"-{self.setting.name}") if self.setting else self.quant
 
     @property
     def adapter(self) -> str:
@@ -78,10 +84,6 @@ class Cell:
         return self.calls.get("merge") or self.calls["resolve"]
 
 
-def _versions(*packages: str) -> dict[str, str]:
-    return {p: metadata.version(p) for p in packages}
-
-
 def plan(spec: Spec) -> list[Cell]:
     """Expand a spec into its cells without running or importing anything heavy.
 
@@ -91,9 +93,9 @@ def plan(spec: Spec) -> list[Cell]:
     resolve = StageCall(
         "resolve",
         {"base": {**base, **sources.identity(base)}, "chat_template": template and template.text},
-        versions=_versions("transformers", "gguf") | keys.versions("resolve"),
+        versions=package_versions("transformers", "gguf") | keys.versions("resolve"),
     )
-    data = _data_identity(spec)
+    data = data_identity(spec)
     backend = backends.resolve_name(spec.serve.backend) if spec.serves else ""
     if backend == "ollama":
         ollama.refuse_what_it_cannot(spec)
@@ -115,7 +117,7 @@ def plan(spec: Spec) -> list[Cell]:
                 "merge",
                 {"trust_remote_code": trust},
                 {"base": resolve, "adapter": adapter},
-                _versions("torch", "transformers", "peft") | keys.versions("merge"),
+                package_versions("torch", "transformers", "peft") | keys.versions("merge"),
             )
         references = {}
         if base_reference is not None:
@@ -141,7 +143,7 @@ def plan(spec: Spec) -> list[Cell]:
                     "convert_lora",
                     {"outtype": quant.F16, "trust_remote_code": trust},
                     {"base": resolve, "adapter": adapter},
-                    _versions("transformers", "peft") | keys.versions("convert_lora"),
+                    package_versions("transformers", "peft") | keys.versions("convert_lora"),
                 )
             cells += _levels(spec, lora, route, line, references, levels, backend, base_f16)
     return cells
@@ -156,7 +158,7 @@ def _adapter(spec: Spec, lora: LoraSpec, resolve: StageCall, data: dict) -> Stag
             "adopt",
             {"adapter": str(lora.path), "trust_remote_code": trust},
             {"base": resolve},
-            _versions("torch", "transformers", "safetensors") | keys.versions("adopt"),
+            package_versions("torch", "transformers", "safetensors") | keys.versions("adopt"),
         )
     return StageCall(
         "train",
@@ -170,7 +172,7 @@ def _adapter(spec: Spec, lora: LoraSpec, resolve: StageCall, data: dict) -> Stag
             "trust_remote_code": trust,
         },
         {"base": resolve},
-        _versions("torch", "transformers", "peft") | keys.versions("train"),
+        package_versions("torch", "transformers", "peft") | keys.versions("train"),
         runtime={"checkpoint_every": spec.train.checkpoint_every},
     )
 
@@ -189,7 +191,7 @@ def _levels(
     measures on it."""
     f16 = calls["convert"]
     model = calls.get("merge") or calls["resolve"]
-    data = _data_identity(spec)
+    data = data_identity(spec)
     cells = []
     for level in levels:
         cell_calls = dict(calls)
@@ -200,13 +202,18 @@ def _levels(
                 cell_calls["imatrix"] = quantize.inputs["imatrix"]
             cell_calls["quantize"] = quantize
         cell_calls |= references
-        measured = _measurements(spec, cell_calls, model, f16, backend, in_ollama)
+        measured = measurements(spec, cell_calls, model, f16, backend, in_ollama)
         tuned_f16 = level == quant.F16 and lora is not None and route == MERGE
         if tuned_f16 and "drift" in spec.measure:
             # how far training moved the model: the tuned F16 against the untuned F16
             untuned = drift.reference(spec, base_f16, calls["resolve"], data, {})
             measured["drift_tuning"] = drift.measured(spec, f16, untuned, {})
         cells.append(Cell(lora, level, cell_calls | measured, backend, route, in_ollama))
+        for setting in spec.serve.settings():  # the same GGUF, served otherwise
+            served = measurements(spec, cell_calls, model, f16, backend, in_ollama, setting)
+            name = f"{level}-{setting.name}"
+            calls_of = cell_calls | measured | served
+            cells.append(Cell(lora, name, calls_of, backend, route, in_ollama, setting))
     return cells
 
 
@@ -264,83 +271,13 @@ def _reference(spec: Spec, model: StageCall) -> StageCall | None:
     return StageCall(
         "reference",
         {
-            "evaluate": _evaluate_identity(spec),
-            "data": _data_identity(spec),
+            "evaluate": evaluate_identity(spec),
+            "data": data_identity(spec),
             "system": spec.serve.system,
             "trust_remote_code": spec.base.trust_remote_code,
             "dtype": "bf16" if keys.gpu_visible() else "fp32",
         },
         {"model": model},
-        _versions("torch", "transformers", "lm-eval") | keys.versions("reference", tasks=tasks),
+        package_versions("torch", "transformers", "lm-eval")
+        | keys.versions("reference", tasks=tasks),
     )
-
-
-def _measurements(
-    spec: Spec,
-    calls: dict[str, StageCall],
-    model: StageCall,
-    f16: StageCall,
-    backend: str,
-    in_ollama: str | None = None,
-) -> dict[str, StageCall]:
-    """The measuring stages the spec asks for, keyed on the cell's GGUF and how it is served
-    (`in_ollama`: the level Ollama's create quantizes the F16 to)."""
-    gguf = calls.get("quantize") or f16
-    # the adapter route serves the base GGUF with the LoRA GGUF: both name what is measured
-    on = {"gguf": gguf, "model": model} | (
-        {"adapter": calls["convert_lora"]} if "convert_lora" in calls else {}
-    )
-    # keep decides what happens after measuring, not what is measured; the template is the
-    # model folder's (resolve's key holds the spec's text)
-    exclude = {"keep", "chat_template"}
-    served = {"serve": spec.serve.model_dump(mode="json", exclude=exclude), "backend": backend}
-    if in_ollama is not None:
-        served["ollama_quantize"] = in_ollama
-    out: dict[str, StageCall] = {}
-    if "check" in spec.measure:
-        out["check"] = StageCall(
-            "check",
-            {**served, "probe": check.CONVERSATION, "max_tokens": check.MAX_TOKENS},
-            on,
-            keys.versions("check", backend),
-        )
-    if "evaluate" in spec.measure:
-        scoring = {**served, "evaluate": _evaluate_identity(spec), "data": _data_identity(spec)}
-        tasks = spec.evaluate.all_tasks
-        out["evaluate"] = StageCall(
-            "evaluate",
-            scoring,
-            on,
-            _versions("lm-eval") | keys.versions("evaluate", backend, tasks),
-        )
-    if "bench" in spec.measure:
-        out["bench"] = StageCall(
-            "bench",
-            {**served, "bench": spec.bench.model_dump(mode="json"), "machine": host.machine()},
-            on,
-            keys.versions("bench", backend),
-        )
-    if "drift" in spec.measure and gguf is not f16:
-        lora = {"adapter": on["adapter"]} if "adapter" in on else {}
-        out["drift_base"] = drift.reference(spec, f16, model, _data_identity(spec), lora)
-        out["drift"] = drift.measured(spec, gguf, out["drift_base"], lora)
-    return out
-
-
-def _evaluate_identity(spec: Spec) -> dict[str, Any]:
-    evaluate = spec.evaluate.model_dump(mode="json")
-    for task in spec.evaluate.all_tasks:
-        if not isinstance(task, str):
-            if not task.path.is_file():
-                raise ForgebenchError(f"evaluate.tasks: {task.name}: file not found: {task.path}")
-            evaluate.setdefault("task_sha256", {})[task.name] = digest(task.path)
-    return evaluate
-
-
-def _data_identity(spec: Spec) -> dict[str, Any]:
-    data = spec.data.model_dump(mode="json")
-    if spec.data.train is not None:
-        if not spec.data.train.is_file():
-            raise ForgebenchError(f"data.train: file not found: {spec.data.train}")
-        data["train_sha256"] = digest(spec.data.train)
-    return data

@@ -121,7 +121,7 @@ def evals_identity(stage: str, tasks: Sequence[Any] = ()) -> dict[str, Any]:
     """sha256 of each evals/ file the stage reads, by its name inside evals/ (not where
     the checkout is). `tasks` are evaluate.tasks entries (names, or user tasks)."""
     files: list[Path] = []
-    if stage == "bench":
+    if stage in ("bench", "load"):
         files.append(bench.PROMPTS)
     elif stage in ("drift", "drift_base"):
         files.append(drift.TEXT)

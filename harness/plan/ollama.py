@@ -1,6 +1,7 @@
 """What the spec asks of an Ollama server that its release no longer does, refused while
 planning (`validate` and `run` alike): the adapter route needs a create that takes an
-ADAPTER, a recipe `by: ollama` a create that quantizes a GGUF (`ollama_versions`)."""
+ADAPTER, a recipe `by: ollama` a create that quantizes a GGUF (`ollama_versions`); and a
+sweep of what Ollama sets only for the whole server (`server_wide`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from harness.chain import ADAPTER
 from harness.env import ollama_host
 from harness.errors import InputError
 from harness.plan import keys
-from harness.spec import Spec
+from harness.spec import Spec, serving
 
 
 def refuse_what_it_cannot(spec: Spec) -> None:
+    server_wide(spec)
     version = keys.served_identity("ollama")["ollama"]
     server = f"Ollama {version} at {ollama_host()}"
     if ADAPTER in spec.route and not ollama_versions.takes_adapters(version):
@@ -30,3 +32,14 @@ def refuse_what_it_cannot(spec: Spec) -> None:
                 f"import (since 0.34.1, its import guide): drop {name}, or measure it on "
                 "Ollama 0.30 to 0.33"
             )
+
+
+def server_wide(spec: Spec) -> None:
+    """Ollama takes num_ctx and threads per model, but parallel slots, the KV-cache type and
+    flash attention for the whole server, from its environment when it starts: a sweep of
+    those cannot be served one cell at a time there (backend auto that found Ollama; an
+    explicit backend: ollama is refused by the spec itself)."""
+    if name := serving.server_wide(spec.serve.sweep):
+        raise InputError(
+            f"{spec.where('serve', 'sweep', name)}: {serving.server_wide_message(name)}"
+        )

@@ -136,12 +136,19 @@ def needs(spec: Spec, shape: Shape | None, cells: list[Cell], store: Store) -> l
         out.append(
             Need("memory for training", training, "lower train.batch_size or train.max_seq_len")
         )
-    n_ctx = int(spec.serve.parameters.get("num_ctx", 2048))
-    serving = serving_bytes(shape, n_ctx, spec.serve.slots)
+    # the largest context a setting reserves (harness.spec.serving), one slot counting it
+    base = spec.serve.baseline()
+    served = [base | s.as_dict() for s in spec.serve.settings()] + [base]
+    n_ctx = max(int(s["num_ctx"]) * int(s["slots"]) for s in served)
+    serving = serving_bytes(shape, n_ctx, 1)
     loads = spec.serves or "drift" in spec.measure  # llama-perplexity loads the model too
     if serving is not None and loads and not _remote_ollama(cells[0].backend):
         out.append(
-            Need("memory for serving", serving, "lower serve.slots or serve.parameters.num_ctx")
+            Need(
+                "memory for serving",
+                serving,
+                "lower serve.slots or serve.parameters.num_ctx (or the largest in serve.sweep)",
+            )
         )
     return out
 

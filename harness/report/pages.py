@@ -16,7 +16,7 @@ from pathlib import Path
 from harness import track
 from harness.chain import CONTROL
 from harness.judge.best import Choice, choose
-from harness.report import recipes, routes
+from harness.report import recipes, routes, serving
 from harness.report.comparison import Comparison
 from harness.report.plots import blamed, chain, chain_name, chain_tasks, plots
 from harness.track import Invocation, RunView, primary_task, schema
@@ -270,7 +270,7 @@ def write(inv: Invocation, out_dir: Path, by: str = "size") -> tuple[Path, Path]
     def items(row: RunView) -> dict[str, dict[str, bool]]:
         return track.samples(inv.tracking_uri, row.run_id)
 
-    sides = [routes.section(inv, items), recipes.section(inv, items)]
+    sides = [routes.section(inv, items), recipes.section(inv, items), serving.section(inv, items)]
     comparisons = [side for side in sides if side.rows]
     md = out_dir / "report.md"
     md.write_text(markdown(inv, choices, list(images), comparisons))

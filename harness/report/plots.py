@@ -17,6 +17,7 @@ from harness import quant
 from harness.chain import CONTROL
 from harness.judge import paired
 from harness.judge.best import pareto_front
+from harness.report import serving
 from harness.track import RunView, schema
 
 STEPS = ("training", "export", "quantization")
@@ -60,9 +61,11 @@ def chain(rows: list[RunView], adapter: str, tasks: list[str]) -> list[Point]:
 
     The PyTorch points come from whichever cell logged them (all cells of an
     adapter share them); F16 GGUF is `chain_f16_<task>`, else the f16 cell's own
-    accuracy; then one point per quantized cell, largest level first.
+    accuracy; then one point per quantized cell, largest level first (at the spec's own
+    serving setting: a setting is not a step of the chain).
     """
-    mine = sorted((r for r in rows if r.line == adapter), key=lambda r: quant.rank(r.quant))
+    plain = (r for r in rows if r.line == adapter and not r.setting)
+    mine = sorted(plain, key=lambda r: quant.rank(r.quant))
 
     def shared(prefix: str) -> dict[str, float | None]:
         return {
@@ -211,13 +214,11 @@ def plots(rows: list[RunView], task: str | None) -> dict[str, bytes]:
 
     out: dict[str, bytes] = {}
     adapters = list(dict.fromkeys(r.line for r in rows))
+    settings = [r for r in rows if r.setting]
+    rows = [r for r in rows if not r.setting]  # the levels' plots: the spec's own setting
 
     def save(name: str, fig) -> None:
-        buffer = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        out[name] = buffer.getvalue()
+        out[name] = _png(plt, fig)
 
     if tasks := chain_tasks(rows, task):
         for adapter in adapters:
@@ -308,6 +309,7 @@ def plots(rows: list[RunView], task: str | None) -> dict[str, bytes]:
         ax.legend()
         save("decode_tps.png", fig)
 
+    out |= {name: _png(plt, fig) for name, fig in serving.plots(plt, rows + settings).items()}
     curves = {r.adapter: r.loss for r in rows if r.loss}
     if curves:
         fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -317,3 +319,11 @@ def plots(rows: list[RunView], task: str | None) -> dict[str, bytes]:
         ax.legend()
         save("training_loss.png", fig)
     return out
+
+
+def _png(plt, fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -40,7 +40,7 @@ def section(inv: Invocation, items: Items) -> Comparison:
     for row in inv.rows:
         level = quant.level_of(row.quant)
         plain = by.get((row.adapter, row.route, level))
-        if level is None or level == row.quant or plain is None:
+        if level is None or level == row.quant or plain is None or row.setting:
             continue
         table = paired_on(task, plain, row, items)
         pair = (plain, row)

@@ -67,7 +67,7 @@ class Sharing:
         self.spec, self.store = spec, store
         groups: dict[str, list[Cell]] = {}
         for cell in cells:
-            if cell.lora_gguf is not None and cell.backend == "llamacpp":
+            if cell.lora_gguf is not None and cell.backend == "llamacpp" and not cell.setting:
                 groups.setdefault(cell.gguf.key, []).append(cell)
         self.groups = {key: group for key, group in groups.items() if len(group) > 1}
         """The base level's key -> its adapter cells, where more than one shares it."""
@@ -194,7 +194,11 @@ class Served:
         if self._own is None:
             self._own = backends.get(self.cell.backend)
         self.backend = self._own
-        self.deployment = self._own.deploy(self.gguf, self.config)
+        setting = self.cell.setting
+        # answers are scored at the part of a serving setting that can change them; speed
+        # and memory are measured (alone) at all of it (harness.spec.serving)
+        values = {} if setting is None else setting.as_dict() if alone else setting.answers()
+        self.deployment = self._own.deploy(self.gguf, with_setting(self.config, values))
         return self
 
     def _config(self) -> backends.ServeConfig:
@@ -230,6 +234,22 @@ class Served:
         """serve.keep leaves an Ollama model in place for `ollama run`; a llama-server
         cannot outlive the run."""
         return self.spec.serve.keep and self.cell.backend == "ollama"
+
+
+def with_setting(config: backends.ServeConfig, values: dict) -> backends.ServeConfig:
+    """`config` served at a serving setting's `values` (harness.spec.serving)."""
+    parameters = dict(config.parameters)
+    if "num_ctx" in values:
+        parameters["num_ctx"] = values["num_ctx"]
+    if "threads" in values:
+        parameters["num_thread"] = values["threads"]
+    return dataclasses.replace(
+        config,
+        parameters=parameters,
+        slots=values.get("slots", config.slots),
+        cache_type=values.get("kv_cache", config.cache_type),
+        flash_attn=values.get("flash_attn", config.flash_attn),
+    )
 
 
 def lora_gguf(cell: Cell, store: Store) -> Path | None:

@@ -158,6 +158,10 @@ def _build(call: StageCall, root: Path, *inputs: Outcome) -> Outcome:
     return execute(call, Store(root), Quiet(), Counter(), verify=True)
 
 
+TIMED = ("bench", "load")
+"""The served stages that time the cell: they take a whole node, and their keys its machine."""
+
+
 def _serve(
     spec: Spec, cell: Cell, root: Path, built: int, *ready: Any
 ) -> tuple[CellResult, Counter, Cell]:
@@ -166,10 +170,11 @@ def _serve(
     outcomes = {outcome.key: outcome for outcome in ready[:built]}
     for result, _, _ in ready[built:]:
         outcomes |= {outcome.key: outcome for outcome in result.stages.values()}
-    if "bench" in cell.calls and cell.calls["bench"].settings["machine"] != host.machine():
-        bench = cell.calls["bench"]
-        here = dataclasses.replace(bench, settings={**bench.settings, "machine": host.machine()})
-        cell = dataclasses.replace(cell, calls={**cell.calls, "bench": here})
+    for timed in TIMED:  # their keys name the node that timed them
+        if timed in cell.calls and cell.calls[timed].settings["machine"] != host.machine():
+            call = cell.calls[timed]
+            here = dataclasses.replace(call, settings={**call.settings, "machine": host.machine()})
+            cell = dataclasses.replace(cell, calls={**cell.calls, timed: here})
     store, executed = Store(root), Counter()
     with Served(spec, cell, store) as served:
         result = run_cell(cell, store, Quiet(), outcomes, executed, served, verify=True)
@@ -198,7 +203,7 @@ def _options(spec: Spec, task: str, nodes: list[dict[str, float]]) -> dict[str, 
     asked = spec.executor.resources.get(task)
     if asked is None:
         cpus = [node["CPU"] for node in nodes if node.get("CPU")]
-        whole = task == "serve" and "bench" in spec.measure and cpus
+        whole = task == "serve" and set(TIMED) & set(spec.measure) and cpus
         asked = Resources(cpus=min(cpus) if whole else 1.0)
         if whole and len(set(cpus)) > 1:
             log.warning("nodes differ in CPUs: a bench may share a larger node with builds")

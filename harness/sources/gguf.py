@@ -200,6 +200,29 @@ def header(path: Path, arrays: tuple[str, ...] = ()) -> Header:
     return Header(fields, parameters, start + max(ends, default=0))
 
 
+def kv_cache_bytes(path: Path, n_ctx: int, cache_type: str) -> int | None:
+    """The KV cache llama.cpp reserves for `n_ctx` tokens (every slot's) at `cache_type`:
+    per layer, K and V of every KV head, at the type's bytes per value. None for a model
+    whose GGUF does not say its attention shape, or one with sliding-window layers (their
+    cache is the window, not the context)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    fields = header(path).fields
+    arch = fields.get("general.architecture")
+    get = lambda key: fields.get(f"{arch}.{key}")  # noqa: E731
+    heads, kv_heads, layers = (
+        get("attention.head_count"), get("attention.head_count_kv"), get("block_count")
+    )
+    if not (heads and layers) or get("attention.sliding_window"):
+        return None
+    kv_heads = kv_heads or heads
+    head_dim = get("attention.key_length") or get("embedding_length") // heads
+    value_dim = get("attention.value_length") or head_dim
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[cache_type.upper()]]
+    values = layers * kv_heads * (head_dim + value_dim) * n_ctx
+    return values // block * size
+
+
 def file_type(path: Path) -> int | None:
     """`general.file_type`: the llama.cpp file type (`gguf.LlamaFileType`) its tensors were
     written as, None when the writer left it out."""

@@ -23,6 +23,25 @@ RENAMED_BUDGETS = {
 }
 
 
+class LoadBudget(Strict):
+    """Budgets at a stated load: `users` concurrent streams, which the load stage drives
+    (`measure: [load]`), so "slow" can mean slow at the load a deployment serves."""
+
+    users: int = Field(gt=0, description="concurrent streams the budgets hold at")
+    decode_tps_min: float | None = Field(
+        None, gt=0, description="slow if each user's median decode tok/s is surely below"
+    )
+    ttft_ms_p95_max: float | None = Field(
+        None, gt=0, description="slow if the p95 time to first token is surely above"
+    )
+
+    @model_validator(mode="after")
+    def _a_budget(self) -> LoadBudget:
+        if self.decode_tps_min is None and self.ttft_ms_p95_max is None:
+            raise ValueError("name decode_tps_min or ttft_ms_p95_max to hold at these users")
+        return self
+
+
 class BudgetSpec(Strict):
     """When a cell is "slow" (misses a speed or memory budget) or "stupid" (loses accuracy
     beyond a task's tolerance, shown at the stated confidence, or drifts from its F16)."""
@@ -64,6 +83,9 @@ class BudgetSpec(Strict):
         0.0, ge=0, lt=1, description="training must surely raise a target task by more"
     )
     kld_max: float | None = Field(None, gt=0, description="stupid if mean KLD from F16 is above")
+    load: LoadBudget | None = Field(
+        None, description="speed budgets at a stated load: {users, decode_tps_min, ttft_ms_p95_max}"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from harness import quant
-from harness.chain import CONTROL, MEASUREMENTS, SERVED_MEASUREMENTS
+from harness.chain import CONTROL, DEFAULT_MEASUREMENTS, MEASUREMENTS, SERVED_MEASUREMENTS
 from harness.spec.budgets import BudgetSpec
 from harness.spec.lines import dotted, line_of
 from harness.spec.recipes import QuantRecipe
@@ -26,12 +26,13 @@ from harness.spec.sections import (
     DriftSpec,
     EvaluateSpec,
     ExecutorSpec,
+    LoadSpec,
     LoraSpec,
-    ServeSpec,
     Strict,
     TrackingSpec,
     TrainSpec,
 )
+from harness.spec.serving import ServeSpec
 
 
 class Spec(Strict):
@@ -54,12 +55,13 @@ class Spec(Strict):
     )
     control: bool = Field(True, description="also run the untuned base at every quant level")
     measure: list[Literal[MEASUREMENTS]] = Field(
-        default_factory=lambda: list(MEASUREMENTS),
+        default_factory=lambda: list(DEFAULT_MEASUREMENTS),
         description="what to measure on every cell once its GGUF exists",
     )
     serve: ServeSpec = ServeSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     bench: BenchSpec = BenchSpec()
+    load: LoadSpec = LoadSpec()
     drift: DriftSpec = DriftSpec()
     budgets: BudgetSpec = BudgetSpec()
     tracking: TrackingSpec = TrackingSpec()
@@ -88,6 +90,7 @@ class Spec(Strict):
             "ttft_ms_p95_max": "bench",
             "memory_mb_max": "bench",
             "kld_max": "drift",
+            "load": "load",
         }
         for budget, measurement in needs.items():
             if getattr(self.budgets, budget) is not None and measurement not in self.measure:

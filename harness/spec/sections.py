@@ -1,5 +1,5 @@
 """The spec's sections: where the base comes from, the data, training, the adapters,
-serving, evaluation, benching, drift, tracking and the executor.
+evaluation, benching, drift, tracking and the executor.
 
 They live apart from `Spec`, which puts them together, so each file stays one concern;
 `Strict` is here because every section and the spec itself build on it.
@@ -203,46 +203,6 @@ def names_a_run(value: str) -> bool:
     return bool(RUN_REFERENCE.match(value))
 
 
-class ServeSpec(Strict):
-    """How every cell is served: Ollama when one answers (auto), else llama.cpp's server."""
-
-    backend: Literal["auto", "ollama", "llamacpp"] = "auto"
-    system: str | None = None
-    chat_template: str | None = Field(
-        None,
-        description="the chat template for training, serving and checking, in place of the "
-        "model's own (a base model has none): a family (chatml, gemma, llama3) or a Jinja file",
-    )
-    parameters: dict[str, bool | int | float | str | list[str]] = Field(
-        default_factory=lambda: {"temperature": 0, "num_ctx": 2048},
-        description="Ollama option names: temperature, num_ctx, top_k, top_p, seed, ...",
-    )
-    slots: int = Field(
-        1,
-        gt=0,
-        le=256,
-        description="parallel requests (llama-server -np; llama.cpp's most: 256); one, as "
-        "Ollama's default, keeps every answer reproducible",
-    )
-    keep: bool = Field(
-        False,
-        description="leave each cell's model in Ollama after measuring (`forgebench clean` "
-        "removes them); the llama.cpp backend cannot keep a model",
-    )
-
-    @field_validator("system")
-    @classmethod
-    def _fits_a_modelfile(cls, system: str | None) -> str | None:
-        """The Ollama backend writes the deployment as a Modelfile, whose parser ends a
-        triple-quoted SYSTEM at the first three quotes and knows no escapes."""
-        if system is not None and ('"""' in system or system.endswith('"')):
-            raise ValueError(
-                'a system prompt holding """ or ending in " cannot be written to an Ollama '
-                "Modelfile; use other quotes"
-            )
-        return system
-
-
 class EvalTaskSpec(Strict):
     """A user's own question/answer JSONL ({"question", "answer"} rows) and how replies are
     scored: `exact` (the stripped reply is the answer), `contains` (the answer occurs in the
@@ -319,6 +279,38 @@ class BenchSpec(Strict):
         "median decode rate between their 3rd smallest and 3rd largest at 95%",
     )
     max_tokens: int = Field(64, gt=1)
+
+
+class LoadSpec(Strict):
+    """The load benchmark (`measure: [load]`, harness/stages/load.py)."""
+
+    concurrency: list[int] = Field(
+        default_factory=list,
+        description="concurrent streams to drive the server at (default: 1, 2, 4, ... up to "
+        "the setting's slots, and the slots)",
+    )
+    requests: int = Field(3, gt=0, description="requests each stream sends, one after another")
+    repeats: int = Field(3, gt=0, description="times each concurrency is driven")
+    max_tokens: int = Field(32, gt=1, description="tokens every request decodes")
+    rates: list[float] = Field(
+        default_factory=list,
+        description="request rates (requests/s) to drive at with random (Poisson) arrivals",
+    )
+    arrivals: int = Field(12, gt=0, description="requests sent at each rate")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values) or len(set(values)) != len(values):
+            raise ValueError("list each concurrency once, each at least 1")
+        return sorted(values)
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, values: list[float]) -> list[float]:
+        if any(v <= 0 for v in values):
+            raise ValueError("a rate is requests per second, above 0")
+        return values
 
 
 class DriftSpec(Strict):

@@ -47,6 +47,16 @@ class RunView:
         return self.tags.get(schema.ROUTE, MERGE)
 
     @property
+    def setting(self) -> str:
+        """A serving setting's name (`ctx8192-np4`); empty at the spec's own setting."""
+        return self.tags.get(schema.SETTING, "")
+
+    @property
+    def level(self) -> str:
+        """The level (or recipe) of the cell's GGUF, without its serving setting."""
+        return self.quant.removesuffix(f"-{self.setting}") if self.setting else self.quant
+
+    @property
     def status(self) -> str:
         """What the cell came to: "done", "failed" or "broken" (not MLflow's run status)."""
         return self.tags.get(schema.STATUS, "")

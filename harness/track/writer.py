@@ -191,6 +191,8 @@ class Experiment:
         run_id = run.info.run_id
         params = {"cell": cell.name, "adapter": cell.adapter, "quant": cell.quant}
         params["route"] = cell.route
+        if cell.setting is not None:
+            params |= flatten("setting", cell.setting.as_dict())
         params |= flatten("base", self.spec.base.model_dump(mode="json", exclude_none=True))
         params |= flatten("data", self.spec.data.model_dump(mode="json", exclude_none=True))
         if cell.lora is not None:
@@ -203,6 +205,7 @@ class Experiment:
             schema.ADAPTER: cell.adapter,
             schema.QUANT: cell.quant,
             schema.ROUTE: cell.route,
+            schema.SETTING: cell.setting.name if cell.setting else "",
             schema.STATUS: result.status,
             schema.BACKEND: cell.backend,
             schema.LLAMA_CPP: lineage.get("llama_cpp", ""),

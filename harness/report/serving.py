@@ -1,0 +1,123 @@
+"""Each serving setting beside its level at the spec's own setting: the same GGUF, served
+with another context, slots, KV-cache type, flash attention or threads.
+
+Accuracy is compared on the items both were scored on, where the setting was scored anew
+(a KV-cache type or flash attention: harness.spec.serving); a setting that cannot change
+answers shares its level's scores, and says so. Under load: the aggregate generated tok/s
+at each concurrency the load stage drove, beside llama-batched-bench's at the same
+settings (the engine's ceiling), the peak memory of the server under that load, and the KV
+cache the setting reserves as the GGUF's shape predicts it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from harness.report.comparison import Comparison, Items, both, paired_on, paired_text
+from harness.track import Invocation, RunView, primary_task, schema
+
+COLUMNS = (
+    ("pair", "adapter, level, setting"),
+    ("verdict", "verdict"),
+    ("accuracy", "accuracy own / setting"),
+    ("paired", "paired: lost, gained, drop [95% interval]"),
+    ("load", "aggregate tok/s by concurrency (engine)"),
+    ("memory", "peak memory MB own / setting"),
+    ("kv", "KV cache MB own / setting"),
+)
+NOTE = (
+    "Each figure the level at the spec's own serving setting / at this one. Paired: scored "
+    "anew only where the setting can change answers (KV-cache type, flash attention); "
+    "context, slots and threads share their level's answers. Aggregate tok/s: every "
+    "stream's generated tokens over the wall time at c concurrent streams (median of the "
+    "load's repeats), and in brackets llama-batched-bench's generation rate for the same "
+    "GGUF and settings. Memory: the server's peak under the load; KV cache: what the "
+    "setting reserves, from the model's shape."
+)
+CONCURRENCY = re.compile(r"^load_c(\d+)_agg_tps$")
+
+
+def under_load(row: RunView) -> str:
+    """`c1 95 (120), c2 150 (210)`: the load's aggregate and the engine's, per concurrency."""
+    levels = sorted(int(m[1]) for key in row.metrics if (m := CONCURRENCY.match(key)))
+    shown = []
+    for c in levels:
+        engine = row.metrics.get(f"batched_c{c}_tg_tps")
+        reference = f" ({engine:.0f})" if engine is not None else ""
+        shown.append(f"c{c} {row.metrics[f'load_c{c}_agg_tps']:.0f}{reference}")
+    return ", ".join(shown) or "-"
+
+
+def evaluation(row: RunView) -> str | None:
+    """The key of the evaluation the row's scores came from: a setting that cannot change
+    answers has its level's."""
+    return row.tags.get(f"{schema.KEY}.evaluate")
+
+
+def section(inv: Invocation, items: Items) -> Comparison:
+    task = primary_task(inv.rows)
+    own = {(r.adapter, r.route, r.quant): r for r in inv.rows if not r.setting}
+    rows = []
+    for row in inv.rows:
+        plain = own.get((row.adapter, row.route, row.level)) if row.setting else None
+        if plain is None:
+            continue
+        pair = (plain, row)
+        rescored = evaluation(row) != evaluation(plain)
+        table = paired_on(task, plain, row, items) if rescored else None
+        rows.append(
+            {
+                "pair": f"{row.line} {row.level} {row.setting}",
+                "verdict": row.verdict or row.status or "-",
+                "accuracy": both(pair, ".3f", lambda r: r.accuracy(task)),
+                "paired": paired_text(table) if rescored else "answers shared",
+                "load": f"{under_load(plain)} / {under_load(row)}",
+                "memory": both(pair, ".0f", "load_memory_mb"),
+                "kv": both(pair, ".1f", "kv_cache_mb"),
+            }
+        )
+    return Comparison("serving", "Serving settings against the spec's own", NOTE, COLUMNS, rows)
+
+
+def plots(plt, rows: list[RunView]) -> dict[str, object]:
+    """Throughput against concurrency (a line per cell the load drove, the engine's dashed)
+    and peak memory against the context reserved, beside the KV cache predicted; none
+    without load figures."""
+    loaded = [r for r in rows if under_load(r) != "-"]
+    if not loaded:
+        return {}
+    figures = {}
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for row in loaded:
+        levels = sorted(int(m[1]) for key in row.metrics if (m := CONCURRENCY.match(key)))
+        label = f"{row.line} {row.quant}"
+        line = ax.plot(levels, [row.metrics[f"load_c{c}_agg_tps"] for c in levels], "o-")
+        engine = [(c, row.metrics.get(f"batched_c{c}_tg_tps")) for c in levels]
+        engine = [(c, v) for c, v in engine if v is not None]
+        line[0].set_label(label)
+        if engine:
+            color = line[0].get_color()
+            ax.plot([c for c, _ in engine], [v for _, v in engine], "--", color=color)
+    ax.set(
+        xlabel="concurrent streams",
+        ylabel="aggregate generated tok/s",
+        title="Throughput vs concurrency (dashed: llama-batched-bench)",
+    )
+    ax.legend(fontsize=6)
+    figures["throughput_vs_concurrency.png"] = fig
+    sized = [r for r in loaded if {"load_ctx_tokens", "load_memory_mb"} <= r.metrics.keys()]
+    if sized:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for row in sized:
+            x, y = row.metrics["load_ctx_tokens"], row.metrics["load_memory_mb"]
+            ax.scatter([x], [y])
+            ax.annotate(row.quant, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            if (kv := row.metrics.get("kv_cache_mb")) is not None:
+                ax.plot([x], [kv], "k_", markersize=12)
+        ax.set(
+            xlabel="context reserved (num_ctx x slots, tokens)",
+            ylabel="MB",
+            title="Peak memory under load vs context (bars: KV cache predicted)",
+        )
+        figures["memory_vs_context.png"] = fig
+    return figures
