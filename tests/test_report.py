@@ -248,14 +248,14 @@ def test_serving_settings_ride_on_their_level_and_get_a_table_and_plots(tmp_path
     main = {r.tags["forgebench.quant"]: r for r in plain if r.adapter == "main"}
     for level in ("q8_0", "q4_k_m"):
         main[level].tags["forgebench.key.evaluate"] = f"eval-{level}"
-        main[level].metrics |= {"load_c1_agg_tps": 40.0, "batched_c1_tg_tps": 50.0,
+        main[level].metrics |= {"load_c1_agg_tps": 40.0, "batched_c1_gen_tps": 50.0,
                                 "load_memory_mb": 300.0, "kv_cache_mb": 45.0,
                                 "load_ctx_tokens": 2048.0}  # fmt: skip
     lost = served_at(main["q8_0"], "kv_q4_0", "eval-kv")
     lost.tags["forgebench.verdict"] = "stupid (serving)"
     wide = served_at(
         main["q4_k_m"], "ctx8192-np2", "eval-q4_k_m", load_c2_agg_tps=70.0,
-        batched_c2_tg_tps=90.0, load_memory_mb=640.0, kv_cache_mb=360.0,
+        batched_c2_gen_tps=90.0, load_memory_mb=640.0, kv_cache_mb=360.0,
         load_ctx_tokens=16384.0,
     )  # fmt: skip
     answers = {"arithmetic": {str(i): i < 80 for i in range(100)}}
@@ -276,5 +276,5 @@ def test_serving_settings_ride_on_their_level_and_get_a_table_and_plots(tmp_path
     wide_row = next(li for li in table.splitlines() if "main q4_k_m ctx8192-np2" in li)
     assert "answers shared" in wide_row and "c1 40 (50) / c1 40 (50), c2 70 (90)" in wide_row
     assert "| 300 / 640 |" in wide_row and "| 45.0 / 360.0 |" in wide_row
-    for name in ("throughput_vs_concurrency.png", "memory_vs_context.png"):
+    for name in ("throughput_main_q4_k_m.png", "memory_vs_context.png"):
         assert Image.open(tmp_path / name).size[0] > 200

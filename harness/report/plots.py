@@ -262,7 +262,8 @@ def plots(rows: list[RunView], task: str | None) -> dict[str, bytes]:
             ylabel=f"{task} accuracy",
             title="Pareto front: accuracy vs decode speed (dashed)",
         )
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # none without a bench
+            ax.legend()
         save("pareto.png", fig)
 
         base = {r.quant: r.accuracy(task) for r in rows if r.adapter == CONTROL}

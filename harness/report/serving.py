@@ -30,19 +30,18 @@ NOTE = (
     "anew only where the setting can change answers (KV-cache type, flash attention); "
     "context, slots and threads share their level's answers. Aggregate tok/s: every "
     "stream's generated tokens over the wall time at c concurrent streams (median of the "
-    "load's repeats), and in brackets llama-batched-bench's generation rate for the same "
-    "GGUF and settings. Memory: the server's peak under the load; KV cache: what the "
-    "setting reserves, from the model's shape."
+    "load's repeats), and in brackets llama-batched-bench's for the same GGUF and settings "
+    "(its generated tokens over prefill and decode). Memory: the server's peak under the "
+    "load; KV cache: what the setting reserves, from the model's shape."
 )
 CONCURRENCY = re.compile(r"^load_c(\d+)_agg_tps$")
 
 
 def under_load(row: RunView) -> str:
     """`c1 95 (120), c2 150 (210)`: the load's aggregate and the engine's, per concurrency."""
-    levels = sorted(int(m[1]) for key in row.metrics if (m := CONCURRENCY.match(key)))
     shown = []
-    for c in levels:
-        engine = row.metrics.get(f"batched_c{c}_tg_tps")
+    for c in concurrencies(row):
+        engine = row.metrics.get(f"batched_c{c}_gen_tps")
         reference = f" ({engine:.0f})" if engine is not None else ""
         shown.append(f"c{c} {row.metrics[f'load_c{c}_agg_tps']:.0f}{reference}")
     return ", ".join(shown) or "-"
@@ -79,45 +78,70 @@ def section(inv: Invocation, items: Items) -> Comparison:
     return Comparison("serving", "Serving settings against the spec's own", NOTE, COLUMNS, rows)
 
 
+def concurrencies(row: RunView) -> list[int]:
+    return sorted(int(m[1]) for key in row.metrics if (m := CONCURRENCY.match(key)))
+
+
 def plots(plt, rows: list[RunView]) -> dict[str, object]:
-    """Throughput against concurrency (a line per cell the load drove, the engine's dashed)
-    and peak memory against the context reserved, beside the KV cache predicted; none
-    without load figures."""
-    loaded = [r for r in rows if under_load(r) != "-"]
-    if not loaded:
-        return {}
+    """Per level, aggregate throughput against concurrency (a line per setting the load
+    drove at more than one, llama-batched-bench's dashed); and peak memory against the
+    context reserved, a line per level and KV-cache type, dashed where the KV cache the
+    GGUF's shape predicts would take it from its smallest context. None without load."""
     figures = {}
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for row in loaded:
-        levels = sorted(int(m[1]) for key in row.metrics if (m := CONCURRENCY.match(key)))
-        label = f"{row.line} {row.quant}"
-        line = ax.plot(levels, [row.metrics[f"load_c{c}_agg_tps"] for c in levels], "o-")
-        engine = [(c, row.metrics.get(f"batched_c{c}_tg_tps")) for c in levels]
-        engine = [(c, v) for c, v in engine if v is not None]
-        line[0].set_label(label)
-        if engine:
-            color = line[0].get_color()
+    for (line, level), mine in _by_level(rows).items():
+        curves = [r for r in mine if len(concurrencies(r)) > 1]
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for row in curves:
+            levels = concurrencies(row)
+            drawn = ax.plot(levels, [row.metrics[f"load_c{c}_agg_tps"] for c in levels], "o-")
+            drawn[0].set_label(row.setting or "spec's own")
+            engine = [(c, row.metrics.get(f"batched_c{c}_gen_tps")) for c in levels]
+            engine = [(c, v) for c, v in engine if v is not None]
+            color = drawn[0].get_color()
             ax.plot([c for c, _ in engine], [v for _, v in engine], "--", color=color)
-    ax.set(
-        xlabel="concurrent streams",
-        ylabel="aggregate generated tok/s",
-        title="Throughput vs concurrency (dashed: llama-batched-bench)",
-    )
-    ax.legend(fontsize=6)
-    figures["throughput_vs_concurrency.png"] = fig
-    sized = [r for r in loaded if {"load_ctx_tokens", "load_memory_mb"} <= r.metrics.keys()]
+        ax.set(
+            xlabel="concurrent streams",
+            ylabel="aggregate generated tok/s",
+        )
+        ax.set_title(f"{line} {level}: throughput vs concurrency\n(dashed: llama-batched-bench)")
+        ax.set_xticks(sorted({c for r in curves for c in concurrencies(r)}))
+        ax.legend(fontsize=7)
+        figures[f"throughput_{line}_{level}.png"] = fig
+    keys = {"load_ctx_tokens", "load_memory_mb", "kv_cache_mb"}
+    sized = [r for r in rows if keys <= r.metrics.keys()]
     if sized:
         fig, ax = plt.subplots(figsize=(6.4, 4))
+        groups: dict[tuple[str, str], list[RunView]] = {}
         for row in sized:
-            x, y = row.metrics["load_ctx_tokens"], row.metrics["load_memory_mb"]
-            ax.scatter([x], [y])
-            ax.annotate(row.quant, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-            if (kv := row.metrics.get("kv_cache_mb")) is not None:
-                ax.plot([x], [kv], "k_", markersize=12)
+            kv = row.params.get("setting.kv_cache", "f16")
+            groups.setdefault((f"{row.line} {row.level}", kv), []).append(row)
+        for (name, kv), group in groups.items():
+            group.sort(key=lambda r: r.metrics["load_ctx_tokens"])
+            x = [r.metrics["load_ctx_tokens"] for r in group]
+            drawn = ax.plot(x, [r.metrics["load_memory_mb"] for r in group], "o-")
+            drawn[0].set_label(f"{name}, KV {kv}")
+            first = group[0].metrics
+            predicted = [
+                first["load_memory_mb"] + r.metrics["kv_cache_mb"] - first["kv_cache_mb"]
+                for r in group
+            ]
+            ax.plot(x, predicted, "--", color=drawn[0].get_color())
         ax.set(
             xlabel="context reserved (num_ctx x slots, tokens)",
-            ylabel="MB",
-            title="Peak memory under load vs context (bars: KV cache predicted)",
+            ylabel="peak memory under load (MB)",
+            title="Memory vs context (dashed: as the KV cache predicts)",
         )
+        ax.legend(fontsize=7)
         figures["memory_vs_context.png"] = fig
     return figures
+
+
+def _by_level(rows: list[RunView]) -> dict[tuple[str, str], list[RunView]]:
+    """The rows the load drove, by adapter line and level."""
+    out: dict[tuple[str, str], list[RunView]] = {}
+    for row in rows:
+        if concurrencies(row):
+            out.setdefault((row.line, row.level), []).append(row)
+    return out

@@ -24,11 +24,12 @@ Spec keys: `load.*` (`concurrency`, `requests`, `repeats`, `max_tokens`, `rates`
   memory growth with context against.
 - `llama-batched-bench` (llama.cpp's own, same source tree) on the same GGUF, threads,
   KV-cache type, flash attention and context, at the same concurrencies with prompts as
-  long as the load's and `max_tokens` generated: `batched_c{c}_tg_tps`, its aggregate
-  generation rate, is the engine's ceiling for `load_c{c}_agg_tps`; the ratio is
-  `load_c{c}_vs_engine`. The served figure pays for HTTP, sampling and the streamed
-  prefills that interleave with other streams' decoding, which batched-bench's separate
-  prefill phase does not.
+  long as the load's and `max_tokens` generated: `batched_c{c}_tg_tps` is its decode
+  rate alone (prefill excluded), `batched_c{c}_gen_tps` the tokens it generated over
+  prefill and decode together, which is what the served aggregate pays too, so
+  `load_c{c}_vs_engine` is `load_c{c}_agg_tps` over it. What is left between them is the
+  server's: HTTP and streaming, sampling, and prefills that interleave with other
+  streams' decoding rather than running as one batch.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from harness.judge import speed
 from harness.sources.gguf import kv_cache_bytes
 from harness.stages.bench import MEMORY_METRIC, prompts
 
-VERSION = 1
+VERSION = 2
 CONFIDENCE = 0.95
 SEED = 0
 """The arrival times of the open loop, so two runs send at the same moments."""
@@ -195,8 +196,11 @@ def batched_bench(
     for line in (done.stdout + "\n" + done.stderr).splitlines():
         if line.startswith("{"):
             row = json.loads(line)
-            out[f"batched_c{row['pl']}_tg_tps"] = round(float(row["speed_tg"]), 2)
-            out[f"batched_c{row['pl']}_pp_tps"] = round(float(row["speed_pp"]), 2)
+            c = row["pl"]
+            out[f"batched_c{c}_tg_tps"] = round(float(row["speed_tg"]), 2)
+            out[f"batched_c{c}_pp_tps"] = round(float(row["speed_pp"]), 2)
+            # generated tokens over prefill and decode: what a served aggregate also pays
+            out[f"batched_c{c}_gen_tps"] = round(c * generated / (row["t_pp"] + row["t_tg"]), 2)
     return out
 
 
@@ -243,6 +247,6 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, 
     prompt_tokens = round(median(r["prompt_tokens"] for r in samples if r["prompt_tokens"]))
     metrics |= batched_bench(gguf, setting, levels, prompt_tokens, load["max_tokens"])
     for c in levels:
-        if engine := metrics.get(f"batched_c{c}_tg_tps"):
+        if engine := metrics.get(f"batched_c{c}_gen_tps"):
             metrics[f"load_c{c}_vs_engine"] = round(metrics[f"load_c{c}_agg_tps"] / engine, 3)
     return metrics

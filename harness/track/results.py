@@ -28,6 +28,13 @@ def load(uri: str, experiment: str, run_id: str | None = None) -> Invocation:
     """The latest invocation of `experiment` (or the one named), with all its cells."""
     parent, rows = reader.invocation(uri, experiment, run_id)
     rows.sort(
-        key=lambda r: (r.adapter != CONTROL, r.adapter, r.route != MERGE, quant.rank(r.quant))
+        key=lambda r: (
+            r.adapter != CONTROL,
+            r.adapter,
+            r.route != MERGE,
+            quant.rank(r.level),
+            bool(r.setting),  # a level's serving settings after it
+            r.cell,
+        )
     )
     return Invocation(experiment, uri, parent.run_id, parent.tags, rows)
