@@ -47,7 +47,7 @@ from typing import Any
 
 from harness import toolchain
 from harness.backends import Backend, Deployment
-from harness.judge import speed
+from harness.judge.speed import quantile
 from harness.sources.gguf import kv_cache_bytes
 from harness.stages.bench import MEMORY_METRIC, prompts
 
@@ -130,7 +130,7 @@ def _quantiles(prefix: str, values: list[float], scale: float = 1.0) -> dict[str
     """Median and p95, each with its bounds where the samples allow."""
     out: dict[str, float] = {}
     for q in (0.5, 0.95):
-        figure = speed.quantile(values, q, CONFIDENCE)
+        figure = quantile(values, q, CONFIDENCE)
         name = f"{prefix}_p{round(q * 100)}"
         out[name] = round(figure.value * scale, 3)
         for side in ("lower", "upper"):
@@ -153,7 +153,7 @@ def summarise_closed(c: int, runs: list[list[dict]]) -> dict[str, float]:
         f"{p}_agg_tps_max": round(max(aggregate), 2),
         f"{p}_requests": float(len(requests)),
     }
-    decode = speed.quantile([r["decode_tps"] for r in requests], 0.5, CONFIDENCE)
+    decode = quantile([r["decode_tps"] for r in requests], 0.5, CONFIDENCE)
     out[f"{p}_decode_tps_p50"] = round(decode.value, 2)
     for side in ("lower", "upper"):
         if (bound := getattr(decode, side)) is not None:
