@@ -19,8 +19,10 @@ from conftest import E2E_BASE, scratch
 from harness import pipeline, sources, spec
 from harness.backends import ServeConfig
 from harness.backends.llamacpp import LlamaServer
+from harness.errors import ForgebenchError
 from harness.plan import cells as planning
 from harness.plan.store import Store
+from harness.release.ship import ship
 from harness.run import outcomes
 from harness.sources.gguf import kv_cache_bytes
 
@@ -209,3 +211,15 @@ tracking: {{uri: "sqlite:///{db}"}}
     changed = {name: link.table.discordant for name, link in links.items()}
     assert changed["main-f16-kv_q4_0"] > changed["main-f16-kv_q8_0"], changed
     assert links["main-f16-kv_q8_0"].state == "held", links["main-f16-kv_q8_0"].why
+
+
+def test_a_setting_ollama_sets_for_the_whole_server_is_not_shipped_as_a_model(tmp_path):
+    """Shipping writes one Ollama model; a KV-cache type is the server's, so shipping a
+    cell served with one would ship something else than was measured."""
+    base = tmp_path / "base"
+    base.mkdir()
+    cells = planning.plan(spec.load(write(tmp_path, base)))
+    cell = next(c for c in cells if c.name == "a-q8_0-kv_q4_0")
+    with pytest.raises(ForgebenchError, match="OLLAMA_KV_CACHE_TYPE.*ship a-q8_0$"):
+        ship(spec.load(tmp_path / "serving.yaml"), cell, Store(tmp_path / "store"), "mine")
+    assert not (tmp_path / "store").exists(), "refused before anything was read or written"

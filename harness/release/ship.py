@@ -16,8 +16,8 @@ from harness.backends import OllamaBackend
 from harness.errors import ForgebenchError
 from harness.plan.cells import Cell
 from harness.plan.store import Store
-from harness.run.deployment import lora_gguf, serve_config
-from harness.spec import Spec
+from harness.run.deployment import lora_gguf, serve_config, with_setting
+from harness.spec import Spec, serving
 from harness.stages import check
 
 STABLE, CANDIDATE = "latest", "candidate"
@@ -41,7 +41,18 @@ def ship(spec: Spec, cell: Cell, store: Store, model: str, host: str | None = No
     """Deploy `cell` to the Ollama at `host` (OLLAMA_HOST by default) as `MODEL:latest`."""
     stable, candidate = f"{model}:{STABLE}", f"{model}:{CANDIDATE}"
     gguf = store.path(cell.gguf) / "model.gguf"
+    if cell.setting is not None:  # a serving setting ships as the model's own parameters
+        wide = [k for k in cell.setting.as_dict() if k in serving.SERVER_WIDE]
+        if wide:
+            raise ForgebenchError(
+                f"{cell.name} is served with {', '.join(wide)} other than the spec's own, "
+                "which Ollama sets for the whole server ("
+                + ", ".join(serving.SERVER_WIDE_ENV[k] for k in wide)
+                + f"), not per model: set that on the server and ship {cell.line}-{cell.level}"
+            )
     config, tokenizer = serve_config(spec, cell, store, candidate, lora_gguf(cell, store))
+    if cell.setting is not None:
+        config = with_setting(config, cell.setting.as_dict())
     with OllamaBackend(host) as ollama:
         before = ollama.digest(stable)
         deployment = ollama.deploy(gguf, config)
