@@ -220,6 +220,6 @@ def test_a_setting_ollama_sets_for_the_whole_server_is_not_shipped_as_a_model(tm
     base.mkdir()
     cells = planning.plan(spec.load(write(tmp_path, base)))
     cell = next(c for c in cells if c.name == "a-q8_0-kv_q4_0")
-    with pytest.raises(ForgebenchError, match="OLLAMA_KV_CACHE_TYPE.*ship a-q8_0$"):
+    with pytest.raises(ForgebenchError, match=r"OLLAMA_KV_CACHE_TYPE.*ship a-q8_0$"):
         ship(spec.load(tmp_path / "serving.yaml"), cell, Store(tmp_path / "store"), "mine")
     assert not (tmp_path / "store").exists(), "refused before anything was read or written"
