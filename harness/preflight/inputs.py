@@ -102,11 +102,22 @@ def token_counts(spec: Spec, context: int | None, drift_text: Path) -> None:
                     f"trained on, so {use} would run past the model's context; give at most "
                     f"{context}"
                 )
-    if "bench" in spec.measure and spec.bench.max_tokens >= num_ctx:
+    swept = spec.serve.sweep.num_ctx if spec.serve.sweep else []
+    if context and (beyond := [v for v in swept if v > context]):
         raise InputError(
-            f"{spec.where('bench', 'max_tokens')}: {spec.bench.max_tokens} tokens do not fit a "
-            f"served context of {num_ctx} (serve.parameters.num_ctx) with the prompt; lower it"
+            f"{spec.where('serve', 'sweep', 'num_ctx')}: {beyond[0]} tokens, more than the "
+            f"{context} the base was trained on, so serving would run past the model's "
+            f"context; give at most {context}"
         )
+    smallest, named = num_ctx, "serve.parameters.num_ctx"
+    if swept and min(swept) < num_ctx:
+        smallest, named = min(swept), "the smallest in serve.sweep.num_ctx"
+    for section, tokens in (("bench", spec.bench.max_tokens), ("load", spec.load.max_tokens)):
+        if section in spec.measure and tokens >= smallest:
+            raise InputError(
+                f"{spec.where(section, 'max_tokens')}: {tokens} tokens do not fit a served "
+                f"context of {smallest} ({named}) with the prompt; lower it"
+            )
     if "drift" in spec.measure:
         # a token is at least one character of the text, so its length bounds its tokens
         chars = len(drift_text.read_text())
