@@ -62,6 +62,12 @@ def canonical(name: str) -> str:
     return level
 
 
+def without_setting(name: str, setting: str | None) -> str:
+    """A cell's quant name without its serving setting's suffix (`q8_0-np2` -> `q8_0`): the
+    level or recipe its GGUF is made at (harness.spec.serving names such cells)."""
+    return name.removesuffix(f"-{setting}") if setting else name
+
+
 def level_of(name: str) -> str | None:
     """The level a cell's quant is made at: the name itself, or the level a recipe's name
     starts with (`q2_k-imat-train` -> `q2_k`); None for a name that is neither."""

@@ -77,7 +77,7 @@ class Figures:
     @property
     def level(self) -> str:
         """The level (or recipe) of the cell's GGUF, without its serving setting."""
-        return self.quant.removesuffix(f"-{self.setting}") if self.setting else self.quant
+        return quant.without_setting(self.quant, self.setting)
 
     def scores(self) -> Scores:
         error = None if self.status == "done" else (self.error or self.status)

@@ -53,7 +53,7 @@ class Cell:
     @property
     def level(self) -> str:
         """The level or recipe the cell's GGUF is made at, without its serving setting."""
-        return self.quant.removesuffix(f"-{self.setting.name}") if self.setting else self.quant
+        return quant.without_setting(self.quant, self.setting and self.setting.name)
 
     @property
     def adapter(self) -> str:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from harness import quant
 from harness.chain import ADAPTER, MERGE
 from harness.errors import ForgebenchError
 from harness.track import connect, schema
@@ -54,7 +55,7 @@ class RunView:
     @property
     def level(self) -> str:
         """The level (or recipe) of the cell's GGUF, without its serving setting."""
-        return self.quant.removesuffix(f"-{self.setting}") if self.setting else self.quant
+        return quant.without_setting(self.quant, self.setting)
 
     @property
     def status(self) -> str:
