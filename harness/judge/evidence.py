@@ -72,8 +72,9 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
     template_broken = check is not None and check.metrics.get("check_template_ok") == 0
     unapplied = check is not None and check.metrics.get("adapter_applied") == 0
     requests = _requests("bench", cell, result, store)
-    users = spec_users(cell)
-    loaded = [r for r in _requests("load", cell, result, store) if r.get("concurrency") == users]
+    users = _load_users(cell)  # a load budget's; none: the load's requests judge nothing
+    loaded = _requests("load", cell, result, store) if users is not None else []
+    loaded = [r for r in loaded if r.get("concurrency") == users]
     fig = verdict.Figures(
         cell.name,
         cell.adapter,
@@ -105,7 +106,7 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
     return fig
 
 
-def spec_users(cell: Cell) -> int | None:
+def _load_users(cell: Cell) -> int | None:
     """The users a load budget names, as the cell's load stage was keyed with them."""
     load = cell.calls.get("load")
     return load.settings["load"].get("users") if load is not None else None

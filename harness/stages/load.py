@@ -49,6 +49,7 @@ from harness import toolchain
 from harness.backends import Backend, Deployment
 from harness.judge.speed import quantile
 from harness.sources.gguf import kv_cache_bytes
+from harness.spec.serving import ServeSpec
 from harness.stages.bench import MEMORY_METRIC, prompts
 
 VERSION = 2
@@ -205,12 +206,10 @@ def batched_bench(
 
 
 def resolved(settings: dict[str, Any]) -> dict[str, Any]:
-    """The setting the server runs: the spec's serving values, with the cell's setting."""
-    serve, parameters = settings["serve"], settings["serve"]["parameters"]
-    threads = parameters.get("num_thread") or os.cpu_count() or 1
-    base = {"num_ctx": int(parameters.get("num_ctx", 2048)), "slots": serve["slots"],
-            "threads": int(threads), "kv_cache": None, "flash_attn": None}  # fmt: skip
-    return base | settings.get("setting", {})
+    """The setting the server runs: the spec's own serving values (`ServeSpec.baseline`),
+    with the cell's setting; threads, unless named, as llama-server takes them: every core."""
+    setting = ServeSpec.model_validate(settings["serve"]).baseline() | settings.get("setting", {})
+    return setting | {"threads": setting["threads"] or os.cpu_count() or 1}
 
 
 def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, served) -> dict:
