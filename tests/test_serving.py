@@ -41,15 +41,23 @@ serve:
   parameters: {{temperature: 0, num_ctx: 512}}
   sweep: {{{sweep}}}
 load: {{requests: 2, repeats: 2, max_tokens: 16, rates: [8], arrivals: 4}}
-tracking: {{uri: "sqlite:///{db}"}}
+{budgets}tracking: {{uri: "sqlite:///{db}"}}
 """
 SWEEP = "num_ctx: [512, 2048], slots: [1, 2], kv_cache: [f16, q4_0]"
 
 
-def write(folder: Path, base: Path, sweep: str = SWEEP, quant="f16, q8_0", measure="evaluate"):
+def write(
+    folder: Path,
+    base: Path,
+    sweep: str = SWEEP,
+    quant: str = "f16, q8_0",
+    measure: str = "evaluate",
+    budgets: str = "",
+) -> Path:
     path = folder / "serving.yaml"
     db = folder / "mlflow.db"
-    path.write_text(SPEC.format(base=base, sweep=sweep, quant=quant, measure=measure, db=db))
+    text = SPEC.format(base=base, sweep=sweep, quant=quant, measure=measure, db=db, budgets=budgets)
+    path.write_text(text)
     return path
 
 
@@ -129,10 +137,13 @@ def test_memory_grows_with_context_and_shrinks_with_the_kv_cache_type_as_predict
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory, tiny_base):
-    """The tiny model's F16 at a context x slots sweep, under load."""
+    """The tiny model's F16 at a context x slots sweep, under load, with a goodput budget
+    at a rate the spec's load does not list, and a TTFT target no request can meet."""
     with scratch(tmp_path_factory, "serving") as folder:
         sweep = "num_ctx: [512, 2048], slots: [1, 2]"
-        path = write(folder, tiny_base, sweep, quant="f16", measure="load")
+        goodput = "{share_min: 0.6, ttft_ms_max: 0.001}"
+        budgets = f"budgets: {{load: {{rate: 4, goodput: {goodput}}}}}\n"
+        path = write(folder, tiny_base, sweep, quant="f16", measure="load", budgets=budgets)
         loaded = spec.load(path)
         store = Store(folder / "store")
         summary = pipeline.run(loaded, path, store, outcomes.Quiet())
@@ -168,6 +179,14 @@ def test_the_load_benchmark_drives_each_setting_at_each_concurrency_beside_the_e
         assert len(arrived) == 4 and all(r["ttft_s"] > 0 for r in arrived)
         assert metrics["load_r8_ttft_ms_p95"] >= metrics["load_r8_ttft_ms_p50"] > 0
         assert metrics["load_r8_agg_tps"] > 0
+        # the budget's rate is driven too, and judged on its own requests: none meets a
+        # TTFT of 1 us, so 0 of 4, whose upper bound (0.53) is below the share asked
+        assert len([r for r in requests if r.get("rate") == 4]) == 4
+        assert metrics["load_r4_ttft_ms_p50"] > 0
+        verdict = summary.verdicts[name]
+        assert verdict.verdict == "slow+unjudged", verdict.reasons  # accuracy not measured
+        said = "goodput at 4 requests/s 0/4 = 0.00 [0.00, 0.53] (TTFT <= 0.001 ms) < 0.6"
+        assert said in verdict.reasons
     kv = {n: r.stages["load"].metrics["kv_cache_mb"] for n, r in results.items()}
     assert kv["a-f16-ctx2048"] == pytest.approx(4 * kv["a-f16"], rel=0.01)
     assert kv["a-f16-ctx2048-np2"] == pytest.approx(2 * kv["a-f16-ctx2048"], rel=0.01)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import ForgebenchError
+from harness.judge.speed import Loaded, share_bounds
 from harness.judge.verdict import Figures, Scores, judge, slow_reasons
 from harness.spec import BudgetSpec
 
@@ -308,11 +309,48 @@ def test_a_load_budget_is_judged_on_the_requests_at_its_users():
     budgets = BudgetSpec.model_validate(
         {"load": {"users": 2, "decode_tps_min": 40, "ttft_ms_p95_max": 800}, "tolerance": 0.05}
     )
-    met = Figures("x", "a", "q8_0", load_decode_rates=[50.0] * 12, load_ttft_ms=[100.0] * 60)
+    met = Figures("x", "a", "q8_0", load=Loaded([50.0] * 12, [100.0] * 60))
     assert slow_reasons(met, budgets) == ([], [])
-    missed = Figures("x", "a", "q8_0", load_decode_rates=[20.0] * 12, load_ttft_ms=[100.0] * 60)
+    missed = Figures("x", "a", "q8_0", load=Loaded([20.0] * 12, [100.0] * 60))
     slow, _ = slow_reasons(missed, budgets)
     assert len(slow) == 1 and "decode per user at 2 users" in slow[0]
     unmeasured = Figures("x", "a", "q8_0")
     slow, unjudged = slow_reasons(unmeasured, budgets)
     assert not slow and len(unjudged) == 2 and "at 2 users not measured" in unjudged[0]
+
+
+def test_goodput_is_the_share_of_requests_within_both_targets_with_exact_bounds():
+    """A request counts only when its TTFT and its time per output token both meet their
+    targets; the share is judged by its Clopper-Pearson bounds, so 12 of 12 cannot show
+    0.9 (its lower bound is 0.05 ** (1 / 12) = 0.78) while 60 of 60 can."""
+    assert share_bounds(12, 12, 0.95)[0] == pytest.approx(0.05 ** (1 / 12))
+    assert share_bounds(0, 12, 0.95)[1] == pytest.approx(1 - 0.05 ** (1 / 12))
+    budgets = BudgetSpec.model_validate(
+        {"load": {"rate": 2, "goodput": {"share_min": 0.9, "ttft_ms_max": 500, "tpot_ms_max": 50}}}
+    )
+
+    def verdict_on(ttft: list[float], tpot: list[float]) -> tuple[list[str], list[str]]:
+        return slow_reasons(Figures("x", "a", "q8_0", load=Loaded([], ttft, tpot)), budgets)
+
+    assert verdict_on([100.0] * 60, [20.0] * 60) == ([], [])
+    _, unjudged = verdict_on([100.0] * 12, [20.0] * 12)
+    assert len(unjudged) == 1 and "goodput at 2 requests/s 12/12" in unjudged[0]
+    # each request meets one target and misses the other: none counts
+    slow, _ = verdict_on([100.0, 900.0] * 30, [90.0, 20.0] * 30)
+    assert len(slow) == 1 and "0/60" in slow[0] and "TTFT <= 500 ms and TPOT <= 50 ms" in slow[0]
+    _, unjudged = verdict_on([], [])
+    assert unjudged == ["goodput at 2 requests/s not measured (budget 0.9)"]
+
+
+@pytest.mark.parametrize(
+    ("load", "said"),
+    [
+        ({"decode_tps_min": 4}, "name the load as users"),
+        ({"users": 2, "rate": 1, "decode_tps_min": 4}, "name the load as users"),
+        ({"users": 2}, "name decode_tps_min, ttft_ms_p95_max or goodput"),
+        ({"users": 2, "goodput": {"share_min": 0.9}}, "name ttft_ms_max or tpot_ms_max"),
+    ],
+)
+def test_a_load_budget_names_one_load_and_something_to_hold(load, said):
+    with pytest.raises(ValueError, match=said):
+        BudgetSpec.model_validate({"load": load})

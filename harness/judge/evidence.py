@@ -16,7 +16,7 @@ from typing import Any
 
 from harness.chain import CONTROL
 from harness.errors import ForgebenchError
-from harness.judge import verdict
+from harness.judge import speed, verdict
 from harness.judge.blame import Scores
 from harness.plan.cells import Cell
 from harness.plan.store import Store
@@ -72,9 +72,9 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
     template_broken = check is not None and check.metrics.get("check_template_ok") == 0
     unapplied = check is not None and check.metrics.get("adapter_applied") == 0
     requests = _requests("bench", cell, result, store)
-    users = _load_users(cell)  # a load budget's; none: the load's requests judge nothing
-    loaded = _requests("load", cell, result, store) if users is not None else []
-    loaded = [r for r in loaded if r.get("concurrency") == users]
+    at = _budget_load(cell)  # a load budget's; none: the load's requests judge nothing
+    loaded = _requests("load", cell, result, store) if at else []
+    loaded = [r for r in loaded if r.get(at[0]) == at[1]] if at else []
     fig = verdict.Figures(
         cell.name,
         cell.adapter,
@@ -90,8 +90,11 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
         ttft_ms=[float(r["ttft_s"]) * 1000 for r in requests if r.get("ttft_s") is not None],
         # llama-server's peak RSS; on Ollama, the size its /api/ps reports for the model
         memory_mb=metric("bench", "memory_mb") or metric("bench", "ollama_ps_size_mb"),
-        load_decode_rates=[float(r["decode_tps"]) for r in loaded if r.get("decode_tps")],
-        load_ttft_ms=[float(r["ttft_s"]) * 1000 for r in loaded],
+        load=speed.Loaded(
+            [float(r["decode_tps"]) for r in loaded if r.get("decode_tps")],
+            [float(r["ttft_s"]) * 1000 for r in loaded],
+            [tpot_ms(r) for r in loaded],
+        ),
         kld_mean=metric("drift", "kld_mean"),
         tuning_kld=metric("drift_tuning", "kld_mean"),
     )
@@ -106,10 +109,21 @@ def _figures(cell: Cell, result: CellResult, store: Store, tasks: list[str], eva
     return fig
 
 
-def _load_users(cell: Cell) -> int | None:
-    """The users a load budget names, as the cell's load stage was keyed with them."""
+def _budget_load(cell: Cell) -> tuple[str, float] | None:
+    """The load a load budget names, as the cell's load stage was keyed with it:
+    ("concurrency", users) or ("rate", requests/s), the field its requests carry."""
     load = cell.calls.get("load")
-    return load.settings["load"].get("users") if load is not None else None
+    settings = load.settings["load"] if load is not None else {}
+    if settings.get("users"):
+        return "concurrency", settings["users"]
+    return ("rate", settings["rate"]) if settings.get("rate") else None
+
+
+def tpot_ms(request: dict) -> float:
+    """Time per output token after the first (vLLM's TPOT): what a reader waits between
+    tokens once the answer has begun."""
+    tokens = max(int(request["tokens"]) - 1, 1)
+    return (float(request["e2e_s"]) - float(request["ttft_s"])) * 1000 / tokens
 
 
 def _requests(stage: str, cell: Cell, result: CellResult, store: Store) -> list[dict]:

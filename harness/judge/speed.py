@@ -15,12 +15,15 @@ A minimum (decode) is missed ("slow") when the upper bound is below it, met when
 lower bound is at or above it; a maximum (TTFT) is missed when the lower bound is above
 it, met when the upper bound is at or below it; unjudged otherwise, with the interval, so
 a cell near its budget is not "slow" one run and "ok" the next.
+
+Goodput under load (the share of requests meeting latency targets) is a binomial share,
+bounded exactly (Clopper-Pearson) and judged the same way against its minimum.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -116,23 +119,86 @@ def against(
     return "unjudged", f"{shown} straddles the budget {budget:.4g}: add bench.repeats"
 
 
-def under_load(
-    decode: list[float], ttft_ms: list[float], budget: Any, confidence: float
-) -> tuple[list[str], list[str]]:
-    """(missed, not shown met) for a load budget (harness.spec.budgets.LoadBudget): each
-    request's decode rate and time to first token at `budget.users` concurrent streams."""
+def share_bounds(k: int, n: int, confidence: float) -> tuple[float, float]:
+    """Clopper-Pearson one-sided bounds at `confidence` of a share seen as k of n: the
+    lower is the share under which k or more would be that rare, the upper the share over
+    which k or fewer would; exact, so a share near 1 from few requests is not overstated."""
+
+    def at_most(j: int, p: float) -> float:  # P(Binomial(n, p) <= j): falls as p rises
+        return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(j + 1))
+
+    def solve(j: int, target: float) -> float:
+        low, high = 0.0, 1.0
+        for _ in range(50):
+            mid = (low + high) / 2
+            low, high = (mid, high) if at_most(j, mid) > target else (low, mid)
+        return (low + high) / 2
+
+    alpha = 1 - confidence
+    lower = 0.0 if k == 0 else solve(k - 1, 1 - alpha)
+    upper = 1.0 if k == n else solve(k, alpha)
+    return lower, upper
+
+
+def goodput(
+    ttft_ms: list[float], tpot_ms: list[float], target: Any, confidence: float, at: str
+) -> tuple[str, str]:
+    """("missed" | "met" | "unjudged", what to say) for a goodput budget
+    (harness.spec.budgets.Goodput) on each request's TTFT and time per output token."""
+    good = sum(
+        (target.ttft_ms_max is None or t <= target.ttft_ms_max)
+        and (target.tpot_ms_max is None or p <= target.tpot_ms_max)
+        for t, p in zip(ttft_ms, tpot_ms, strict=True)
+    )
+    n = len(ttft_ms)
+    low, high = share_bounds(good, n, confidence)
+    limits = [
+        f"{name} <= {limit:g} ms"
+        for name, limit in (("TTFT", target.ttft_ms_max), ("TPOT", target.tpot_ms_max))
+        if limit is not None
+    ]
+    shown = (
+        f"goodput {at} {good}/{n} = {good / n:.2f} [{low:.2f}, {high:.2f}] ({' and '.join(limits)})"
+    )
+    if high < target.share_min:
+        return "missed", f"{shown} < {target.share_min:g}"
+    if low >= target.share_min:
+        return "met", f"{shown} >= {target.share_min:g}"
+    return "unjudged", f"{shown} straddles {target.share_min:g}: add load.arrivals or requests"
+
+
+@dataclass
+class Loaded:
+    """Each load request's figures at the load a budget names, one per request in the same
+    order (a decode rate only where the server timed it)."""
+
+    decode_rates: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    tpot_ms: list[float] = field(default_factory=list)
+    """Time per output token after the first."""
+
+
+def under_load(loaded: Loaded, budget: Any, confidence: float) -> tuple[list[str], list[str]]:
+    """(missed, not shown met) for a load budget (harness.spec.budgets.LoadBudget) on the
+    requests at its load."""
     missed: list[str] = []
     unjudged: list[str] = []
-    at = f"at {budget.users} users"
     for limit, values, q, name, unit, at_most in (
-        (budget.decode_tps_min, decode, 0.5, f"decode per user {at}", "tok/s", False),
-        (budget.ttft_ms_p95_max, ttft_ms, 0.95, f"TTFT {at}", "ms", True),
+        (budget.decode_tps_min, loaded.decode_rates, 0.5, "decode per user", "tok/s", False),
+        (budget.ttft_ms_p95_max, loaded.ttft_ms, 0.95, "TTFT", "ms", True),
     ):
         if limit is None:
             continue
+        name = f"{name} {budget.at}"
         if not values:
             unjudged.append(f"{name} not measured (budget {limit:g} {unit})")
             continue
         state, said = against(quantile(values, q, confidence), limit, name, unit, at_most)
         {"missed": missed, "unjudged": unjudged}.get(state, []).append(said)
+    if (target := budget.goodput) is not None:
+        if not loaded.ttft_ms:
+            unjudged.append(f"goodput {budget.at} not measured (budget {target.share_min:g})")
+        else:
+            state, said = goodput(loaded.ttft_ms, loaded.tpot_ms, target, confidence, budget.at)
+            {"missed": missed, "unjudged": unjudged}.get(state, []).append(said)
     return missed, unjudged

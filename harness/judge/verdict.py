@@ -67,9 +67,8 @@ class Figures:
     ttft_ms: list[float] = field(default_factory=list)
     """Each bench request's time to first token: its p95 is judged."""
     memory_mb: float | None = None
-    load_decode_rates: list[float] = field(default_factory=list)
-    load_ttft_ms: list[float] = field(default_factory=list)
-    """Each load request's decode tok/s and TTFT at the users a load budget names."""
+    load: speed.Loaded = field(default_factory=speed.Loaded)
+    """The load's requests at the load a load budget names."""
     kld_mean: float | None = None
     tuning_kld: float | None = None
     """Mean KLD of the tuned F16 from the untuned F16 on the drift text (a forgetting sign)."""
@@ -119,9 +118,7 @@ def slow_reasons(
         elif fig.memory_mb > budget:
             missed.append(f"memory {fig.memory_mb:.0f} MB > {budget:g}")
     if budgets.load is not None:
-        loaded = speed.under_load(
-            fig.load_decode_rates, fig.load_ttft_ms, budgets.load, budgets.confidence
-        )
+        loaded = speed.under_load(fig.load, budgets.load, budgets.confidence)
         missed, unmeasured = missed + loaded[0], unmeasured + loaded[1]
     return missed, unmeasured
 
@@ -222,9 +219,7 @@ def judge(
     `tasks` lists every scored task, `guard` those an adapter must not hurt. Raises when
     an adapter has no F16 cell to judge its levels against."""
     by_key = {(c.adapter, c.route, c.quant): c for c in cells}
-    missing = sorted(
-        {c.adapter for c in cells if (c.adapter, c.route, quant.F16) not in by_key}
-    )
+    missing = sorted({c.adapter for c in cells if (c.adapter, c.route, quant.F16) not in by_key})
     if missing:
         raise ForgebenchError(
             f"no {quant.F16} cell for {', '.join(missing)}: accuracy is judged against the "
@@ -287,9 +282,7 @@ def _judge_cell(
     stupid, steps = _stupid(links, beyond)
     if budgets.kld_max is not None and fig.level != quant.F16:
         if fig.kld_mean is None:
-            unmeasured.append(
-                f"KLD from {quant.F16} not measured (budget {budgets.kld_max:g})"
-            )
+            unmeasured.append(f"KLD from {quant.F16} not measured (budget {budgets.kld_max:g})")
         elif fig.kld_mean > budgets.kld_max:
             stupid.append(f"KLD {fig.kld_mean:.3g} > {budgets.kld_max:g} from {quant.F16}")
             steps += [] if "quantization" in steps else ["quantization"]

@@ -92,11 +92,11 @@ def measurements(
 
 
 def load_identity(spec: Spec) -> dict[str, Any]:
-    """The load stage's settings: the spec's, and the users a load budget names, which
-    it must drive."""
+    """The load stage's settings: the spec's, and the users or the rate a load budget
+    names, which it must drive."""
     load = spec.load.model_dump(mode="json")
-    if spec.budgets.load is not None:
-        load["users"] = spec.budgets.load.users
+    if (budget := spec.budgets.load) is not None:
+        load |= {"users": budget.users} if budget.users else {"rate": budget.rate}
     return load
 
 

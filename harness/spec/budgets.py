@@ -23,23 +23,57 @@ RENAMED_BUDGETS = {
 }
 
 
-class LoadBudget(Strict):
-    """Budgets at a stated load: `users` concurrent streams, which the load stage drives
-    (`measure: [load]`), so "slow" can mean slow at the load a deployment serves."""
+class Goodput(Strict):
+    """The share of requests served within latency targets (the goodput of DistServe and
+    vLLM's serving benchmark): a request counts when its time to first token and its time
+    per output token after the first are both within the targets named."""
 
-    users: int = Field(gt=0, description="concurrent streams the budgets hold at")
+    share_min: float = Field(
+        gt=0, le=1, description="slow if the share of requests meeting the targets is surely below"
+    )
+    ttft_ms_max: float | None = Field(None, gt=0, description="a request's time to first token")
+    tpot_ms_max: float | None = Field(
+        None, gt=0, description="a request's time per output token after its first"
+    )
+
+    @model_validator(mode="after")
+    def _a_target(self) -> Goodput:
+        if self.ttft_ms_max is None and self.tpot_ms_max is None:
+            raise ValueError("name ttft_ms_max or tpot_ms_max: the targets a request must meet")
+        return self
+
+
+class LoadBudget(Strict):
+    """Budgets at a stated load, which the load stage drives (`measure: [load]`): `users`
+    concurrent streams, or `rate` requests per second arriving at random (Poisson), so
+    "slow" can mean slow at the load a deployment serves."""
+
+    users: int | None = Field(None, gt=0, description="concurrent streams the budgets hold at")
+    rate: float | None = Field(
+        None, gt=0, description="requests per second, arriving at random, the budgets hold at"
+    )
     decode_tps_min: float | None = Field(
         None, gt=0, description="slow if each user's median decode tok/s is surely below"
     )
     ttft_ms_p95_max: float | None = Field(
         None, gt=0, description="slow if the p95 time to first token is surely above"
     )
+    goodput: Goodput | None = Field(
+        None, description="{share_min, ttft_ms_max, tpot_ms_max}: requests within targets"
+    )
 
     @model_validator(mode="after")
-    def _a_budget(self) -> LoadBudget:
-        if self.decode_tps_min is None and self.ttft_ms_p95_max is None:
-            raise ValueError("name decode_tps_min or ttft_ms_p95_max to hold at these users")
+    def _a_load_and_a_budget(self) -> LoadBudget:
+        if (self.users is None) == (self.rate is None):
+            raise ValueError("name the load as users (concurrent streams) or rate (requests/s)")
+        if self.decode_tps_min is None and self.ttft_ms_p95_max is None and not self.goodput:
+            raise ValueError("name decode_tps_min, ttft_ms_p95_max or goodput to hold at this load")
         return self
+
+    @property
+    def at(self) -> str:
+        """`at 4 users`, `at 2 requests/s`: the load, as reasons say it."""
+        return f"at {self.users} users" if self.users else f"at {self.rate:g} requests/s"
 
 
 class BudgetSpec(Strict):
@@ -84,7 +118,9 @@ class BudgetSpec(Strict):
     )
     kld_max: float | None = Field(None, gt=0, description="stupid if mean KLD from F16 is above")
     load: LoadBudget | None = Field(
-        None, description="speed budgets at a stated load: {users, decode_tps_min, ttft_ms_p95_max}"
+        None,
+        description="speed budgets at a stated load: {users or rate, decode_tps_min, "
+        "ttft_ms_p95_max, goodput}",
     )
 
     @model_validator(mode="before")

@@ -1,8 +1,9 @@
 """load: speed and memory of a served model under load, beside llama.cpp's own batched figures.
 
 Spec keys: `load.*` (`concurrency`, `requests`, `repeats`, `max_tokens`, `rates`,
-`arrivals`), and the cell's serving setting (harness.spec.serving). The bench answers
-"how fast for one user"; this answers "how fast at the load I serve".
+`arrivals`; the `users` or `rate` a load budget names), and the cell's serving setting
+(harness.spec.serving). The bench answers "how fast for one user"; this answers "how fast
+at the load I serve".
 
 - Closed loop, at each concurrency c (by default 1, 2, 4, ... up to the setting's slots,
   and the slots; and the users a load budget names, harness.spec.budgets): c streams
@@ -14,9 +15,10 @@ Spec keys: `load.*` (`concurrency`, `requests`, `repeats`, `max_tokens`, `rates`
   A median is given with its distribution-free bounds at 95% (harness.judge.speed), a
   p95 with its bounds where enough samples exist; the aggregate is one figure per
   repeat, so its median comes with the range of the repeats.
-- Open loop, at each rate in `rates`: `arrivals` requests at random (Poisson) arrival
-  times, seeded, each sent when it arrives whatever is still running; time to first
-  token (which includes the wait for a free slot) and end-to-end latency percentiles.
+- Open loop, at each rate in `rates` (and a load budget's): `arrivals` requests at
+  random (Poisson) arrival times, seeded, each sent when it arrives whatever is still
+  running; time to first token (which includes the wait for a free slot) and end-to-end
+  latency percentiles.
 - `load_memory_mb`: the peak resident memory of the server process (llama-server), which
   served only this stage, after the last request (on Ollama `load_ollama_ps_size_mb`, the
   size its /api/ps reports, as the bench); `kv_cache_mb`: the KV cache the
@@ -226,7 +228,7 @@ def run(settings: dict[str, Any], inputs: dict[str, Path], out: Path, progress, 
             runs.append(closed_loop(backend, deployment, c, load, offset=repeat))
         metrics |= summarise_closed(c, runs)
         samples += [{"concurrency": c, **r} for run in runs for r in run]
-    for rate in load["rates"]:
+    for rate in sorted({*load["rates"], *([load["rate"]] if load.get("rate") else [])}):
         progress(f"{rate:g} requests/s, {load['arrivals']} arrivals", None)
         requests = open_loop(backend, deployment, rate, load)
         metrics |= summarise_open(rate, requests)
