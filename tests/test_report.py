@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 
 from harness import report
+from harness.errors import InputError
+from harness.judge.best import choose
 from harness.report import plots as report_plots
 from harness.track import Invocation, RunView
 
@@ -278,3 +280,33 @@ def test_serving_settings_ride_on_their_level_and_get_a_table_and_plots(tmp_path
     assert "| 300 / 640 |" in wide_row and "| 45.0 / 360.0 |" in wide_row
     for name in ("throughput_main_q4_k_m.png", "memory_vs_context.png"):
         assert Image.open(tmp_path / name).size[0] > 200
+
+
+def test_best_by_throughput_ships_what_serves_most_at_the_load_budget_users():
+    """With a load budget at 2 users, `--by throughput` compares each ok cell's aggregate
+    at 2 concurrent streams, not at whatever concurrency flatters it; without one, each
+    cell at its best; a budget at a rate gives nothing to compare (every cell that keeps up
+    serves the rate), so that is refused, as is a way to choose that does not exist."""
+    plain = rows()
+    main = {r.tags["forgebench.quant"]: r for r in plain if r.adapter == "main"}
+    main["q4_k_m"].metrics |= {"load_c1_agg_tps": 40.0, "load_c2_agg_tps": 60.0}
+    wide = served_at(main["q4_k_m"], "np4", "eval-q4_k_m", load_c2_agg_tps=55.0)
+    wide.metrics["load_c4_agg_tps"] = 150.0
+    cells = [*plain, wide]
+
+    def chosen(load: str | None, by: str = "throughput"):
+        for row in cells:
+            row.tags.pop("forgebench.load", None)
+            row.tags |= {"forgebench.load": load} if load else {}
+        return next(c for c in choose(cells, by) if c.adapter == "main")
+
+    at_two = chosen("users=2")
+    assert at_two.row is main["q4_k_m"], at_two.why
+    assert "60 tok/s at 2 concurrent streams" in at_two.why
+    assert "judged ok at 2 users" in at_two.why
+    at_best = chosen(None)
+    assert at_best.row is wide and "150 tok/s at 4 concurrent streams" in at_best.why
+    with pytest.raises(InputError, match="names a rate"):
+        chosen("rate=2")
+    with pytest.raises(InputError, match="choose by one of size, speed, throughput"):
+        chosen(None, by="fast")

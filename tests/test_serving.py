@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 from conftest import E2E_BASE, scratch
+from typer.testing import CliRunner
 
 from harness import pipeline, sources, spec
 from harness.backends import ServeConfig
 from harness.backends.llamacpp import LlamaServer
+from harness.cli import app
 from harness.errors import ForgebenchError
 from harness.plan import cells as planning
 from harness.plan.store import Store
@@ -147,12 +149,12 @@ def loaded(tmp_path_factory, tiny_base):
         loaded = spec.load(path)
         store = Store(folder / "store")
         summary = pipeline.run(loaded, path, store, outcomes.Quiet())
-        yield summary, {c.name: c for c in planning.plan(loaded)}, store
+        yield summary, {c.name: c for c in planning.plan(loaded)}, store, path
 
 
 @pytest.mark.slow
 def test_the_load_benchmark_drives_each_setting_at_each_concurrency_beside_the_engine(loaded):
-    summary, cells, store = loaded
+    summary, cells, store, path = loaded
     results = {c.cell: c for c in summary.cells}
     assert sorted(results) == ["a-f16", "a-f16-ctx2048", "a-f16-ctx2048-np2", "a-f16-np2"]
     for name, result in results.items():
@@ -187,6 +189,9 @@ def test_the_load_benchmark_drives_each_setting_at_each_concurrency_beside_the_e
         assert verdict.verdict == "slow+unjudged", verdict.reasons  # accuracy not measured
         said = "goodput at 4 requests/s 0/4 = 0.00 [0.00, 0.53] (TTFT <= 0.001 ms) < 0.6"
         assert said in verdict.reasons
+    # best by throughput has nothing to compare at a rate: every cell keeping up serves it
+    refused = CliRunner().invoke(app, ["best", str(path), "--by", "throughput"])
+    assert refused.exit_code == 2 and "names a rate (4 requests/s)" in refused.output
     kv = {n: r.stages["load"].metrics["kv_cache_mb"] for n, r in results.items()}
     assert kv["a-f16-ctx2048"] == pytest.approx(4 * kv["a-f16"], rel=0.01)
     assert kv["a-f16-ctx2048-np2"] == pytest.approx(2 * kv["a-f16-ctx2048"], rel=0.01)

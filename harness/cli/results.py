@@ -27,7 +27,14 @@ UriOpt = Annotated[
     typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI"),
 ]
 RunOpt = Annotated[str | None, typer.Option("--run", help="parent run id (default: latest)")]
-ByOpt = Annotated[str, typer.Option("--by", help="size (smallest file) or speed (fastest decode)")]
+ByOpt = Annotated[
+    str,
+    typer.Option(
+        "--by",
+        help="size (smallest file), speed (fastest decode for one user) or throughput (most "
+        "aggregate tok/s under load, at the users budgets.load names)",
+    ),
+]
 
 
 def _invocation(experiment: str, uri: str | None, run_id: str | None):

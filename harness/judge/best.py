@@ -7,9 +7,12 @@ stops at the first level whose accuracy was not shown within tolerance (a verdic
 than "ok" or "slow"): testing in a fixed order and stopping at the first failure keeps
 the family-wise error of the whole walk at the spec's confidence, so the pick carries it
 (choosing the best-looking level among all would not). Among the walked cells whose
-verdict is exactly "ok", the smallest file (or, with `by="speed"`, the fastest decode);
-beside it, the Pareto front of accuracy against decode speed and size, so the trade-off
-the choice makes is visible. A cell not judged ok is never shipped.
+verdict is exactly "ok", the smallest file (or, with `by="speed"`, the fastest decode
+for one user; with `by="throughput"`, the most aggregate tok/s under load, at the users a
+load budget names, else at the concurrency each cell did best); beside it, the Pareto
+front of accuracy against decode speed and size, so the trade-off the choice makes is
+visible. A cell not judged ok is never shipped; with a load budget, "ok" was judged at
+its load, and the choice says so.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from dataclasses import dataclass, field
 
 from harness import quant
 from harness.chain import CONTROL
-from harness.track import RunView, primary_task
+from harness.errors import InputError
+from harness.track import RunView, primary_task, schema
+
+BY = ("size", "speed", "throughput")
 
 
 @dataclass
@@ -82,10 +88,47 @@ def rejection(row: RunView) -> str:
     return f"{row.cell}: {verdict}{status}: {row.reasons or 'no reasons recorded'}"
 
 
+def stated_load(rows: list[RunView]) -> tuple[str, float] | None:
+    """The load a load budget named for the run, as verdicts were judged at it:
+    ("users", 4) or ("rate", 2)."""
+    for row in rows:
+        if named := row.tags.get(schema.LOAD):
+            kind, value = named.split("=")
+            return kind, float(value)
+    return None
+
+
+def throughput(row: RunView, load: tuple[str, float] | None) -> tuple[float, int] | None:
+    """(aggregate tok/s, concurrency): at the users a load budget names, else the
+    concurrency the cell's load did best at; None where its load measured none."""
+    if load is not None and load[0] == "users":
+        users = int(load[1])
+        found = row.throughput.get(users)
+        return None if found is None else (found, users)
+    return max(((v, c) for c, v in row.throughput.items()), default=None)
+
+
+def check_by(rows: list[RunView], by: str) -> None:
+    """`by` names a way to choose that the run measured (an InputError, one line, if not)."""
+    if by not in BY:
+        raise InputError(f"--by {by}: choose by one of {', '.join(BY)}")
+    if by != "throughput":
+        return
+    if (load := stated_load(rows)) is not None and load[0] == "rate":
+        raise InputError(
+            f"--by throughput: the load budget names a rate ({load[1]:g} requests/s), at "
+            "which every cell that keeps up serves the same tok/s; choose --by size or "
+            "speed, or name users in budgets.load"
+        )
+    if not any(row.throughput for row in rows):
+        raise InputError("--by throughput: no cell of the run measured a load: add load to measure")
+
+
 def choose(rows: list[RunView], by: str = "size", route: str | None = None) -> list[Choice]:
     """One choice per adapter; with `route`, among that route's cells only (the untuned
     base has no route to choose)."""
-    task = primary_task(rows)
+    check_by(rows, by)
+    task, load = primary_task(rows), stated_load(rows)
     if route is not None:
         rows = [r for r in rows if r.route == route or r.adapter == CONTROL]
     choices = []
@@ -109,6 +152,15 @@ def choose(rows: list[RunView], by: str = "size", route: str | None = None) -> l
         if by == "speed":
             row = max(ok, key=lambda r: r.decode_tps or 0)
             reason = f"fastest decode ({row.decode_tps or 0:.0f} tok/s p50)"
+        elif by == "throughput":
+            measured = {r.cell: found for r in ok if (found := throughput(r, load))}
+            if not measured:
+                why = f"no cell judged ok measured its throughput under load{at(load)}"
+                choices.append(Choice(adapter, None, why, front))
+                continue
+            row = max((r for r in ok if r.cell in measured), key=lambda r: measured[r.cell])
+            tps, c = measured[row.cell]
+            reason = f"most aggregate throughput ({tps:.0f} tok/s at {c} concurrent streams)"
         else:  # a level's settings share its file: the spec's own first, then the least memory
             row = min(ok, key=lambda r: (r.size_mb or float("inf"), bool(r.setting), memory(r)))
             reason = f"smallest file ({row.size_mb or 0:.1f} MB)"
@@ -123,9 +175,16 @@ def choose(rows: list[RunView], by: str = "size", route: str | None = None) -> l
             Choice(
                 adapter,
                 row,
-                f"{shipped}: {reason} among the {len(ok)} cells judged ok, walking the "
-                f"levels largest first{detail}",
+                f"{shipped}: {reason} among the {len(ok)} cells judged ok{at(load)}, "
+                f"walking the levels largest first{detail}",
                 front,
             )
         )
     return choices
+
+
+def at(load: tuple[str, float] | None) -> str:
+    if load is None:
+        return ""
+    kind, value = load
+    return f" at {value:g} users" if kind == "users" else f" at {value:g} requests/s"

@@ -11,8 +11,6 @@ cache the setting reserves as the GGUF's shape predicts it.
 
 from __future__ import annotations
 
-import re
-
 from harness.report.comparison import Comparison, Items, both, paired_on, paired_text
 from harness.track import Invocation, RunView, primary_task, schema
 
@@ -34,16 +32,15 @@ NOTE = (
     "(its generated tokens over prefill and decode). Memory: the server's peak under the "
     "load; KV cache: what the setting reserves, from the model's shape."
 )
-CONCURRENCY = re.compile(r"^load_c(\d+)_agg_tps$")
 
 
 def under_load(row: RunView) -> str:
     """`c1 95 (120), c2 150 (210)`: the load's aggregate and the engine's, per concurrency."""
     shown = []
-    for c in concurrencies(row):
+    for c, value in row.throughput.items():
         engine = row.metrics.get(f"batched_c{c}_gen_tps")
         reference = f" ({engine:.0f})" if engine is not None else ""
-        shown.append(f"c{c} {row.metrics[f'load_c{c}_agg_tps']:.0f}{reference}")
+        shown.append(f"c{c} {value:.0f}{reference}")
     return ", ".join(shown) or "-"
 
 
@@ -78,10 +75,6 @@ def section(inv: Invocation, items: Items) -> Comparison:
     return Comparison("serving", "Serving settings against the spec's own", NOTE, COLUMNS, rows)
 
 
-def concurrencies(row: RunView) -> list[int]:
-    return sorted(int(m[1]) for key in row.metrics if (m := CONCURRENCY.match(key)))
-
-
 def plots(plt, rows: list[RunView]) -> dict[str, object]:
     """Per level, aggregate throughput against concurrency (a line per setting the load
     drove at more than one, llama-batched-bench's dashed); and peak memory against the
@@ -89,13 +82,13 @@ def plots(plt, rows: list[RunView]) -> dict[str, object]:
     GGUF's shape predicts would take it from its smallest context. None without load."""
     figures = {}
     for (line, level), mine in _by_level(rows).items():
-        curves = [r for r in mine if len(concurrencies(r)) > 1]
+        curves = [r for r in mine if len(r.throughput) > 1]
         if not curves:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for row in curves:
-            levels = concurrencies(row)
-            drawn = ax.plot(levels, [row.metrics[f"load_c{c}_agg_tps"] for c in levels], "o-")
+            levels = list(row.throughput)
+            drawn = ax.plot(levels, list(row.throughput.values()), "o-")
             drawn[0].set_label(row.setting or "spec's own")
             engine = [(c, row.metrics.get(f"batched_c{c}_gen_tps")) for c in levels]
             engine = [(c, v) for c, v in engine if v is not None]
@@ -106,7 +99,7 @@ def plots(plt, rows: list[RunView]) -> dict[str, object]:
             ylabel="aggregate generated tok/s",
         )
         ax.set_title(f"{line} {level}: throughput vs concurrency\n(dashed: llama-batched-bench)")
-        ax.set_xticks(sorted({c for r in curves for c in concurrencies(r)}))
+        ax.set_xticks(sorted({c for r in curves for c in r.throughput}))
         ax.legend(fontsize=7)
         figures[f"throughput_{line}_{level}.png"] = fig
     keys = {"load_ctx_tokens", "load_memory_mb", "kv_cache_mb"}
@@ -142,6 +135,6 @@ def _by_level(rows: list[RunView]) -> dict[tuple[str, str], list[RunView]]:
     """The rows the load drove, by adapter line and level."""
     out: dict[tuple[str, str], list[RunView]] = {}
     for row in rows:
-        if concurrencies(row):
+        if row.throughput:
             out.setdefault((row.line, row.level), []).append(row)
     return out

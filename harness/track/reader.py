@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from harness import quant
 from harness.chain import ADAPTER, MERGE
 from harness.errors import ForgebenchError
 from harness.track import connect, schema
+
+AGGREGATE = re.compile(r"^load_c(\d+)_agg_tps$")
+"""The load stage's aggregate tok/s at c concurrent streams (harness.stages.load)."""
 
 
 @dataclasses.dataclass
@@ -83,6 +87,12 @@ class RunView:
     @property
     def decode_tps(self) -> float | None:
         return self.metrics.get("decode_tps_p50")
+
+    @property
+    def throughput(self) -> dict[int, float]:
+        """The load's aggregate generated tok/s by concurrency (harness.stages.load)."""
+        found = {int(m[1]): v for k, v in self.metrics.items() if (m := AGGREGATE.match(k))}
+        return dict(sorted(found.items()))
 
     def accuracy(self, task: str | None = None) -> float | None:
         task = task or primary_task([self])

@@ -56,6 +56,8 @@ VERDICT = "forgebench.verdict"
 VERDICT_REASONS = "forgebench.verdict_reasons"
 VERDICT_NOTES = "forgebench.verdict_notes"
 STEPS_LOST = "forgebench.steps_lost"
+LOAD = "forgebench.load"
+"""The load a load budget names (`users=4`, `rate=2`), at which the verdicts were judged."""
 
 # -- a cell's run, marked after the run -------------------------------------------------------
 BEST = "forgebench.best"

@@ -266,6 +266,9 @@ class Experiment:
         }
         if primary_task:
             common[schema.PRIMARY_TASK] = primary_task
+        if budget := self.spec.budgets.load:
+            named = f"users={budget.users}" if budget.users else f"rate={budget.rate:g}"
+            common[schema.LOAD] = named
         if guard := [t if isinstance(t, str) else t.name for t in self.spec.evaluate.guard]:
             common[schema.GUARD_TASKS] = ",".join(guard)
         for task in self.spec.evaluate.all_tasks:
