@@ -223,6 +223,20 @@ def test_precision_auto_resolves_as_training_decides():
     assert keys.resolved_precision("bf16") == "bf16"
 
 
+def test_training_held_to_avx2_kernels_runs_fp32_as_on_an_avx2_only_cpu(monkeypatch):
+    """`ATEN_CPU_CAPABILITY=avx2` is how an AVX2-only CPU's timings are estimated on a
+    faster one: bf16 would run emulated there, so auto precision is fp32, and the keys say so."""
+    import torch
+
+    from harness.stages import train
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # what keys read; torch reads it at start
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert train.use_bf16("auto") is False
+    assert keys.resolved_precision("auto") == "fp32"
+    assert train.use_bf16("bf16") is True, "a precision the spec names is taken as named"
+
+
 def test_hidden_gpus_are_no_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert keys.gpu_visible() is False

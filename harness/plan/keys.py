@@ -237,11 +237,14 @@ def resolved_precision(precision: str) -> str:
     """`auto` as harness.stages.train.use_bf16 decides it here ("bf16" or "fp32"), found
     without importing torch (1.7 s and 220 MB on the 2-core CPU box, at every plan):
     a CUDA/ROCm build of torch with a GPU visible means bf16, as torch.cuda.is_bf16_supported
-    says of any GPU it can emulate bf16 on; else the CPU's avx512_bf16 / amx_bf16 flags."""
+    says of any GPU it can emulate bf16 on; else the CPU's avx512_bf16 / amx_bf16 flags,
+    unless ATen is held below its AVX-512 kernels (`ATEN_CPU_CAPABILITY`, which torch reads)."""
     if precision != "auto":
         return precision
     if gpu_visible():
         return "bf16"
+    if os.environ.get("ATEN_CPU_CAPABILITY", "avx512").lower() != "avx512":
+        return "fp32"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

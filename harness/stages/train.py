@@ -11,9 +11,9 @@ Trainer brings seeding, gradient accumulation, schedulers, mixed precision and
 checkpointing without another dependency.
 
 Speed: batches are grouped by length (less padding) and, where the hardware
-has bf16 units (any CUDA GPU; CPUs with AVX512-BF16 or AMX), the forward and
-backward passes run under bf16 autocast while the weights and optimizer stay
-in fp32. `precision: fp32` turns that off.
+has bf16 units (any CUDA GPU; CPUs with AVX512-BF16 or AMX, their AVX-512 kernels
+not turned off), the forward and backward passes run under bf16 autocast while the
+weights and optimizer stay in fp32. `precision: fp32` turns that off.
 """
 
 from __future__ import annotations
@@ -280,10 +280,17 @@ def _ids(rendered) -> list[int]:
 
 
 def use_bf16(precision: str) -> bool:
+    """bf16 autocast where it is fast: a CUDA GPU that has it, or a CPU with bf16 units
+    whose AVX-512 kernels torch dispatches to. With ATen held to AVX2 kernels
+    (`ATEN_CPU_CAPABILITY=avx2`) bf16 runs emulated and slower than fp32, so training
+    then runs as on an AVX2-only CPU, which is also how that CPU's timings are estimated
+    on a faster one."""
     if precision != "auto":
         return precision == "bf16"
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
