@@ -97,6 +97,25 @@ def test_a_cell_nobody_judged_says_unjudged_and_why():
     assert "failed" in failed and "[exit 1]" in failed, "an error's brackets are not markup"
 
 
+def test_a_load_run_shows_its_highest_aggregate_and_where_it_came():
+    """A run that measured no bench (measure: [load]) still shows its speed: the load's
+    highest aggregate tok/s and the concurrency it came at; the column is there only
+    when some cell ran the load."""
+    plain = summary({})
+    assert "load tok/s" not in "\n".join(render(summary_table(plain, "arithmetic")))
+    cell = plain.cells[0]
+    cell.stages["load"] = Outcome(
+        "k-load",
+        cached=False,
+        seconds=20.0,
+        metrics={"load_c1_agg_tps": 40.0, "load_c2_agg_tps": 71.5, "load_c4_agg_tps": 66.0},
+    )
+    lines = render(summary_table(plain, "arithmetic"))
+    assert "load tok/s" in "\n".join(lines)
+    assert "72 @c2" in line_of(lines, "main-f16")
+    assert " - " in line_of(lines, "main-q2_k").split("88.0")[1], "no load, no figure"
+
+
 SPEC = """\
 name: viewed
 base: {model: smollm2-135m}

@@ -19,6 +19,7 @@ from rich.text import Text
 from harness.chain import STAGES
 from harness.plan.cells import Cell
 from harness.run.outcomes import CellResult, Outcome, RunSummary
+from harness.track.reader import AGGREGATE
 
 
 class RichReporter:
@@ -125,6 +126,9 @@ def summary_table(summary: RunSummary, task: str | None = None) -> Table:
     table.add_column("why", overflow="ellipsis", max_width=REASONS_WIDTH)
     table.add_column(task or "accuracy", justify="right", min_width=5)
     table.add_column("tok/s", justify="right", min_width=5)
+    loaded = any("load" in cell.stages for cell in summary.cells)
+    if loaded:
+        table.add_column("load tok/s", justify="right", no_wrap=True)
     table.add_column("MB", justify="right", min_width=5)
     table.add_column("run", no_wrap=True)
     for cell in summary.cells:
@@ -138,11 +142,25 @@ def summary_table(summary: RunSummary, task: str | None = None) -> Table:
             Text(clip(reasons), style="dim", no_wrap=True, overflow="ellipsis"),
             "-" if accuracy is None else f"{accuracy:.3f}",
             "-" if tps is None else f"{tps:.1f}",
+            *([peak_load(metrics)] if loaded else []),
             f"{cell.gguf_bytes / 2**20:.1f}" if cell.gguf_bytes else "-",
             (cell.run_id or "")[:8],
         )
-    table.caption = "tok/s: served decode, p50; why: cut to one line, whole in MLflow"
+    table.caption = (
+        "tok/s: served decode, p50; "
+        + ("load tok/s: the load's highest aggregate, at c streams; " if loaded else "")
+        + "why: cut to one line, whole in MLflow"
+    )
     return table
+
+
+def peak_load(metrics: dict[str, float]) -> str:
+    """`118 @c4`: the load's highest aggregate tok/s and the concurrency it came at."""
+    found = [(v, int(m[1])) for k, v in metrics.items() if (m := AGGREGATE.match(k))]
+    if not found:
+        return "-"
+    value, c = max(found)
+    return f"{value:.0f} @c{c}"
 
 
 def times_table(summary: RunSummary) -> Table:
