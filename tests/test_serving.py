@@ -189,6 +189,8 @@ def test_the_load_benchmark_drives_each_setting_at_each_concurrency_beside_the_e
         assert verdict.verdict == "slow+unjudged", verdict.reasons  # accuracy not measured
         said = "goodput at 4 requests/s 0/4 = 0.00 [0.00, 0.53] (TTFT <= 0.001 ms) < 0.6"
         assert said in verdict.reasons
+    validated = CliRunner().invoke(app, ["validate", str(path)])
+    assert "1 LoRA configs x 1 quant levels x 4 serving settings" in validated.output
     # best by throughput has nothing to compare at a rate: every cell keeping up serves it
     refused = CliRunner().invoke(app, ["best", str(path), "--by", "throughput"])
     assert refused.exit_code == 2 and "names a rate (4 requests/s)" in refused.output

@@ -62,9 +62,11 @@ def validate(
         loaded = ready.spec
         preflight.fits(ready.needs, ready.store)
         fetch = preflight.download(loaded)
+        served = len(loaded.serve.settings())
         console.print(
             f"[green]ok[/] {path}: {len(loaded.lora)} LoRA configs x "
             f"{len(loaded.levels)} quant levels"
+            + (f" x {served + 1} serving settings (the spec's own and {served})" if served else "")
             + (f"; downloads first: {fetch.describe()}" if fetch else ""),
             soft_wrap=True,
         )
