@@ -281,10 +281,8 @@ def _ids(rendered) -> list[int]:
 
 def use_bf16(precision: str) -> bool:
     """bf16 autocast where it is fast: a CUDA GPU that has it, or a CPU with bf16 units
-    whose AVX-512 kernels torch dispatches to. With ATen held to AVX2 kernels
-    (`ATEN_CPU_CAPABILITY=avx2`) bf16 runs emulated and slower than fp32, so training
-    then runs as on an AVX2-only CPU, which is also how that CPU's timings are estimated
-    on a faster one."""
+    whose AVX-512 kernels torch dispatches to. Held to AVX2 kernels (`ATEN_CPU_CAPABILITY`)
+    bf16 is emulated, slower than fp32: training runs as on an AVX2-only CPU."""
     if precision != "auto":
         return precision == "bf16"
     if torch.cuda.is_available():
